@@ -1,0 +1,39 @@
+# `make demo` and `make test` each do the whole set-up on a fresh machine.
+# Stamps make re-runs fast: nothing is reinstalled unless its inputs changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ARCH   ?=
+
+.PHONY: all venv install libs test demo bench clean
+
+all: libs
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.deps
+install: $(VENV)/.installed
+
+# build_libs.py itself skips work when sources and flags are unchanged.
+libs: $(VENV)/.installed
+	$(PY) libs/build_libs.py $(ARCH)
+
+test: libs
+	$(PY) -m pytest tests
+
+demo: libs
+	$(VENV)/bin/maskrcnn demo
+
+bench: libs
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf libs/build build *.egg-info

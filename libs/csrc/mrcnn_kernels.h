@@ -1,0 +1,81 @@
+/*
+ * mask-rcnn-pytorch kernels: the plain C ABI loaded from Python with cffi.
+ *
+ * This header is the contract between libs/csrc (C++/CUDA) and libs/ (Python).
+ * cffi parses it (libs/_loader.py strips the preprocessor lines), so keep every
+ * declaration on plain C types: no macros inside declarations, no C++.
+ *
+ * Conventions
+ *   - Every function returns 0 on success, a non-zero code on failure; then
+ *     mrc_last_error() returns a human-readable message (thread-local).
+ *   - dtype codes: 0 float32, 1 float64, 2 float16 (CUDA only), 3 bfloat16 (CUDA only).
+ *   - Tensors are raw pointers to contiguous memory; shapes are passed as sizes.
+ *     input:  [N, C, H, W] NCHW-contiguous, or NHWC-contiguous when channels_last != 0.
+ *     rois:   [K, 5] rows (batch_index, x1, y1, x2, y2), same dtype as input.
+ *     output: [K, C, PH, PW] contiguous (always NCHW).
+ *     grad_input (backward) is [N, C, H, W] NCHW-contiguous and must be zero-filled by
+ *     the caller; the kernel accumulates into it.
+ *   - CPU functions take num_threads (<= 0 means the OpenMP default).
+ *   - CUDA functions take the cudaStream_t as void* (the current torch stream) and
+ *     never synchronise the device unless documented; all pointers are device pointers
+ *     on the current device, and scratch memory is passed in by the caller.
+ *   - NMS works on boxes already sorted by descending score (the caller does a stable
+ *     sort, so ties keep their original order). It writes the positions (into the sorted
+ *     list) of the kept boxes, ascending, and their count.
+ */
+#ifndef MRCNN_KERNELS_H
+#define MRCNN_KERNELS_H
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int mrc_abi_version(void);
+const char* mrc_last_error(void);
+
+/* ---------------- CPU (libmrcnn_cpu.so) ---------------- */
+int mrc_roi_align_forward_cpu(int dtype, const void* input, const void* rois, void* output,
+                              int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                              int64_t PH, int64_t PW, double spatial_scale,
+                              int64_t sampling_ratio, int aligned, int channels_last,
+                              int num_threads);
+
+int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* rois,
+                               void* grad_input, int64_t N, int64_t C, int64_t H, int64_t W,
+                               int64_t K, int64_t PH, int64_t PW, double spatial_scale,
+                               int64_t sampling_ratio, int aligned, int num_threads);
+
+/* sorted_boxes: [n, 4] (x1, y1, x2, y2); keep: int64[n] out; num_kept: int64[1] out. */
+int mrc_nms_cpu(int dtype, const void* sorted_boxes, int64_t n, double iou_threshold,
+                int64_t* keep, int64_t* num_kept, int num_threads);
+
+/* ---------------- CUDA (libmrcnn_cuda.so) ---------------- */
+int mrc_cuda_abi_version(void);
+const char* mrc_cuda_last_error(void);
+
+int mrc_roi_align_forward_cuda(int dtype, const void* input, const void* rois, void* output,
+                               int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                               int64_t PH, int64_t PW, double spatial_scale,
+                               int64_t sampling_ratio, int aligned, int channels_last,
+                               void* stream);
+
+/* deterministic != 0: no float atomics, bit-identical run to run. */
+int mrc_roi_align_backward_cuda(int dtype, const void* grad_output, const void* rois,
+                                void* grad_input, int64_t N, int64_t C, int64_t H, int64_t W,
+                                int64_t K, int64_t PH, int64_t PW, double spatial_scale,
+                                int64_t sampling_ratio, int aligned, int deterministic,
+                                void* stream);
+
+/* Scratch: mask is uint64[n * ceil(n / 64)] on the device. keep: int64[n] device,
+ * num_kept: int64[1] device (the reduction runs on the device; no host copy inside). */
+int mrc_nms_cuda(int dtype, const void* sorted_boxes, int64_t n, double iou_threshold,
+                 uint64_t* mask, int64_t* keep, int64_t* num_kept, void* stream);
+
+/* For the deterministic backward: bytes of device scratch it needs (0 if none). */
+int64_t mrc_roi_align_backward_cuda_workspace(int64_t N, int64_t C, int64_t H, int64_t W,
+                                              int64_t K, int64_t PH, int64_t PW, int dtype);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
