@@ -1,0 +1,10 @@
+"""Proposals: anchors, the RPN head, proposal selection, RPN targets and losses."""
+from .anchors import AnchorGenerator
+from .head import RPNHead
+from .rpn import (RPN, anchor_labels, flatten_predictions, match_anchors, rpn_loss,
+                  select_proposals)
+from .torchvision_compat import convert_torchvision_rpn_state_dict, load_torchvision_rpn_state
+
+__all__ = ["AnchorGenerator", "RPNHead", "RPN", "flatten_predictions", "select_proposals",
+           "match_anchors", "anchor_labels", "rpn_loss", "convert_torchvision_rpn_state_dict",
+           "load_torchvision_rpn_state"]

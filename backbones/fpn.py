@@ -1,0 +1,54 @@
+"""Feature Pyramid Network (Lin et al. 2017) as torchvision builds it.
+
+Shape letters: N images, C_l input channels of level l, H_l/W_l its size.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FPN(nn.Module):
+    """Top-down pyramid with lateral connections, plus a max-pooled extra level.
+
+    P_l = output_conv_l(lateral_conv_l(C_l) + upsample(P'_{l+1})), nearest upsampling to
+    the lateral's size; P6 = max_pool2d(P5, kernel 1, stride 2) (a stride-2 subsample).
+
+    Args:
+        in_channels_list: channels of the inputs, finest first (C2..C5).
+        out_channels: channels of every output level (256).
+        extra_pool: append the P6 max-pool level (the RPN uses it; RoI heads do not).
+    """
+
+    def __init__(self, in_channels_list: list[int], out_channels: int = 256,
+                 extra_pool: bool = True):
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(
+            nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels_list)
+        self.output_convs = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+            for _ in in_channels_list)
+        self.extra_pool = extra_pool
+        self.out_channels = out_channels
+        for conv in [*self.lateral_convs, *self.output_convs]:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        """
+        Args:
+            features: [Tensor[N, C_l, H_l, W_l]] finest first (C2..C5).
+        Returns:
+            [Tensor[N, out_channels, H_l, W_l]] finest first (P2..P5), then P6 when
+            extra_pool is set.
+        """
+        last_inner = self.lateral_convs[-1](features[-1])
+        results = [self.output_convs[-1](last_inner)]
+        for idx in range(len(features) - 2, -1, -1):
+            lateral = self.lateral_convs[idx](features[idx])
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = lateral + top_down
+            results.insert(0, self.output_convs[idx](last_inner))
+        if self.extra_pool:
+            results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+        return results

@@ -1,0 +1,144 @@
+"""ResNet trunks (torchvision.models.resnet) returning C2..C5, with stage freezing and
+ImageNet weight loading.
+
+Shape letters: N images, H/W input size. C2..C5 have strides 4, 8, 16, 32.
+Module names equal torchvision's (conv1, bn1, layer1..layer4), so torchvision's
+`backbone.body.*` and ImageNet state-dict keys load unchanged (ImageNet's fc.* is dropped).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+from .norm import norm_layer_factory
+
+DEPTHS = (18, 34, 50, 101, 152)
+# Stages from the input up; trainable_layers=k trains the last k (torchvision's rule).
+STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_out_channels(depth: int) -> list[int]:
+    """Channels of C2..C5: basic blocks (18, 34) 64..512, bottlenecks (50+) 256..2048."""
+    _check_depth(depth)
+    base = 64 if depth < 50 else 256
+    return [base, base * 2, base * 4, base * 8]
+
+
+def _check_depth(depth: int) -> None:
+    if depth not in DEPTHS:
+        raise ValueError(f"ResNet depth must be one of {DEPTHS}, got {depth}")
+
+
+class ResNetTrunk(nn.Module):
+    """ResNet without its pooling and classifier.
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        norm: "frozen_bn", "bn" or "gn" (see backbones.norm.norm_layer_factory).
+        trainable_layers: 0..5, how many stages, counted from layer4 down to conv1, keep
+            trainable parameters; the others are frozen (requires_grad False, and their
+            BatchNorm layers stay in eval mode so their statistics do not drift).
+    """
+
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3):
+        super().__init__()
+        _check_depth(depth)
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+        net = getattr(tv_resnet, f"resnet{depth}")(weights=None,
+                                                   norm_layer=norm_layer_factory(norm))
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.layer4 = net.layer4
+        self.depth = depth
+        self.out_channels_list = resnet_out_channels(depth)
+        self.trainable_layers = trainable_layers
+        self._freeze(trainable_layers)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        frozen = STAGES[: len(STAGES) - self.trainable_layers]
+        # bn1 belongs to the conv1 stage.
+        return [m for name in frozen for m in
+                ([self.conv1, self.bn1] if name == "conv1" else [getattr(self, name)])]
+
+    def _freeze(self, trainable_layers: int) -> None:
+        for module in self._frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNetTrunk":
+        super().train(mode)
+        for module in self._frozen_modules():
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """
+        Args:
+            x: Tensor[N, 3, H, W], normalised images.
+        Returns:
+            [C2, C3, C4, C5], Tensor[N, C_l, H / s, W / s] for strides s = 4, 8, 16, 32.
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+def imagenet_weight_files(depth: int) -> list[str]:
+    """torchvision's ImageNet checkpoint file names for this depth, preferred first.
+
+    IMAGENET1K_V1 first: it is what torchvision's Mask R-CNN backbones were trained from.
+    """
+    _check_depth(depth)
+    enum = getattr(tv_resnet, f"ResNet{depth}_Weights")
+    return [w.url.rsplit("/", 1)[-1] for w in enum if w.name.startswith("IMAGENET1K")]
+
+
+def imagenet_weights_path(depth: int) -> str:
+    """Path of a torchvision ImageNet checkpoint in the torch hub cache.
+
+    Raises:
+        FileNotFoundError: naming the file to download and the folder to put it in.
+            Nothing is downloaded here (the library must work offline).
+    """
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    names = imagenet_weight_files(depth)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    enum = getattr(tv_resnet, f"ResNet{depth}_Weights")
+    url = enum.IMAGENET1K_V1.url
+    raise FileNotFoundError(
+        f"ImageNet weights for ResNet-{depth} not found. Put {names[0]} (from {url}) "
+        f"into {folder}/ (or pass its path as pretrained=...); also accepted there: "
+        f"{', '.join(names[1:]) or 'none'}.")
+
+
+def load_imagenet_weights(trunk: ResNetTrunk, path: str) -> None:
+    """Load a torchvision ResNet ImageNet state dict (file) into `trunk`.
+
+    The classifier (fc.*) is dropped; every other key must match. The trunk must use
+    "frozen_bn" or "bn" (GroupNorm has no statistics to take from a BatchNorm checkpoint).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    if any(isinstance(m, nn.GroupNorm) for m in trunk.modules()):
+        raise ValueError("ImageNet BatchNorm weights cannot initialise a GroupNorm trunk; "
+                         "use norm='frozen_bn' or 'bn', or pretrained=None")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    # Old checkpoints lack BatchNorm's step counter; nothing else may be missing.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path} does not fit ResNet-{trunk.depth}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,92 @@
+"""Anchor boxes on every FPN level, as torchvision's AnchorGenerator tiles them.
+
+Shape letters: N images, L levels, H_l/W_l level l's feature size, A_l anchors per
+location on level l; T = sum_l H_l * W_l * A_l anchors per image.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from tools.structures import ImageList
+
+Sizes = Union[Sequence[float], Sequence[Sequence[float]]]
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors of several sizes and aspect ratios (height / width) per level.
+
+    Args:
+        sizes: anchor sides in pixels per level, e.g. (32, 64, 128, 256, 512) (one size
+            per level) or ((32,), (64,), ...) (several per level).
+        aspect_ratios: height / width ratios; one tuple used at every level, or one tuple
+            per level.
+
+    Anchors on a level are ordered by location (row-major), then ratio, then size; a base
+    anchor is (-w/2, -h/2, w/2, h/2) rounded to integers (torchvision's rounding), shifted
+    by (x * stride_w, y * stride_h) with stride = padded image size // feature size.
+    """
+
+    def __init__(self, sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
+                 aspect_ratios: Sizes = (0.5, 1.0, 2.0)):
+        super().__init__()
+        sizes = tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (tuple(aspect_ratios),) * len(sizes)
+        if len(aspect_ratios) != len(sizes):
+            raise ValueError(f"{len(sizes)} levels of sizes but {len(aspect_ratios)} of ratios")
+        self.sizes = sizes
+        self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
+        self.cell_anchors = [base_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
+
+    def num_anchors_per_location(self) -> list[int]:
+        """A_l for every level."""
+        return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
+
+    def forward(self, images: ImageList, features: list[Tensor]) -> list[Tensor]:
+        """
+        Args:
+            images: the padded batch (only its tensor size and image count are used).
+            features: per level Tensor[N, C, H_l, W_l], finest first.
+        Returns:
+            per image, Tensor[T, 4] anchors (the same for every image), levels in order.
+        """
+        if len(features) != len(self.cell_anchors):
+            raise ValueError(f"{len(features)} feature levels but anchors for "
+                             f"{len(self.cell_anchors)}")
+        image_h, image_w = images.tensors.shape[-2:]
+        dtype, device = features[0].dtype, features[0].device
+        per_level = []
+        for feature, cell in zip(features, self.cell_anchors):
+            grid_h, grid_w = feature.shape[-2:]
+            stride = (image_h // grid_h, image_w // grid_w)
+            per_level.append(grid_anchors(cell.to(dtype=dtype, device=device),
+                                          (grid_h, grid_w), stride))
+        anchors = torch.cat(per_level)
+        return [anchors for _ in images.image_sizes]
+
+
+def base_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
+    """Anchors centred on (0, 0): Tensor[len(ratios) * len(sizes), 4], float32, rounded."""
+    scales = torch.as_tensor(sizes, dtype=torch.float32)
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def grid_anchors(cell: Tensor, grid_size: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    """Tile `cell` (Tensor[A, 4]) over an H x W grid: Tensor[H * W * A, 4]."""
+    grid_h, grid_w = grid_size
+    device = cell.device
+    # Integer shifts, added to the float cell anchors last (torchvision's order).
+    shifts_x = torch.arange(0, grid_w, dtype=torch.int32, device=device) * stride[1]
+    shifts_y = torch.arange(0, grid_h, dtype=torch.int32, device=device) * stride[0]
+    shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+    shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+    return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)

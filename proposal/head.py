@@ -1,0 +1,41 @@
+"""RPN head: objectness logits and box deltas at every anchor.
+
+Shape letters: N images, C channels, H_l/W_l level l's size, A anchors per location.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv + ReLU shared by all levels, then 1x1 convs to A logits and 4A deltas.
+
+    Args:
+        in_channels: C of the features (256 for the FPN).
+        num_anchors: A, anchors per location (3: one size x three ratios).
+    """
+
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        for conv in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """
+        Args:
+            features: per level Tensor[N, C, H_l, W_l].
+        Returns:
+            (pred_objectness, pred_deltas): per level Tensor[N, A, H_l, W_l] logits and
+            Tensor[N, 4A, H_l, W_l] deltas, channel a * 4 + k for anchor a, coordinate k.
+        """
+        objectness, deltas = [], []
+        for feature in features:
+            t = F.relu(self.conv(feature))
+            objectness.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return objectness, deltas

@@ -1,0 +1,235 @@
+"""Region Proposal Network: prediction, proposal selection, anchor targets and losses.
+
+Shape letters: N images, L levels, A anchors per location, T anchors per image over all
+levels (sum_l H_l * W_l * A), M_i GT boxes of image i, R_i proposals of image i.
+
+Every step matches torchvision's RegionProposalNetwork (the same anchors order, top-n,
+NMS and random sampling order), so under the same weights and seed the proposals and
+losses equal torchvision's; tests/proposal checks this.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import libs
+from tools.boxes import (BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_iou,
+                         clip_boxes_to_image, remove_small_boxes)
+from tools.structures import ImageList
+
+from .anchors import AnchorGenerator
+
+
+class RPN(nn.Module):
+    """Proposals from anchors, plus the RPN losses when GT boxes are given.
+
+    Args:
+        anchor_generator: the anchors of every level.
+        head: maps features to per-level objectness logits and deltas (RPNHead).
+        fg_iou_thresh: anchors with IoU >= this with a GT box are positive.
+        bg_iou_thresh: anchors with IoU < this with every GT box are negative; in between
+            they are ignored. Each GT box's best anchors are positive regardless.
+        batch_size_per_image: anchors sampled per image for the losses.
+        positive_fraction: at most this fraction of the sample is positive.
+        pre_nms_top_n_train / pre_nms_top_n_test: highest-scoring anchors kept per level
+            before NMS, in training / eval mode (self.training picks).
+        post_nms_top_n_train / post_nms_top_n_test: proposals kept per image after NMS.
+        nms_thresh: IoU threshold of the NMS, run per level.
+        score_thresh: proposals with objectness probability < this are dropped.
+        min_size: proposals with a side < this (pixels) are dropped.
+    """
+
+    def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module,
+                 fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
+                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+                 pre_nms_top_n_train: int = 2000, pre_nms_top_n_test: int = 1000,
+                 post_nms_top_n_train: int = 2000, post_nms_top_n_test: int = 1000,
+                 nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3):
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.pre_nms_top_n_train, self.pre_nms_top_n_test = pre_nms_top_n_train, pre_nms_top_n_test
+        self.post_nms_top_n_train = post_nms_top_n_train
+        self.post_nms_top_n_test = post_nms_top_n_test
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.min_size = min_size
+
+    @property
+    def pre_nms_top_n(self) -> int:
+        return self.pre_nms_top_n_train if self.training else self.pre_nms_top_n_test
+
+    @property
+    def post_nms_top_n(self) -> int:
+        return self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
+
+    def forward(self, images: ImageList, features: list[Tensor],
+                gt_boxes: Optional[list[Tensor]] = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """
+        Args:
+            images: the padded batch; image_sizes bound the proposals.
+            features: per level Tensor[N, C, H_l, W_l], finest first (P2..P6).
+            gt_boxes: per image Tensor[M_i, 4] (M_i may be 0), or None.
+        Returns:
+            (proposals, losses): per image Tensor[R_i, 4], detached, best first; losses is
+            {} when gt_boxes is None, else {"loss_rpn_cls", "loss_rpn_box"} (in train and
+            eval mode alike, so validation losses work).
+        """
+        pred_objectness, pred_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        num_anchors_per_level = [o[0].numel() for o in pred_objectness]
+        objectness, deltas = flatten_predictions(pred_objectness, pred_deltas)
+
+        # The proposals are treated as fixed for joint training: no gradient through them.
+        proposals = self.box_coder.decode(deltas.detach().reshape(-1, 4), torch.cat(anchors))
+        proposals = proposals.view(len(anchors), -1, 4)
+        boxes, _ = select_proposals(
+            proposals, objectness.detach(), images.image_sizes, num_anchors_per_level,
+            self.pre_nms_top_n, self.post_nms_top_n, self.nms_thresh, self.score_thresh,
+            self.min_size)
+
+        losses: dict[str, Tensor] = {}
+        if gt_boxes is not None:
+            matched_idxs = match_anchors(anchors, gt_boxes, self.matcher)
+            loss_cls, loss_box = rpn_loss(objectness, deltas, anchors, gt_boxes, matched_idxs,
+                                          self.sampler, self.box_coder)
+            losses = {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
+        return boxes, losses
+
+
+def flatten_predictions(pred_objectness: list[Tensor],
+                        pred_deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Concatenate the levels in anchor order (level, location, anchor).
+
+    Args:
+        pred_objectness: per level Tensor[N, A, H_l, W_l].
+        pred_deltas: per level Tensor[N, 4A, H_l, W_l].
+    Returns:
+        (objectness Tensor[N, T], deltas Tensor[N, T, 4]).
+    """
+    objectness, deltas = [], []
+    for logits, reg in zip(pred_objectness, pred_deltas):
+        n, a, h, w = logits.shape
+        objectness.append(logits.view(n, a, 1, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1))
+        deltas.append(reg.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+    return torch.cat(objectness, dim=1), torch.cat(deltas, dim=1)
+
+
+def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
+                     num_anchors_per_level: list[int], pre_nms_top_n: int, post_nms_top_n: int,
+                     nms_thresh: float, score_thresh: float = 0.0,
+                     min_size: float = 1e-3) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-level top-n, clip, drop small and low-scoring boxes, per-level NMS, top-n.
+
+    Args:
+        proposals: Tensor[N, T, 4] decoded anchors.
+        objectness: Tensor[N, T] logits (detached).
+        image_sizes: (h, w) per image; boxes are clipped to it.
+        num_anchors_per_level: anchors per image on each level (sums to T).
+    Returns:
+        (boxes, scores): per image Tensor[R_i, 4] and Tensor[R_i] probabilities, sorted by
+        decreasing score, R_i <= post_nms_top_n.
+    """
+    num_images = proposals.shape[0]
+    device = proposals.device
+    levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=device)
+                        for idx, n in enumerate(num_anchors_per_level)])
+
+    top_idx = _top_n_per_level(objectness, num_anchors_per_level, pre_nms_top_n)
+    batch_idx = torch.arange(num_images, device=device)[:, None]
+    objectness = objectness[batch_idx, top_idx]
+    proposals = proposals[batch_idx, top_idx]
+    levels = levels[top_idx]
+    probs = torch.sigmoid(objectness)
+
+    final_boxes, final_scores = [], []
+    for boxes, scores, lvl, size in zip(proposals, probs, levels, image_sizes):
+        boxes, scores = _filter_image(boxes, scores, lvl, size, post_nms_top_n, nms_thresh,
+                                      score_thresh, min_size)
+        final_boxes.append(boxes)
+        final_scores.append(scores)
+    return final_boxes, final_scores
+
+
+def _top_n_per_level(objectness: Tensor, num_anchors_per_level: list[int], top_n: int) -> Tensor:
+    """Tensor[N, sum_l min(top_n, T_l)] indices into T of each level's best anchors."""
+    indices, offset = [], 0
+    for level_scores in objectness.split(num_anchors_per_level, dim=1):
+        k = min(top_n, level_scores.shape[1])
+        _, idx = level_scores.topk(k, dim=1)
+        indices.append(idx + offset)
+        offset += level_scores.shape[1]
+    return torch.cat(indices, dim=1)
+
+
+def _filter_image(boxes: Tensor, scores: Tensor, levels: Tensor, size: tuple[int, int],
+                  top_n: int, nms_thresh: float, score_thresh: float,
+                  min_size: float) -> tuple[Tensor, Tensor]:
+    boxes = clip_boxes_to_image(boxes, size)
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = torch.where(scores >= score_thresh)[0]
+    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = libs.batched_nms(boxes, scores, levels, nms_thresh)[:top_n]
+    return boxes[keep], scores[keep]
+
+
+def match_anchors(anchors: list[Tensor], gt_boxes: list[Tensor], matcher: Matcher) -> list[Tensor]:
+    """Per image Tensor[T] int64: matched GT index, -1 (negative) or -2 (ignored).
+
+    An image without GT boxes gets -1 everywhere: all its anchors are negatives.
+    """
+    return [matcher(box_iou(gt.to(a.dtype), a)) for a, gt in zip(anchors, gt_boxes)]
+
+
+def anchor_labels(matched_idxs: Tensor) -> Tensor:
+    """Tensor[T] float: 1 positive, 0 negative, -1 ignored (the sampler's input)."""
+    labels = (matched_idxs >= 0).to(torch.float32)
+    labels[matched_idxs == Matcher.BETWEEN_THRESHOLDS] = -1.0
+    return labels
+
+
+def rpn_loss(objectness: Tensor, pred_deltas: Tensor, anchors: list[Tensor],
+             gt_boxes: list[Tensor], matched_idxs: list[Tensor],
+             sampler: BalancedPositiveNegativeSampler, box_coder: BoxCoder,
+             beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
+    """Objectness and box losses over a balanced sample of anchors.
+
+    Args:
+        objectness: Tensor[N, T] logits.
+        pred_deltas: Tensor[N, T, 4].
+        anchors: per image Tensor[T, 4].
+        gt_boxes: per image Tensor[M_i, 4].
+        matched_idxs: per image Tensor[T] from match_anchors.
+    Returns:
+        (loss_rpn_cls, loss_rpn_box): BCE-with-logits averaged over the sampled anchors;
+        smooth-L1 (beta) summed over sampled positives / number sampled (0 without
+        positives, still connected to the graph).
+    """
+    labels = [anchor_labels(m) for m in matched_idxs]
+    pos_masks, neg_masks = sampler(labels)
+    pos = torch.where(torch.cat(pos_masks))[0]
+    neg = torch.where(torch.cat(neg_masks))[0]
+    sampled = torch.cat([pos, neg])
+
+    matched_gt = torch.cat([_matched_gt_boxes(gt, m, a)
+                            for gt, m, a in zip(gt_boxes, matched_idxs, anchors)])
+    targets = box_coder.encode(matched_gt[pos], torch.cat(anchors)[pos])
+    box_loss = F.smooth_l1_loss(pred_deltas.reshape(-1, 4)[pos], targets, beta=beta,
+                                reduction="sum") / max(sampled.numel(), 1)
+    cls_loss = F.binary_cross_entropy_with_logits(objectness.reshape(-1)[sampled],
+                                                  torch.cat(labels)[sampled])
+    return cls_loss, box_loss
+
+
+def _matched_gt_boxes(gt: Tensor, matched_idxs: Tensor, anchors: Tensor) -> Tensor:
+    """Tensor[T, 4]: each anchor's matched GT box (rows of unmatched anchors are unused)."""
+    if gt.numel() == 0:
+        return anchors.new_zeros(anchors.shape)
+    return gt.to(anchors.dtype)[matched_idxs.clamp(min=0)]
