@@ -1,0 +1,8 @@
+"""RoIAlign modules: single feature map and multi-level (FPN).
+
+    from pooling import RoIAlign, MultiScaleRoIAlign
+"""
+from .multiscale import MultiScaleRoIAlign, level_scales, map_levels
+from .roi_align import RoIAlign
+
+__all__ = ["RoIAlign", "MultiScaleRoIAlign", "level_scales", "map_levels"]

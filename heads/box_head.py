@@ -1,0 +1,125 @@
+"""Box branch of the RoI heads: head, predictor, loss and inference.
+
+Shapes: N images, R RoIs (summed over images unless per image), K object classes
+(K + 1 with background, class 0), C pooled channels, P pooled size (7).
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from libs import batched_nms
+from tools.boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten, fc6 + ReLU, fc7 + ReLU (torchvision's default FPN box head).
+
+    Args:
+        in_channels: C * P * P of the pooled RoI features.
+        representation_size: width of both layers (1024).
+    """
+
+    def __init__(self, in_channels: int, representation_size: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[R, C, P, P] -> Tensor[R, representation_size]."""
+        x = F.relu(self.fc6(x.flatten(start_dim=1)))
+        return F.relu(self.fc7(x))
+
+
+class BoxPredictor(nn.Module):
+    """Class logits (K + 1) and class-specific box deltas (4 * (K + 1)).
+
+    Args:
+        in_channels: width of the box head's output.
+        num_classes: K + 1, background included.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: Tensor[R, D] -> (pred_logits Tensor[R, K+1], pred_deltas Tensor[R, 4(K+1)])."""
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                  regression_targets: list[Tensor], box_loss: str = "smooth_l1",
+                  beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over sampled RoIs; box loss on positives, summed / number sampled.
+
+    Args:
+        class_logits: Tensor[R, K+1] for the sampled RoIs of all images.
+        box_regression: Tensor[R, 4(K+1)].
+        labels: per image Tensor[R_i] int64, 0 = background.
+        regression_targets: per image Tensor[R_i, 4] encoded GT boxes.
+        box_loss: "smooth_l1" (torchvision, beta 1/9) or "l1" (detectron2).
+    Returns:
+        (loss_cls, loss_box), scalars; zero but graph-connected with no RoIs.
+    """
+    gt_labels = torch.cat(labels, dim=0)
+    gt_deltas = torch.cat(regression_targets, dim=0)
+    if gt_labels.numel() == 0:
+        # cross_entropy over nothing is NaN; keep the graph for DDP / optimisers.
+        return class_logits.sum() * 0, box_regression.sum() * 0
+    loss_cls = F.cross_entropy(class_logits, gt_labels)
+    pos = torch.where(gt_labels > 0)[0]
+    pred_deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, gt_labels[pos]]
+    if box_loss == "smooth_l1":
+        loss = F.smooth_l1_loss(pred_deltas, gt_deltas[pos], beta=beta, reduction="sum")
+    elif box_loss == "l1":
+        loss = F.l1_loss(pred_deltas, gt_deltas[pos], reduction="sum")
+    else:
+        raise ValueError(f"box_loss must be 'smooth_l1' or 'l1', got {box_loss!r}")
+    return loss_cls, loss / gt_labels.numel()
+
+
+def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                  image_sizes: list[tuple[int, int]], box_coder: BoxCoder,
+                  score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                  detections_per_img: int = 100, min_size: float = 1e-2
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Softmax, class-specific decode, clip, drop background, threshold, NMS, top-k.
+
+    Args:
+        class_logits: Tensor[R, K+1]; box_regression: Tensor[R, 4(K+1)].
+        proposals: per image Tensor[R_i, 4]; image_sizes: per image (h, w).
+    Returns:
+        per image boxes Tensor[D_i, 4], scores Tensor[D_i], labels Tensor[D_i] int64
+        (in 1..K), sorted by decreasing score.
+    """
+    num_classes = class_logits.shape[-1]
+    per_image = [len(p) for p in proposals]
+    pred_boxes = box_coder.decode(box_regression, torch.cat(proposals, dim=0))
+    pred_scores = F.softmax(class_logits, -1)
+    results = ([], [], [])
+    for boxes, scores, size in zip(pred_boxes.split(per_image, 0),
+                                   pred_scores.split(per_image, 0), image_sizes):
+        boxes, scores, labels = _select_detections(
+            clip_boxes_to_image(boxes, size), scores, num_classes, score_thresh, nms_thresh,
+            detections_per_img, min_size)
+        for out, value in zip(results, (boxes, scores, labels)):
+            out.append(value)
+    return results
+
+
+def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_thresh: float,
+                       nms_thresh: float, detections_per_img: int, min_size: float):
+    """One image: boxes Tensor[R, K+1, 4], scores Tensor[R, K+1] -> top detections."""
+    labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
+    # Every (RoI, object class) pair becomes a candidate; background is dropped.
+    boxes = boxes[:, 1:].reshape(-1, 4)
+    scores = scores[:, 1:].reshape(-1)
+    labels = labels[:, 1:].reshape(-1)
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    return boxes[keep], scores[keep], labels[keep]

@@ -1,0 +1,176 @@
+"""Mask branch of the RoI heads: head, predictor, targets, loss, inference, pasting.
+
+Shapes: R RoIs, M GT instances, K object classes (K + 1 channels with background),
+S mask size (28), D detections, H/W image size.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from libs import roi_align
+
+
+class MaskHead(nn.Sequential):
+    """4 x (3x3 conv 256 + ReLU); a Sequential of (conv, relu) blocks, so parameter names
+    ("0.0.weight", ...) equal torchvision's MaskRCNNHeads.
+
+    Args:
+        in_channels: channels of the pooled features (256).
+        layers: output channels of each conv.
+        dilation: conv dilation (padding = dilation keeps the size).
+    """
+
+    def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1):
+        blocks = []
+        for channels in layers:
+            conv = nn.Conv2d(in_channels, channels, 3, stride=1, padding=dilation,
+                             dilation=dilation)
+            blocks.append(nn.Sequential(conv, nn.ReLU(inplace=True)))
+            in_channels = channels
+        super().__init__(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+
+class MaskPredictor(nn.Sequential):
+    """2x2 stride-2 deconv + ReLU, then 1x1 conv to K + 1 mask logits (14 -> 28).
+
+    Only the weights get kaiming init; biases keep PyTorch's default, as torchvision does.
+    """
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+        super().__init__(OrderedDict([
+            ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
+        ]))
+        for name, param in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+
+
+def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor,
+                           size: int) -> Tensor:
+    """RoIAlign each RoI's matched GT mask to size x size (the mask targets).
+
+    Args:
+        gt_masks: Tensor[M, H, W] of one image; boxes: Tensor[R, 4] positive RoIs;
+        matched_idxs: Tensor[R] int64 index into gt_masks.
+    Returns:
+        Tensor[R, size, size] float in [0, 1].
+    """
+    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
+
+
+def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                  gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """BCE-with-logits between the GT class's mask channel and the projected GT mask.
+
+    Args:
+        mask_logits: Tensor[R, K+1, S, S] for the positive RoIs of all images.
+        proposals: per image Tensor[R_i, 4] positive RoIs.
+        gt_masks: per image Tensor[M_i, H, W]; gt_labels: per image Tensor[M_i].
+        mask_matched_idxs: per image Tensor[R_i] GT index of each RoI.
+    Returns:
+        scalar; zero but graph-connected when there are no positive RoIs.
+    """
+    size = mask_logits.shape[-1]
+    labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, mask_matched_idxs)], dim=0)
+    if labels.numel() == 0:
+        return mask_logits.sum() * 0
+    targets = torch.cat([project_masks_on_boxes(m, p, i, size)
+                         for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0)
+    pred = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(pred, targets)
+
+
+def mask_inference(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
+    """Sigmoid of each detection's predicted-class channel.
+
+    Args:
+        mask_logits: Tensor[D, K+1, S, S] (all images); labels: per image Tensor[D_i].
+    Returns:
+        per image Tensor[D_i, 1, S, S] probabilities.
+    """
+    all_labels = torch.cat(labels)
+    index = torch.arange(mask_logits.shape[0], device=all_labels.device)
+    probs = mask_logits[index, all_labels][:, None].sigmoid()
+    return list(probs.split([len(lab) for lab in labels], dim=0))
+
+
+def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """Scale boxes about their centres (torchvision's arithmetic, float32)."""
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), dim=1)
+
+
+def _bilinear_weights(start: Tensor, length: Tensor, offset: Tensor, out_size: Tensor,
+                      in_size: int, span: int) -> Tensor:
+    """Rows of a bilinear resize matrix (PyTorch's align_corners=False rule).
+
+    For each box b, output pixels offset[b] + j (j < length[b]) of a resize from in_size to
+    out_size[b]; rows j >= length[b] are zero. Returns Tensor[B, span, in_size].
+    """
+    j = torch.arange(span, device=start.device)
+    dst = (offset[:, None] + j[None]).to(torch.float64)
+    # PyTorch: a float32 scale, then scale * (dst + 0.5) - 0.5 in double, stored as float.
+    # (A Python number / tensor is computed as a reciprocal times the number: not exact.)
+    scale = torch.full_like(out_size, in_size, dtype=torch.float32) / out_size.float()
+    scale = scale.to(torch.float64)
+    src = ((dst + 0.5) * scale[:, None] - 0.5).to(torch.float32).clamp(min=0)
+    # src >= 0, so truncation is floor; padding rows (j >= length) may run past the end.
+    i0 = src.to(torch.int64).clamp(max=in_size - 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    lam1 = src - i0.to(torch.float32)
+    lam0 = 1.0 - lam1
+    valid = (j[None] < length[:, None]).to(torch.float32)
+    weights = torch.zeros(start.shape[0], span, in_size, device=start.device)
+    weights.scatter_add_(2, i0[..., None], (lam0 * valid)[..., None])
+    weights.scatter_add_(2, i1[..., None], (lam1 * valid)[..., None])
+    return weights
+
+
+def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int],
+                         padding: int = 1) -> Tensor:
+    """Paste S x S mask probabilities into an H x W image, as torchvision does.
+
+    The masks are padded by `padding` pixels and the boxes scaled by (S + 2p) / S so the
+    resized mask has a zero border; each box is resized bilinearly to its integer size
+    (x2 - x1 + 1, y2 - y1 + 1). Only the part of each box inside the image is computed:
+    the separable bilinear resize is two small matrix products per box, batched.
+
+    Args:
+        masks: Tensor[D, 1, S, S]; boxes: Tensor[D, 4] in image pixels; img_shape: (H, W).
+    Returns:
+        Tensor[D, 1, H, W].
+    """
+    im_h, im_w = int(img_shape[0]), int(img_shape[1])
+    size = masks.shape[-1]
+    out = masks.new_zeros((masks.shape[0], 1, im_h, im_w))
+    if masks.shape[0] == 0:
+        return out
+    padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)
+    ibox = _expand_boxes(boxes, float(size + 2 * padding) / size).to(torch.int64)
+    box_w = (ibox[:, 2] - ibox[:, 0] + 1).clamp(min=1)
+    box_h = (ibox[:, 3] - ibox[:, 1] + 1).clamp(min=1)
+    x0, y0 = ibox[:, 0].clamp(min=0), ibox[:, 1].clamp(min=0)
+    x1 = torch.minimum(ibox[:, 0] + box_w, ibox[:, 2] + 1).clamp(max=im_w)
+    y1 = torch.minimum(ibox[:, 1] + box_h, ibox[:, 3] + 1).clamp(max=im_h)
+    vis_w, vis_h = (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)
+    span_w, span_h = max(int(vis_w.max()), 1), max(int(vis_h.max()), 1)
+    in_size = padded.shape[-1]
+    wy = _bilinear_weights(y0, vis_h, y0 - ibox[:, 1], box_h, in_size, span_h)
+    wx = _bilinear_weights(x0, vis_w, x0 - ibox[:, 0], box_w, in_size, span_w)
+    crops = torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2)).to(masks.dtype)
+    for d, (ya, yb, xa, xb) in enumerate(torch.stack((y0, y1, x0, x1), 1).tolist()):
+        if yb > ya and xb > xa:
+            out[d, 0, ya:yb, xa:xb] = crops[d, :yb - ya, :xb - xa]
+    return out

@@ -1,0 +1,154 @@
+"""RoI heads: box and mask branches on FPN features, given RPN proposals.
+
+Shapes: N images, R_i proposals of image i, K object classes (background is 0),
+D_i detections, C = 256 feature channels, S = 28 mask size.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from pooling import MultiScaleRoIAlign
+from tools.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+
+from .box_head import BoxPredictor, TwoMLPHead, box_inference, fastrcnn_loss
+from .mask_head import MaskHead, MaskPredictor, mask_inference, maskrcnn_loss
+from .targets import RoITargets, select_training_samples
+
+
+class RoIHeads(nn.Module):
+    """Box + mask heads. Losses are computed whenever targets are given (train or eval),
+    detections whenever the module is in eval mode.
+
+    Args (keyword):
+        num_classes: K object classes (the predictors have K + 1 outputs).
+        in_channels: feature channels (256).
+        box_pool_size, box_sampling_ratio: box RoIAlign (7, 2).
+        mask_pool_size, mask_sampling_ratio: mask RoIAlign (14, 2).
+        aligned, canonical_scale, canonical_level, level_rule: RoIAlign convention and
+            FPN level assignment (torchvision: False, 224, 4, "torchvision").
+        representation_size: box head width (1024).
+        mask_layers, mask_dilation, mask_dim_reduced: mask head convs (4 x 256, 1) and
+            the deconv width (256).
+        fg_iou_thresh, bg_iou_thresh: RoI matcher (0.5, 0.5).
+        batch_size_per_image, positive_fraction: RoI sampler (512, 0.25).
+        bbox_reg_weights: box coder weights (10, 10, 5, 5).
+        box_loss, smooth_l1_beta: "smooth_l1" with beta 1/9, or "l1".
+        score_thresh, nms_thresh, detections_per_img, min_box_size: inference
+            (0.05, 0.5, 100, 1e-2).
+        mask_on: build the mask branch.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int = 256, box_pool_size: int = 7,
+                 box_sampling_ratio: int = 2, mask_pool_size: int = 14,
+                 mask_sampling_ratio: int = 2, aligned: bool = False,
+                 canonical_scale: int = 224, canonical_level: int = 4,
+                 level_rule: str = "torchvision", representation_size: int = 1024,
+                 mask_layers=(256, 256, 256, 256), mask_dilation: int = 1,
+                 mask_dim_reduced: int = 256, fg_iou_thresh: float = 0.5,
+                 bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
+                 positive_fraction: float = 0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100, min_box_size: float = 1e-2,
+                 mask_on: bool = True):
+        super().__init__()
+        pool_kw = dict(aligned=aligned, canonical_scale=canonical_scale,
+                       canonical_level=canonical_level, level_rule=level_rule)
+        self.box_roi_pool = MultiScaleRoIAlign(box_pool_size, box_sampling_ratio, **pool_kw)
+        self.box_head = TwoMLPHead(in_channels * box_pool_size ** 2, representation_size)
+        self.box_predictor = BoxPredictor(representation_size, num_classes + 1)
+        self.mask_on = mask_on
+        if mask_on:
+            self.mask_roi_pool = MultiScaleRoIAlign(mask_pool_size, mask_sampling_ratio,
+                                                    **pool_kw)
+            self.mask_head = MaskHead(in_channels, tuple(mask_layers), mask_dilation)
+            self.mask_predictor = MaskPredictor(mask_layers[-1], mask_dim_reduced,
+                                                num_classes + 1)
+        self.num_classes = num_classes
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
+                                        allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image,
+                                                             positive_fraction)
+        self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
+        self.box_loss = box_loss
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.min_box_size = min_box_size
+
+    def forward(self, features: list[Tensor], proposals: list[Tensor],
+                image_sizes: list[tuple[int, int]],
+                targets: Optional[list[dict]] = None) -> tuple[list[dict], dict]:
+        """
+        Args:
+            features: [P2, P3, P4, P5] (extra levels such as P6 are ignored),
+                each Tensor[N, C, H_l, W_l].
+            proposals: per image Tensor[R_i, 4] in resized-image pixels.
+            image_sizes: per image (h, w) of the resized (unpadded) image.
+            targets: per image dict(boxes Tensor[M_i, 4], labels Tensor[M_i] int64,
+                masks Tensor[M_i, H, W]) in resized-image pixels, or None.
+        Returns:
+            (detections, losses): detections (eval mode only, else []) per image
+            dict(boxes[D_i, 4], labels[D_i], scores[D_i], masks[D_i, 1, S, S] probs);
+            losses (targets given only, else {}) loss_cls, loss_box, loss_mask.
+        """
+        features = list(features)[:4]
+        # The proposals are treated as fixed: no gradient flows back into the RPN boxes.
+        proposals = [p.detach() for p in proposals]
+        if self.training and targets is None:
+            raise ValueError("RoIHeads: targets are required in training mode")
+        losses = {} if targets is None else self._losses(features, proposals, image_sizes,
+                                                         targets)
+        detections = [] if self.training else self._detect(features, proposals, image_sizes)
+        return detections, losses
+
+    def _losses(self, features, proposals, image_sizes, targets) -> dict:
+        gt_boxes = [t["boxes"] for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        with torch.no_grad():
+            samples = select_training_samples(proposals, gt_boxes, gt_labels,
+                                              self.proposal_matcher, self.fg_bg_sampler,
+                                              self.box_coder)
+        class_logits, box_regression = self._forward_box(features, samples.proposals,
+                                                         image_sizes)
+        loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, samples.labels,
+                                           samples.regression_targets, self.box_loss,
+                                           self.smooth_l1_beta)
+        losses = {"loss_cls": loss_cls, "loss_box": loss_box}
+        if self.mask_on:
+            losses["loss_mask"] = self._mask_loss(features, samples, image_sizes, targets)
+        return losses
+
+    def _mask_loss(self, features, samples: RoITargets, image_sizes, targets) -> Tensor:
+        # Only positive RoIs carry a mask target.
+        pos = [torch.where(lab > 0)[0] for lab in samples.labels]
+        boxes = [p[i] for p, i in zip(samples.proposals, pos)]
+        matched = [m[i] for m, i in zip(samples.matched_idxs, pos)]
+        mask_logits = self._forward_mask(features, boxes, image_sizes)
+        return maskrcnn_loss(mask_logits, boxes, [t["masks"] for t in targets],
+                             [t["labels"] for t in targets], matched)
+
+    def _detect(self, features, proposals, image_sizes) -> list[dict]:
+        class_logits, box_regression = self._forward_box(features, proposals, image_sizes)
+        boxes, scores, labels = box_inference(
+            class_logits, box_regression, proposals, image_sizes, self.box_coder,
+            self.score_thresh, self.nms_thresh, self.detections_per_img, self.min_box_size)
+        detections = [dict(boxes=b, labels=lab, scores=s)
+                      for b, s, lab in zip(boxes, scores, labels)]
+        if self.mask_on:
+            mask_logits = self._forward_mask(features, boxes, image_sizes)
+            for det, probs in zip(detections, mask_inference(mask_logits, labels)):
+                det["masks"] = probs
+        return detections
+
+    def _forward_box(self, features, boxes, image_sizes) -> tuple[Tensor, Tensor]:
+        """-> (class_logits Tensor[R, K+1], box_regression Tensor[R, 4(K+1)])."""
+        pooled = self.box_roi_pool(features, boxes, image_sizes)
+        return self.box_predictor(self.box_head(pooled))
+
+    def _forward_mask(self, features, boxes, image_sizes) -> Tensor:
+        """-> mask_logits Tensor[R, K+1, S, S]."""
+        pooled = self.mask_roi_pool(features, boxes, image_sizes)
+        return self.mask_predictor(self.mask_head(pooled))

@@ -1,0 +1,212 @@
+"""torch.library custom ops ``maskrcnn::roi_align``, ``maskrcnn::roi_align_backward`` and
+``maskrcnn::nms``.
+
+Each op has one schema, a fake (meta) kernel for torch.compile / export, an autograd
+formula, and device kernels that call the compiled library of the tensor's device through
+cffi (``libs._loader``) or, when that library is not built, the pure-PyTorch reference
+(``libs.reference``). The thin user-facing wrappers with argument checks live in
+``libs/__init__.py``.
+
+Shapes: N images, C channels, H/W feature size, K RoIs, PH/PW pooled size, n boxes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _loader, reference
+
+__all__ = ["roi_align", "roi_align_backward", "nms"]
+
+# dtype codes of the C ABI; CPU kernels take the first two.
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _ptr(t: Tensor, ctype: str = "void*"):
+    return _loader.ffi.cast(ctype, t.data_ptr())
+
+
+def _native(t: Tensor):
+    """The library for ``t``'s device when it supports ``t``'s dtype, else None."""
+    dev = t.device.type
+    if dev == "cpu" and t.dtype not in _CPU_DTYPES:
+        return None
+    if dev not in ("cpu", "cuda") or t.dtype not in _DTYPE_CODE:
+        return None
+    return _loader.get_lib(dev)
+
+
+def _stream(device: torch.device):
+    return _loader.ffi.cast("void*", torch.cuda.current_stream(device).cuda_stream)
+
+
+# ----------------------------------------------------------------------------- roi_align
+
+@torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
+def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+              pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign. input Tensor[N, C, H, W], rois Tensor[K, 5] -> Tensor[K, C, PH, PW]."""
+    return _roi_align_impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio,
+                           aligned)
+
+
+def _roi_align_impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+    lib = _native(input)
+    if lib is None:
+        if input.dtype in (torch.float16, torch.bfloat16):
+            # The reference computes in float (accumulation in half loses too much).
+            return reference.roi_align_forward(
+                input.float(), rois.float(), spatial_scale, pooled_h, pooled_w,
+                sampling_ratio, aligned).to(input.dtype)
+        return reference.roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
+                                           sampling_ratio, aligned)
+    N, C, H, W = input.shape
+    K = rois.shape[0]
+    if input.is_contiguous():
+        channels_last = 0
+    elif input.is_contiguous(memory_format=torch.channels_last):
+        channels_last = 1
+    else:
+        input, channels_last = input.contiguous(), 0
+    rois = rois.to(input.dtype).contiguous()
+    out = input.new_empty((K, C, pooled_h, pooled_w))
+    if out.numel() == 0:
+        return out
+    if input.numel() == 0:
+        return out.zero_()
+    args = (_DTYPE_CODE[input.dtype], _ptr(input), _ptr(rois), _ptr(out), N, C, H, W, K,
+            pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio), int(aligned),
+            channels_last)
+    if input.device.type == "cpu":
+        rc = lib.mrc_roi_align_forward_cpu(*args, torch.get_num_threads())
+    else:
+        with torch.cuda.device(input.device):
+            rc = lib.mrc_roi_align_forward_cuda(*args, _stream(input.device))
+    _loader.check(lib, input.device.type, rc, "roi_align forward")
+    return out
+
+
+@roi_align.register_fake
+def _(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+    torch._check(input.dim() == 4, lambda: "roi_align: input must be [N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must be [K, 5]")
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_h, pooled_w))
+
+
+@torch.library.custom_op("maskrcnn::roi_align_backward", mutates_args=())
+def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                       pooled_w: int, sampling_ratio: int, aligned: bool, batch_size: int,
+                       channels: int, height: int, width: int) -> Tensor:
+    """Gradient of roi_align w.r.t. input: grad Tensor[K, C, PH, PW] -> Tensor[N, C, H, W]."""
+    lib = _native(grad)
+    shape = (batch_size, channels, height, width)
+    if lib is None:
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            return reference.roi_align_backward(
+                grad.float(), rois.float(), spatial_scale, pooled_h, pooled_w,
+                sampling_ratio, aligned, *shape).to(grad.dtype)
+        return reference.roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
+                                            sampling_ratio, aligned, *shape)
+    grad = grad.contiguous()
+    rois = rois.to(grad.dtype).contiguous()
+    grad_input = grad.new_zeros(shape)  # the kernels accumulate into it
+    if grad.numel() == 0 or grad_input.numel() == 0:
+        return grad_input
+    args = (_DTYPE_CODE[grad.dtype], _ptr(grad), _ptr(rois), _ptr(grad_input), *shape,
+            rois.shape[0], pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio),
+            int(aligned))
+    if grad.device.type == "cpu":
+        rc = lib.mrc_roi_align_backward_cpu(*args, torch.get_num_threads())
+    else:
+        # Float atomics unless the user asked for determinism.
+        deterministic = int(torch.are_deterministic_algorithms_enabled())
+        with torch.cuda.device(grad.device):
+            rc = lib.mrc_roi_align_backward_cuda(*args, deterministic, _stream(grad.device))
+    _loader.check(lib, grad.device.type, rc, "roi_align backward")
+    return grad_input
+
+
+@roi_align_backward.register_fake
+def _(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, batch_size,
+      channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _setup_roi_align(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.params = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+    ctx.input_shape = tuple(input.shape)
+
+
+def _roi_align_grad(ctx, grad):
+    # The RoIs are treated as constants (as in torchvision): no gradient to box coordinates.
+    (rois,) = ctx.saved_tensors
+    grad_input = roi_align_backward(grad, rois, *ctx.params, *ctx.input_shape)
+    return grad_input, None, None, None, None, None, None
+
+
+roi_align.register_autograd(_roi_align_grad, setup_context=_setup_roi_align)
+
+
+def _setup_roi_align_backward(ctx, inputs, output):
+    grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs[:7]
+    ctx.save_for_backward(rois)
+    ctx.params = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+
+
+def _roi_align_backward_grad(ctx, grad_grad_input):
+    # The backward is linear in `grad`; its adjoint is the forward (double backward).
+    (rois,) = ctx.saved_tensors
+    return (roi_align(grad_grad_input, rois, *ctx.params),) + (None,) * 10
+
+
+roi_align_backward.register_autograd(_roi_align_backward_grad,
+                                     setup_context=_setup_roi_align_backward)
+
+
+# ----------------------------------------------------------------------------------- nms
+
+@torch.library.custom_op("maskrcnn::nms", mutates_args=())
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS. boxes Tensor[n, 4], scores Tensor[n] -> kept indices int64, by score."""
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    dev = boxes.device.type
+    if dev == "cpu" and boxes.dtype not in _CPU_DTYPES:
+        boxes = boxes.float()
+    lib = _native(boxes)
+    if lib is None:
+        return reference.nms(boxes, scores, iou_threshold)
+    # Stable: equal scores keep their original order, as torchvision's.
+    order = torch.sort(scores, descending=True, stable=True)[1]
+    sorted_boxes = boxes[order].contiguous()
+    code = _DTYPE_CODE[boxes.dtype]
+    if dev == "cpu":
+        keep = torch.empty(n, dtype=torch.int64)
+        num_kept = torch.zeros(1, dtype=torch.int64)
+        rc = lib.mrc_nms_cpu(code, _ptr(sorted_boxes), n, float(iou_threshold),
+                             _ptr(keep, "int64_t*"), _ptr(num_kept, "int64_t*"),
+                             torch.get_num_threads())
+        _loader.check(lib, dev, rc, "nms")
+    else:
+        words = (n + 63) // 64
+        mask = torch.empty(n * words, dtype=torch.int64, device=boxes.device)  # uint64 bits
+        keep = torch.empty(n, dtype=torch.int64, device=boxes.device)
+        num_kept = torch.zeros(1, dtype=torch.int64, device=boxes.device)
+        with torch.cuda.device(boxes.device):
+            rc = lib.mrc_nms_cuda(code, _ptr(sorted_boxes), n, float(iou_threshold),
+                                  _ptr(mask, "uint64_t*"), _ptr(keep, "int64_t*"),
+                                  _ptr(num_kept, "int64_t*"), _stream(boxes.device))
+        _loader.check(lib, dev, rc, "nms")
+    return order[keep[:int(num_kept.item())]]  # the one host sync
+
+
+@nms.register_fake
+def _(boxes, scores, iou_threshold):
+    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "nms: boxes must be [n, 4]")
+    ctx = torch.library.get_ctx()
+    k = ctx.new_dynamic_size()
+    return boxes.new_empty((k,), dtype=torch.int64)

@@ -1,0 +1,621 @@
+"""Mask R-CNN: the image transform, the model, the config loader and the one builder.
+
+Shape letters: N images, H/W an original image's size, Hr/Wr its resized size, M GT
+instances, D detections, K object classes (background is class 0, objects 1..K).
+
+    model = MaskRCNN(num_classes=80, backbone="resnet50").eval()
+    detections = model([image])            # image: Tensor[3, H, W] in [0, 1]
+
+`build_model(cfg)` is the only code that reads the model sections of `config.ini`; below it
+every module takes plain keyword arguments. The training / data / eval / demo keys are
+read by the tools (see TRAINING_KEYS).
+"""
+from __future__ import annotations
+
+import configparser
+import copy
+import math
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from easydict import EasyDict
+from torch import Tensor, nn
+
+from backbones import build_resnet_fpn_backbone, load_torchvision_backbone_state
+from heads import RoIHeads, paste_masks_in_image
+from proposal import RPN, AnchorGenerator, RPNHead, load_torchvision_rpn_state
+from tools.structures import ImageList
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG = PACKAGE_DIR / "config.ini"
+
+# Sections read by build_model; every other section belongs to the tools.
+MODEL_SECTIONS = ("model", "backbone", "transform", "anchors", "rpn", "roi_heads",
+                  "box_head", "mask_head")
+
+# "section.key" of every key the training, data, evaluation and demo code reads
+# (tests/test_config.py checks that these plus build_model's keys cover config.ini).
+TRAINING_KEYS = (
+    "solver.optimizer", "solver.lr", "solver.momentum", "solver.weight_decay",
+    "solver.warmup_iters", "solver.warmup_factor", "solver.steps", "solver.gamma",
+    "solver.max_iter", "solver.batch_size", "solver.clip_grad", "solver.amp",
+    "solver.checkpoint_every", "solver.keep_last", "solver.seed", "solver.log_every",
+    "solver.output_dir",
+    "data.train_json", "data.train_images", "data.val_json", "data.val_images",
+    "data.skip_empty", "data.flip_prob", "data.num_workers",
+    "eval.eval_batch_size", "eval.mask_threshold", "eval.eval_every",
+    "demo.demo_minutes", "demo.demo_image_size", "demo.demo_num_classes",
+    "demo.demo_num_train", "demo.demo_num_val", "demo.demo_backbone", "demo.demo_lr",
+    "demo.demo_batch_size",
+)
+
+
+# ----------------------------------------------------------------------------- config
+
+_INT = re.compile(r"^[+-]?\d+$")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _infer_type(text: str) -> str:
+    """Type tag of a value in the default config: the schema."""
+    text = text.strip()
+    if text.lower() == "none":
+        return "any"
+    if text.lower() in ("true", "false"):
+        return "bool"
+    if "," in text:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        return "tuple[int]" if all(_INT.match(t) for t in items) else "tuple[float]"
+    if _INT.match(text):
+        return "int"
+    return "float" if _is_float(text) else "str"
+
+
+def _parse_text(text: str, kind: str) -> Any:
+    """Parse a config string as `kind`; raises ValueError (caller adds the context)."""
+    text = text.strip()
+    if kind == "any":
+        return None if text.lower() == "none" else _parse_text(text, _infer_type(text))
+    if kind == "int":
+        if not _INT.match(text):
+            raise ValueError
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "bool":
+        return _BOOLS[text.lower()]
+    if kind == "str":
+        return text
+    items = [t.strip() for t in text.split(",")]
+    if items and items[-1] == "":
+        items = items[:-1]                 # "800," is a one-element tuple
+    if not items:
+        raise ValueError
+    return tuple(_parse_text(t, kind[6:-1]) for t in items)
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """A Python value (an override) as `kind`; strings are parsed like config text."""
+    if isinstance(value, str) and kind != "str":
+        return _parse_text(value, kind)
+    if kind == "any":
+        return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind.startswith("tuple"):
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        return tuple(_coerce(v, kind[6:-1]) for v in items)
+    raise ValueError
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, dict[str, tuple[str, str]]]:
+    """{section: {key: (type tag, default text)}} from the shipped config.ini."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(DEFAULT_CONFIG)
+    return {s: {k: (_infer_type(v), v) for k, v in parser[s].items()}
+            for s in parser.sections()}
+
+
+def _defaults() -> EasyDict:
+    return EasyDict({s: {k: _parse_text(text, kind) for k, (kind, text) in keys.items()}
+                     for s, keys in _schema().items()})
+
+
+def load_config(path: Union[str, os.PathLike] = DEFAULT_CONFIG) -> EasyDict:
+    """Read a config file over the defaults of the shipped config.ini.
+
+    Returns:
+        EasyDict {section: {key: typed value}} with every key of the schema.
+    Raises:
+        ValueError naming file, section, key, value and expected type for an unknown
+        section or key or a value of the wrong type. FileNotFoundError if missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(path)
+    schema, cfg = _schema(), _defaults()
+    for section in parser.sections():
+        if section not in schema:
+            raise ValueError(f"{path}: unknown section [{section}] "
+                             f"(known: {', '.join(schema)})")
+        for key, text in parser[section].items():
+            if key not in schema[section]:
+                raise ValueError(f"{path}: [{section}] unknown key {key!r} = {text!r}")
+            kind = schema[section][key][0]
+            try:
+                cfg[section][key] = _parse_text(text, kind)
+            except (ValueError, KeyError):
+                raise ValueError(f"{path}: [{section}] {key} = {text!r}: expected {kind}") \
+                    from None
+    return cfg
+
+
+def _find_key(name: str) -> tuple[str, str]:
+    """(section, key) of an override name: a bare key (unique) or "section.key"."""
+    schema = _schema()
+    if "." in name:
+        section, key = name.split(".", 1)
+        if section in schema and key in schema[section]:
+            return section, key
+        raise ValueError(f"unknown config key {name!r}")
+    sections = [s for s in schema if name in schema[s]]
+    if len(sections) != 1:
+        problem = "unknown" if not sections else f"ambiguous (in {sections})"
+        raise ValueError(f"config key {name!r} is {problem}; use 'section.key'")
+    return sections[0], name
+
+
+def apply_overrides(cfg: EasyDict, overrides: dict[str, Any]) -> EasyDict:
+    """A copy of `cfg` with `overrides` ({bare key or "section.key": value}) applied,
+    each value checked against the schema's type (strings are parsed)."""
+    cfg = copy.deepcopy(cfg)
+    for name, value in overrides.items():
+        section, key = _find_key(name)
+        kind = _schema()[section][key][0]
+        try:
+            cfg[section][key] = _coerce(value, kind)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"override {name}={value!r}: [{section}] {key} expects "
+                             f"{kind}") from None
+    return EasyDict(cfg)
+
+
+def _resolve_config(config: Union[str, os.PathLike, dict]) -> EasyDict:
+    """A path (relative paths also tried against the package dir) or a loaded dict."""
+    if isinstance(config, dict):
+        # Re-check a loaded config over the defaults, as if its values were overrides.
+        flat = {f"{s}.{k}": v for s, keys in config.items() for k, v in keys.items()}
+        return apply_overrides(_defaults(), flat)
+    path = Path(config)
+    if not path.exists() and not path.is_absolute() and (PACKAGE_DIR / path).exists():
+        path = PACKAGE_DIR / path
+    return load_config(path)
+
+
+# -------------------------------------------------------------------------- transform
+
+def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
+    """Scale Tensor[M, 4] boxes from original_size (h, w) to new_size (float32 ratios,
+    torchvision's arithmetic)."""
+    ratio_h, ratio_w = [torch.tensor(s, dtype=torch.float32, device=boxes.device)
+                        / torch.tensor(s0, dtype=torch.float32, device=boxes.device)
+                        for s, s0 in zip(new_size, original_size)]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+class ImageTransform(nn.Module):
+    """Normalise, resize (shorter side to min_size, longer side capped at max_size) and
+    pad a batch; targets are resized the same way. `postprocess` maps detections back.
+
+    Args:
+        min_size: shorter side at test time; train_min_size: choices at training time.
+        max_size: cap on the longer side.
+        image_mean, image_std: RGB normalisation of images in [0, 1].
+        size_divisible: the padded batch's sides are multiples of this.
+        mask_paste_padding: zero border added to masks before pasting (1).
+    """
+
+    def __init__(self, min_size: int = 800, max_size: int = 1333,
+                 image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+                 size_divisible: int = 32, train_min_size=None, mask_paste_padding: int = 1):
+        super().__init__()
+        self.min_size = int(min_size)
+        self.train_min_size = tuple(train_min_size or (min_size,))
+        self.max_size = int(max_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.size_divisible = int(size_divisible)
+        self.mask_paste_padding = int(mask_paste_padding)
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None
+                ) -> tuple[ImageList, Optional[list[dict]]]:
+        """
+        Args:
+            images: per image Tensor[3, H, W] float in [0, 1].
+            targets: per image dict(boxes[M, 4], labels[M], masks[M, H, W]) or None;
+                not modified (resized copies are returned).
+        Returns:
+            (ImageList(tensors Tensor[N, 3, Hp, Wp], image_sizes [(Hr, Wr)]), targets).
+        """
+        resized, new_targets = [], None if targets is None else []
+        for i, image in enumerate(images):
+            target = None if targets is None else dict(targets[i])
+            image, target = self.resize(self.normalize(image), target)
+            resized.append(image)
+            if new_targets is not None:
+                new_targets.append(target)
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        return ImageList(self.batch_images(resized), sizes), new_targets
+
+    def normalize(self, image: Tensor) -> Tensor:
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def _choose_min_size(self) -> int:
+        if not self.training:
+            return self.min_size
+        # torchvision's torch_choice: drawn from torch's RNG so seeds reproduce it.
+        index = int(torch.empty(1).uniform_(0.0, float(len(self.train_min_size))).item())
+        return self.train_min_size[index]
+
+    def resize(self, image: Tensor, target: Optional[dict] = None):
+        """Image Tensor[3, H, W] -> Tensor[3, Hr, Wr]; target boxes and masks alike."""
+        h, w = image.shape[-2:]
+        scale = min(self._choose_min_size() / min(h, w), self.max_size / max(h, w))
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                              recompute_scale_factor=True, align_corners=False)[0]
+        if target is None:
+            return image, None
+        if "masks" in target:
+            masks = target["masks"][:, None].float()
+            target["masks"] = F.interpolate(masks, scale_factor=scale,
+                                            recompute_scale_factor=True)[:, 0].byte()
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+        return image, target
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad to a common size, each side rounded up to size_divisible."""
+        stride = float(self.size_divisible)
+        max_h = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
+        max_w = int(math.ceil(max(img.shape[-1] for img in images) / stride) * stride)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        for img, slot in zip(images, batch):
+            slot[:, :img.shape[-2], :img.shape[-1]].copy_(img)
+        return batch
+
+    def postprocess(self, detections: list[dict], image_sizes, original_sizes) -> list[dict]:
+        """Boxes back to original pixels; masks [D, 1, S, S] pasted to [D, 1, H, W]."""
+        out = []
+        for det, size, original in zip(detections, image_sizes, original_sizes):
+            det = dict(det)
+            det["boxes"] = resize_boxes(det["boxes"], size, original)
+            if "masks" in det:
+                det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], original,
+                                                    self.mask_paste_padding)
+            out.append(det)
+        return out
+
+
+# ---------------------------------------------------------------------------- builder
+
+def _depth(backbone: str) -> int:
+    match = re.fullmatch(r"resnet(\d+)", backbone)
+    if not match:
+        raise ValueError(f"backbone must look like 'resnet50', got {backbone!r}")
+    return int(match.group(1))
+
+
+def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> "MaskRCNN":
+    """The one builder: reads the model sections of `cfg` and assembles a MaskRCNN.
+
+    Args:
+        cfg: a config from load_config (optionally with apply_overrides).
+        pretrained_backbone: None, "imagenet" or a path of ImageNet ResNet weights.
+    """
+    m, b, t, a = cfg.model, cfg.backbone, cfg.transform, cfg.anchors
+    r, h, bh, mh = cfg.rpn, cfg.roi_heads, cfg.box_head, cfg.mask_head
+    backbone = build_resnet_fpn_backbone(
+        depth=_depth(b.backbone), norm=b.norm, trainable_layers=b.trainable_layers,
+        out_channels=b.fpn_channels, pretrained=pretrained_backbone)
+    anchors = AnchorGenerator(sizes=a.anchor_sizes, aspect_ratios=a.aspect_ratios)
+    rpn = RPN(
+        anchor_generator=anchors,
+        head=RPNHead(b.fpn_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=r.rpn_fg_iou_thresh, bg_iou_thresh=r.rpn_bg_iou_thresh,
+        batch_size_per_image=r.rpn_batch_size_per_image,
+        positive_fraction=r.rpn_positive_fraction,
+        pre_nms_top_n_train=r.rpn_pre_nms_top_n_train,
+        pre_nms_top_n_test=r.rpn_pre_nms_top_n_test,
+        post_nms_top_n_train=r.rpn_post_nms_top_n_train,
+        post_nms_top_n_test=r.rpn_post_nms_top_n_test,
+        nms_thresh=r.rpn_nms_thresh, score_thresh=r.rpn_score_thresh, min_size=r.rpn_min_size)
+    roi_heads = RoIHeads(
+        num_classes=m.num_classes, mask_on=m.mask_on, in_channels=b.fpn_channels,
+        box_pool_size=bh.box_pool_size, box_sampling_ratio=bh.box_sampling_ratio,
+        mask_pool_size=mh.mask_pool_size, mask_sampling_ratio=mh.mask_sampling_ratio,
+        aligned=h.roi_aligned, canonical_scale=h.roi_canonical_scale,
+        canonical_level=h.roi_canonical_level, level_rule=h.roi_level_rule,
+        representation_size=bh.representation_size, mask_layers=mh.mask_layers,
+        mask_dilation=mh.mask_dilation, mask_dim_reduced=mh.mask_dim_reduced,
+        fg_iou_thresh=h.box_fg_iou_thresh, bg_iou_thresh=h.box_bg_iou_thresh,
+        batch_size_per_image=h.box_batch_size_per_image,
+        positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
+        box_loss=bh.box_loss, smooth_l1_beta=bh.box_smooth_l1_beta,
+        score_thresh=h.box_score_thresh, nms_thresh=h.box_nms_thresh,
+        detections_per_img=h.box_detections_per_img, min_box_size=h.box_min_size)
+    transform = ImageTransform(
+        min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean,
+        image_std=t.image_std, size_divisible=t.size_divisible,
+        train_min_size=t.train_min_size, mask_paste_padding=mh.mask_paste_padding)
+    return MaskRCNN.from_parts(backbone, rpn, roi_heads, transform, m.num_classes, cfg)
+
+
+_TV_DEPTHS = {("BasicBlock", 2, 2, 2, 2): 18, ("BasicBlock", 3, 4, 6, 3): 34,
+              ("Bottleneck", 3, 4, 6, 3): 50, ("Bottleneck", 3, 4, 23, 3): 101,
+              ("Bottleneck", 3, 8, 36, 3): 152}
+
+
+def _torchvision_depth(body: nn.Module) -> int:
+    layers = [getattr(body, f"layer{i}") for i in range(1, 5)]
+    key = (type(layers[0][0]).__name__, *(len(layer) for layer in layers))
+    if key not in _TV_DEPTHS:
+        raise ValueError(f"unsupported torchvision backbone body (blocks {key})")
+    return _TV_DEPTHS[key]
+
+
+def _torchvision_trainable_layers(body: nn.Module) -> int:
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+    trainable = 0
+    for name in stages:
+        if not any(p.requires_grad for p in getattr(body, name).parameters()):
+            break
+        trainable += 1
+    return trainable
+
+
+def _one_per_level(values, what: str) -> tuple:
+    if any(len(v) != 1 for v in values):
+        raise ValueError(f"torchvision {what} {values}: only one value per level is supported")
+    return tuple(v[0] for v in values)
+
+
+def _torchvision_hyperparameters(tv: nn.Module) -> dict:
+    """Config overrides reproducing a torchvision MaskRCNN (bare key names)."""
+    body, t, rpn, rh = tv.backbone.body, tv.transform, tv.rpn, tv.roi_heads
+    if getattr(t, "fixed_size", None) is not None:
+        raise ValueError("torchvision transform fixed_size is not supported")
+    if type(rh.box_head).__name__ != "TwoMLPHead":
+        raise ValueError(f"box head {type(rh.box_head).__name__} is not supported "
+                         "(TwoMLPHead only: the v1 Mask R-CNN)")
+    ratios = rpn.anchor_generator.aspect_ratios
+    if any(tuple(r) != tuple(ratios[0]) for r in ratios):
+        raise ValueError("per-level anchor aspect ratios are not supported")
+    mask_on = rh.has_mask()
+    convs = [block[0] for block in rh.mask_head] if mask_on else []
+    bn = any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    out = dict(
+        num_classes=rh.box_predictor.cls_score.out_features - 1, mask_on=mask_on,
+        backbone=f"resnet{_torchvision_depth(body)}", norm="bn" if bn else "frozen_bn",
+        trainable_layers=_torchvision_trainable_layers(body),
+        fpn_channels=tv.backbone.out_channels,
+        min_size=t.min_size[-1], train_min_size=tuple(t.min_size), max_size=t.max_size,
+        image_mean=tuple(t.image_mean), image_std=tuple(t.image_std),
+        size_divisible=t.size_divisible,
+        anchor_sizes=_one_per_level(rpn.anchor_generator.sizes, "anchor sizes"),
+        aspect_ratios=tuple(ratios[0]),
+        rpn_pre_nms_top_n_train=rpn._pre_nms_top_n["training"],
+        rpn_pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
+        rpn_post_nms_top_n_train=rpn._post_nms_top_n["training"],
+        rpn_post_nms_top_n_test=rpn._post_nms_top_n["testing"],
+        rpn_nms_thresh=rpn.nms_thresh, rpn_score_thresh=rpn.score_thresh,
+        rpn_min_size=rpn.min_size,
+        rpn_fg_iou_thresh=rpn.proposal_matcher.high_threshold,
+        rpn_bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+        rpn_positive_fraction=rpn.fg_bg_sampler.positive_fraction,
+        box_fg_iou_thresh=rh.proposal_matcher.high_threshold,
+        box_bg_iou_thresh=rh.proposal_matcher.low_threshold,
+        box_batch_size_per_image=rh.fg_bg_sampler.batch_size_per_image,
+        box_positive_fraction=rh.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=tuple(rh.box_coder.weights), box_score_thresh=rh.score_thresh,
+        box_nms_thresh=rh.nms_thresh, box_detections_per_img=rh.detections_per_img,
+        box_pool_size=rh.box_roi_pool.output_size[0],
+        box_sampling_ratio=rh.box_roi_pool.sampling_ratio,
+        roi_canonical_scale=rh.box_roi_pool.canonical_scale,
+        roi_canonical_level=rh.box_roi_pool.canonical_level,
+        representation_size=rh.box_head.fc6.out_features)
+    if mask_on:
+        out.update(mask_pool_size=rh.mask_roi_pool.output_size[0],
+                   mask_sampling_ratio=rh.mask_roi_pool.sampling_ratio,
+                   mask_layers=tuple(c.out_channels for c in convs),
+                   mask_dilation=convs[0].dilation[0],
+                   mask_dim_reduced=rh.mask_predictor.conv5_mask.out_channels)
+    return out
+
+
+# ------------------------------------------------------------------------------ model
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN: transform -> backbone (ResNet-FPN) -> RPN -> RoI heads -> postprocess.
+
+    Args:
+        num_classes: K object classes (background excluded); None takes the config's
+            model.num_classes (80 in the shipped config.ini).
+        pretrained: None; "imagenet" (backbone ImageNet weights from the torch hub cache,
+            FileNotFoundError naming the file when absent); or a checkpoint path (a state
+            dict, or a dict holding it under "model").
+        config: a config path (relative paths not found in the working directory are
+            taken from the package directory) or an already-loaded EasyDict.
+        **overrides: config keys, bare (unique across sections, e.g. backbone="resnet50")
+            or "section.key"; unknown, ambiguous or mistyped ones raise ValueError.
+
+    Attributes:
+        transform, backbone, rpn, roi_heads; cfg (the resolved EasyDict).
+    """
+
+    def __init__(self, num_classes: Optional[int] = None, pretrained: Optional[str] = None,
+                 config: Union[str, os.PathLike, dict] = "config.ini", **overrides):
+        super().__init__()
+        if num_classes is not None:
+            overrides["model.num_classes"] = num_classes
+        cfg = apply_overrides(_resolve_config(config), overrides)
+        is_checkpoint = pretrained is not None and pretrained != "imagenet"
+        if is_checkpoint and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+        built = build_model(cfg, pretrained_backbone="imagenet" if pretrained == "imagenet"
+                            else None)
+        self._set_parts(built.backbone, built.rpn, built.roi_heads, built.transform,
+                        built.num_classes, cfg)
+        if is_checkpoint:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            self.load_state_dict(state["model"] if "model" in state else state)
+
+    @classmethod
+    def from_parts(cls, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module,
+                   transform: ImageTransform, num_classes: int,
+                   cfg: Optional[EasyDict] = None) -> "MaskRCNN":
+        """Assemble from already-built parts (what build_model does)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._set_parts(backbone, rpn, roi_heads, transform, num_classes, cfg)
+        return model
+
+    def _set_parts(self, backbone, rpn, roi_heads, transform, num_classes, cfg) -> None:
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.cfg = cfg
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
+        """
+        Args:
+            images: per image Tensor[3, H, W] float in [0, 1] (sizes may differ).
+            targets: per image dict(boxes Tensor[M, 4] float (x1, y1, x2, y2) pixels,
+                labels Tensor[M] int64 in 1..K, masks Tensor[M, H, W] uint8/bool); required
+                in training mode.
+        Returns:
+            training mode: dict(loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask).
+            eval mode: per image dict(boxes Tensor[D, 4] original pixels, labels Tensor[D]
+                int64, scores Tensor[D], masks Tensor[D, 1, H, W] float probabilities).
+            eval mode with targets: (detections, losses), for a validation loss without
+                switching to training mode (the losses use the eval-mode proposals).
+        Raises:
+            ValueError naming the image index and the problem for malformed inputs.
+        """
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode (or call model.eval())")
+        self._validate(images, targets)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        gt_boxes = None if targets is None else [t["boxes"] for t in targets]
+        proposals, rpn_losses = self.rpn(image_list, features, gt_boxes)
+        detections, head_losses = self.roi_heads(features[:4], proposals,
+                                                 image_list.image_sizes, targets)
+        losses = {**rpn_losses, **head_losses}
+        if self.training:
+            return losses
+        detections = self.transform.postprocess(detections, image_list.image_sizes,
+                                                original_sizes)
+        return detections if targets is None else (detections, losses)
+
+    @classmethod
+    def from_torchvision(cls, tv_model: nn.Module) -> "MaskRCNN":
+        """Ours, from a torchvision.models.detection.MaskRCNN with a ResNet-FPN backbone
+        (any depth): the same weights and hyper-parameters, so eval outputs are equal.
+
+        num_classes is torchvision's minus one (background). The depth comes from the
+        body's block counts; trainable stages from requires_grad; a BatchNorm2d trunk
+        (torchvision without pretrained weights) becomes norm "bn", else "frozen_bn".
+        """
+        overrides = _torchvision_hyperparameters(tv_model)
+        model = cls(config=DEFAULT_CONFIG, **overrides)
+        load_torchvision_backbone_state(model.backbone, tv_model.backbone)
+        load_torchvision_rpn_state(model.rpn, tv_model.rpn)
+        heads = {k: v for k, v in tv_model.roi_heads.state_dict().items()
+                 if k.split(".")[0] in ("box_head", "box_predictor", "mask_head",
+                                        "mask_predictor")}
+        model.roi_heads.load_state_dict(heads, strict=True)
+        return model
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, images, targets) -> None:
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images must be a list of Tensor[3, H, W], got {type(images)}")
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor) or image.dim() != 3:
+                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image)
+                raise ValueError(f"image {i}: expected a 3-D Tensor[3, H, W], got {shape}")
+            if image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected 3 channels, got shape "
+                                 f"{tuple(image.shape)}")
+            if not image.is_floating_point():
+                raise ValueError(f"image {i}: expected a float tensor in [0, 1], got "
+                                 f"{image.dtype}")
+        if targets is None:
+            return
+        if len(targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        for i, (image, target) in enumerate(zip(images, targets)):
+            self._validate_target(i, image, target)
+
+    def _validate_target(self, i: int, image: Tensor, target: dict) -> None:
+        needed = ("boxes", "labels", "masks") if self.roi_heads.mask_on else ("boxes", "labels")
+        missing = [k for k in needed if k not in target]
+        if missing:
+            raise ValueError(f"target {i}: missing {missing}")
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+            raise ValueError(f"target {i}: boxes must be a float Tensor[M, 4], got "
+                             f"{tuple(boxes.shape)} {boxes.dtype}")
+        if labels.dim() != 1 or labels.dtype != torch.int64:
+            raise ValueError(f"target {i}: labels must be an int64 Tensor[M], got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
+        counts = {"boxes": len(boxes), "labels": len(labels)}
+        if "masks" in needed:
+            counts["masks"] = len(target["masks"])
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"target {i}: count mismatch {counts}")
+        bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0]
+        if len(bad):
+            raise ValueError(f"target {i}: box {int(bad[0])} {boxes[bad[0]].tolist()} has "
+                             f"x2 <= x1 or y2 <= y1 (boxes are x1, y1, x2, y2)")
+        if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
+            raise ValueError(f"target {i}: labels must be in 1..{self.num_classes} (0 is "
+                             f"background), got {labels.tolist()}")
+        if "masks" in needed:
+            masks = target["masks"]
+            if masks.dim() != 3 or tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
+                raise ValueError(f"target {i}: masks must be Tensor[M, {image.shape[-2]}, "
+                                 f"{image.shape[-1]}] (the image size), got "
+                                 f"{tuple(masks.shape)}")

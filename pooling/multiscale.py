@@ -1,0 +1,161 @@
+"""Multi-level (FPN) RoIAlign: each box is pooled from the pyramid level matching its size.
+
+Shape letters: N images, C channels, L levels, R RoIs (sum over images of R_i),
+PH/PW pooled size.
+
+Results equal ``torchvision.ops.MultiScaleRoIAlign`` (same level rule, same scales, same
+row order). The difference is in the bookkeeping: torchvision runs ``where(levels == l)``
+and an ``index_put`` per level; here the RoIs are ordered by level once (stable argsort),
+each level pools one contiguous slice, and one gather restores the input order. Scales are
+cached per (feature sizes, padded image size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from libs import boxes_to_rois, roi_align
+
+__all__ = ["MultiScaleRoIAlign", "level_scales", "map_levels"]
+
+
+def level_scales(feature_sizes: Sequence[Tuple[int, int]],
+                 image_sizes: Sequence[Tuple[int, int]]) -> List[float]:
+    """Scale (1/stride) of each level: ``2 ** round(log2(feature_h / max_image_h))``.
+
+    As torchvision: the padded batch size is the max (h, w) over images, and the height
+    ratio decides (the ratio is rounded to a power of two, so padding does not matter).
+    """
+    max_h = max(int(s[0]) for s in image_sizes)
+    scales = []
+    for h, _ in feature_sizes:
+        # float32 log2 as torchvision computes it, so ties round the same way.
+        approx = torch.tensor(float(h) / float(max_h)).log2().round()
+        scales.append(2.0 ** float(approx))
+    return scales
+
+
+def map_levels(boxes: Sequence[Tensor], k_min: int, k_max: int, canonical_scale: float,
+               canonical_level: int, level_rule: str = "torchvision",
+               eps: float = 1e-6) -> Tensor:
+    """Pyramid level of each box, relative to ``k_min``: Tensor[R] int64 in [0, k_max-k_min].
+
+    torchvision: ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``;
+    detectron2: ``floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8))``;
+    both clamped to the available levels.
+    """
+    b = torch.cat(list(boxes), dim=0)
+    s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    if level_rule == "torchvision":
+        lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale)
+                          + torch.tensor(eps, dtype=s.dtype))
+    elif level_rule == "detectron2":
+        lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale + 1e-8))
+    else:
+        raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', got {level_rule!r}")
+    lvl = torch.clamp(lvl, min=k_min, max=k_max)
+    return lvl.to(torch.int64) - k_min
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over a feature pyramid, choosing the level per box by its size.
+
+    Args:
+        output_size: int or (PH, PW).
+        sampling_ratio: samples per bin per axis; <= 0 means adaptive.
+        aligned: pixel-centre convention (see ``libs.roi_align``).
+        canonical_scale, canonical_level: a box of side ``canonical_scale`` maps to level
+            ``canonical_level`` (224 -> P4, as in the FPN paper).
+        level_rule: "torchvision" or "detectron2" (differ only in where the epsilon sits).
+        eps: torchvision's epsilon added before the floor.
+
+    forward(features: list[Tensor[N, C, H_l, W_l]] finest first (P2..P5),
+            boxes: list[Tensor[R_i, 4]] per image in resized-image pixels,
+            image_sizes: list[(h, w)] of the resized images)
+        -> Tensor[R, C, PH, PW], rows in image order then box order.
+    """
+
+    def __init__(self, output_size, sampling_ratio: int, aligned: bool = False,
+                 canonical_scale: float = 224, canonical_level: int = 4,
+                 level_rule: str = "torchvision", eps: float = 1e-6):
+        super().__init__()
+        if level_rule not in ("torchvision", "detectron2"):
+            raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', "
+                             f"got {level_rule!r}")
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) \
+            else tuple(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.level_rule = level_rule
+        self.eps = eps
+        self._scale_cache: Dict[tuple, List[float]] = {}
+
+    def _scales(self, features: List[Tensor], image_sizes) -> List[float]:
+        feature_sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
+        key = (feature_sizes, max(int(s[0]) for s in image_sizes))
+        scales = self._scale_cache.get(key)
+        if scales is None:
+            scales = level_scales(feature_sizes, image_sizes)
+            self._scale_cache[key] = scales
+        return scales
+
+    def forward(self, features: List[Tensor], boxes: List[Tensor],
+                image_sizes: List[Tuple[int, int]]) -> Tensor:
+        if isinstance(features, Tensor):
+            features = [features]
+        if len(features) == 0:
+            raise ValueError("MultiScaleRoIAlign: features must be a non-empty list")
+        if len(image_sizes) == 0:
+            raise ValueError("MultiScaleRoIAlign: image_sizes must list the (h, w) of each image")
+        scales = self._scales(list(features), image_sizes)
+        rois = boxes_to_rois(boxes).to(features[0].device)
+        if len(features) == 1:
+            return self._pool(features[0], rois, scales[0])
+        k_min = int(round(-math.log2(scales[0])))
+        k_max = int(round(-math.log2(scales[-1])))
+        levels = map_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level,
+                            self.level_rule, self.eps)
+        if torch.compiler.is_compiling():
+            return self._forward_masked(features, rois, levels, scales)
+        return self._forward_sorted(features, rois, levels, scales)
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio,
+                         self.aligned)
+
+    def _forward_sorted(self, features, rois, levels, scales) -> Tensor:
+        """One stable sort by level, one slice per level, one gather back (one host sync)."""
+        order = torch.argsort(levels, stable=True)
+        counts = torch.bincount(levels, minlength=len(features)).tolist()
+        sorted_rois = rois[order]
+        pieces, start = [], 0
+        for feature, scale, count in zip(features, scales, counts):
+            if count:
+                pieces.append(self._pool(feature, sorted_rois[start:start + count], scale))
+            start += count
+        if not pieces:
+            C = features[0].shape[1]
+            return features[0].new_zeros((0, C) + self.output_size)
+        pooled = torch.cat(pieces).to(features[0].dtype)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return pooled[inverse]
+
+    def _forward_masked(self, features, rois, levels, scales) -> Tensor:
+        """Per-level where + index_put (no host sync): traceable by torch.compile."""
+        C = features[0].shape[1]
+        result = features[0].new_zeros((rois.shape[0], C) + self.output_size)
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            idx = torch.where(levels == level)[0]
+            result = result.index_put((idx,), self._pool(feature, rois[idx], scale)
+                                      .to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
+                f"aligned={self.aligned}, level_rule={self.level_rule!r}")

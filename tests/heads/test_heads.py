@@ -1,0 +1,272 @@
+"""RoI heads against torchvision's roi_heads functions (the oracle), plus zero-loss cases.
+
+Shapes: R RoIs, K object classes (K + 1 logits), S = 28 mask size, D detections.
+"""
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.models.detection import roi_heads as tv_roi_heads
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead as TvMLP
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign as TvMultiScaleRoIAlign
+
+from heads import (MaskHead, MaskPredictor, RoIHeads, box_inference, fastrcnn_loss,
+                   mask_inference, maskrcnn_loss, paste_masks_in_image)
+from tools.boxes import BoxCoder
+
+torch.set_num_threads(2)
+K = 4  # object classes
+
+
+def _random_boxes(n, size=200.0, min_side=4.0, generator=None):
+    xy = torch.rand(n, 2, generator=generator) * size * 0.7
+    wh = torch.rand(n, 2, generator=generator) * size * 0.4 + min_side
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _labels_and_targets(sizes, num_pos):
+    labels, targets = [], []
+    for n, p in zip(sizes, num_pos):
+        lab = torch.zeros(n, dtype=torch.int64)
+        lab[:p] = torch.randint(1, K + 1, (p,))
+        labels.append(lab)
+        targets.append(torch.randn(n, 4))
+    return labels, targets
+
+
+# ------------------------------------------------------------------------- box loss
+
+def test_fastrcnn_loss_matches_torchvision():
+    torch.manual_seed(0)
+    labels, targets = _labels_and_targets([7, 5], [3, 2])
+    logits, deltas = torch.randn(12, K + 1), torch.randn(12, 4 * (K + 1))
+    ours = fastrcnn_loss(logits, deltas, labels, targets)
+    ref = tv_roi_heads.fastrcnn_loss(logits, deltas, labels, targets)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_fastrcnn_loss_l1_option():
+    torch.manual_seed(0)
+    labels, targets = _labels_and_targets([6], [2])
+    logits, deltas = torch.randn(6, K + 1), torch.randn(6, 4 * (K + 1))
+    _, loss_box = fastrcnn_loss(logits, deltas, labels, targets, box_loss="l1")
+    pred = deltas.reshape(6, -1, 4)[[0, 1], labels[0][:2]]
+    torch.testing.assert_close(loss_box, (pred - targets[0][:2]).abs().sum() / 6)
+
+
+def test_fastrcnn_loss_no_positives_is_zero_and_connected():
+    labels, targets = _labels_and_targets([5], [0])
+    logits = torch.randn(5, K + 1, requires_grad=True)
+    deltas = torch.randn(5, 4 * (K + 1), requires_grad=True)
+    loss_cls, loss_box = fastrcnn_loss(logits, deltas, labels, targets)
+    assert loss_box.item() == 0 and loss_box.requires_grad
+    (loss_cls + loss_box).backward()
+    assert deltas.grad is not None and deltas.grad.abs().sum() == 0
+
+
+def test_fastrcnn_loss_no_rois_is_zero_not_nan():
+    logits = torch.zeros(0, K + 1, requires_grad=True)
+    deltas = torch.zeros(0, 4 * (K + 1), requires_grad=True)
+    loss_cls, loss_box = fastrcnn_loss(logits, deltas, [torch.zeros(0, dtype=torch.int64)],
+                                       [torch.zeros(0, 4)])
+    assert loss_cls.item() == 0 and loss_box.item() == 0
+    (loss_cls + loss_box).backward()
+
+
+# ------------------------------------------------------------------------ mask loss
+
+def _mask_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gt_masks = [(torch.rand(3, 64, 80, generator=g) > 0.5).to(torch.uint8),
+                (torch.rand(2, 50, 60, generator=g) > 0.5).to(torch.uint8)]
+    gt_labels = [torch.tensor([1, 3, 4]), torch.tensor([2, 2])]
+    proposals = [_random_boxes(5, 60.0, generator=g), _random_boxes(4, 50.0, generator=g)]
+    matched = [torch.tensor([0, 1, 2, 1, 0]), torch.tensor([1, 0, 0, 1])]
+    logits = torch.randn(9, K + 1, 28, 28, generator=g)
+    return logits, proposals, gt_masks, gt_labels, matched
+
+
+def test_maskrcnn_loss_matches_torchvision():
+    args = _mask_case()
+    torch.testing.assert_close(maskrcnn_loss(*args), tv_roi_heads.maskrcnn_loss(*args),
+                               rtol=0, atol=1e-5)
+
+
+def test_maskrcnn_loss_no_positives_is_zero_and_connected():
+    logits = torch.randn(0, K + 1, 28, 28, requires_grad=True)
+    loss = maskrcnn_loss(logits, [torch.zeros(0, 4)], [torch.zeros(0, 20, 20)],
+                         [torch.zeros(0, dtype=torch.int64)],
+                         [torch.zeros(0, dtype=torch.int64)])
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()
+
+
+def test_mask_inference_matches_torchvision():
+    logits = torch.randn(5, K + 1, 28, 28)
+    labels = [torch.tensor([1, 4, 2]), torch.tensor([3, 3])]
+    for a, b in zip(mask_inference(logits, labels),
+                    tv_roi_heads.maskrcnn_inference(logits, labels)):
+        assert a.shape == b.shape == (len(a), 1, 28, 28)
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------- pasting
+
+@pytest.mark.parametrize("img_shape", [(120, 90), (57, 211)])
+def test_paste_masks_matches_torchvision(img_shape):
+    g = torch.Generator().manual_seed(1)
+    h, w = img_shape
+    # Boxes overlap the image (torchvision's paste fails on boxes entirely outside it).
+    inside = _random_boxes(20, 1.0, min_side=0.0, generator=g) * torch.tensor([w, h, w, h])
+    boxes = torch.cat([
+        inside + 0.3,
+        torch.tensor([[-10.0, -5.0, 30.0, 40.0],            # partly outside, top-left
+                      [w - 20.0, h - 10.0, w + 15.0, h + 9.0],  # partly outside, bottom-right
+                      [5.0, 5.0, 5.2, 5.1],                 # tiny
+                      [0.0, 0.0, float(w), float(h)]])])    # whole image
+    masks = torch.rand(len(boxes), 1, 28, 28, generator=g)
+    ours = paste_masks_in_image(masks, boxes, img_shape)
+    ref = tv_roi_heads.paste_masks_in_image(masks, boxes, img_shape)
+    assert ours.shape == ref.shape == (len(boxes), 1, h, w)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_paste_masks_empty():
+    out = paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (30, 40))
+    assert out.shape == (0, 1, 30, 40)
+
+
+# ----------------------------------------------------------------------- inference
+
+def test_box_inference_matches_torchvision():
+    torch.manual_seed(2)
+    proposals = [_random_boxes(40, 150.0), _random_boxes(30, 120.0)]
+    sizes = [(150, 170), (120, 100)]
+    logits, deltas = torch.randn(70, K + 1) * 3, torch.randn(70, 4 * (K + 1)) * 0.5
+    tv = tv_roi_heads.RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
+    ref = tv.postprocess_detections(logits, deltas, proposals, sizes)
+    ours = box_inference(logits, deltas, proposals, sizes, BoxCoder((10.0, 10.0, 5.0, 5.0)))
+    for ours_field, ref_field in zip(ours, ref):
+        for a, b in zip(ours_field, ref_field):
+            assert len(a) > 0
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+# -------------------------------------------------------------------- init / shapes
+
+def test_head_inits_match_torchvision_conventions():
+    head = MaskHead(256, (256, 256, 256, 256), 1)
+    tv_head = MaskRCNNHeads(256, (256, 256, 256, 256), 1)
+    assert list(dict(head.named_parameters())) == list(dict(tv_head.named_parameters()))
+    for conv in (m for m in head.modules() if isinstance(m, torch.nn.Conv2d)):
+        assert conv.bias.abs().sum() == 0
+        expected = (2.0 / (conv.out_channels * 9)) ** 0.5   # kaiming fan_out, relu
+        assert abs(conv.weight.std().item() - expected) < 0.1 * expected
+    pred = MaskPredictor(256, 256, K + 1)
+    tv_pred = MaskRCNNPredictor(256, 256, K + 1)
+    assert list(dict(pred.named_parameters())) == list(dict(tv_pred.named_parameters()))
+    assert pred(torch.randn(2, 256, 14, 14)).shape == (2, K + 1, 28, 28)
+
+
+# --------------------------------------------------------- RoIHeads vs torchvision
+
+def _pair(seed=0):
+    """Our RoIHeads and torchvision's with the same weights (eval-mode parity)."""
+    torch.manual_seed(seed)
+    ours = RoIHeads(num_classes=K)
+    tv = tv_roi_heads.RoIHeads(
+        TvMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), TvMLP(256 * 49, 1024),
+        FastRCNNPredictor(1024, K + 1), 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100,
+        mask_roi_pool=TvMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
+        mask_head=MaskRCNNHeads(256, (256, 256, 256, 256), 1),
+        mask_predictor=MaskRCNNPredictor(256, 256, K + 1))
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    with torch.no_grad():
+        # Random weights give near-uniform class scores; a class bias makes detections.
+        ours.box_predictor.cls_score.bias[1] = 4.0
+        tv.box_predictor.cls_score.bias[1] = 4.0
+    return ours, tv
+
+
+def _inputs():
+    torch.manual_seed(3)
+    sizes = [(128, 160), (96, 128)]
+    feats = [torch.randn(2, 256, 128 // s, 160 // s) for s in (4, 8, 16, 32)]
+    proposals = [_random_boxes(30, 120.0), _random_boxes(20, 90.0)]
+    return feats, proposals, sizes
+
+
+def test_roi_heads_eval_matches_torchvision():
+    ours, tv = _pair()
+    ours.eval(), tv.eval()
+    feats, proposals, sizes = _inputs()
+    with torch.no_grad():
+        det, losses = ours(feats, proposals, sizes)
+        ref, _ = tv(OrderedDict((str(i), f) for i, f in enumerate(feats)), proposals, sizes)
+    assert losses == {}
+    for a, b in zip(det, ref):
+        assert len(a["boxes"]) > 0
+        assert torch.equal(a["labels"], b["labels"])
+        for key in ("boxes", "scores", "masks"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
+
+
+def _targets(sizes, empty_second=False):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        m = 0 if (empty_second and i == 1) else 2
+        boxes = _random_boxes(m, float(min(h, w)), min_side=8.0, generator=g)
+        out.append(dict(boxes=boxes, labels=torch.randint(1, K + 1, (m,), generator=g),
+                        masks=(torch.rand(m, h, w, generator=g) > 0.5).to(torch.uint8)))
+    return out
+
+
+def test_roi_heads_train_losses_match_torchvision():
+    ours, tv = _pair()
+    ours.train(), tv.train()
+    feats, proposals, sizes = _inputs()
+    targets = _targets(sizes)
+    torch.manual_seed(7)
+    _, losses = ours(feats, proposals, sizes, targets)
+    torch.manual_seed(7)
+    _, ref = tv(OrderedDict((str(i), f) for i, f in enumerate(feats)), proposals, sizes,
+                targets)
+    assert list(losses) == ["loss_cls", "loss_box", "loss_mask"]
+    for ours_key, tv_key in [("loss_cls", "loss_classifier"), ("loss_box", "loss_box_reg"),
+                             ("loss_mask", "loss_mask")]:
+        torch.testing.assert_close(losses[ours_key], ref[tv_key], rtol=1e-5, atol=1e-6)
+
+
+def test_roi_heads_no_objects_gives_zero_box_and_mask_loss():
+    ours, _ = _pair()
+    ours.train()
+    feats, proposals, sizes = _inputs()
+    targets = _targets(sizes)
+    for t in targets:
+        t.update(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
+                 masks=t["masks"][:0])
+    _, losses = ours(feats, proposals, sizes, targets)
+    assert losses["loss_box"].item() == 0 and losses["loss_mask"].item() == 0
+    assert losses["loss_cls"].item() > 0
+    sum(losses.values()).backward()       # graph-connected
+    assert ours.mask_predictor.mask_fcn_logits.weight.grad is not None
+
+
+def test_roi_heads_eval_with_targets_returns_both():
+    ours, _ = _pair()
+    ours.eval()
+    feats, proposals, sizes = _inputs()
+    with torch.no_grad():
+        det, losses = ours(feats, proposals, sizes, _targets(sizes, empty_second=True))
+    assert len(det) == 2 and set(losses) == {"loss_cls", "loss_box", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_roi_heads_training_requires_targets():
+    ours, _ = _pair()
+    feats, proposals, sizes = _inputs()
+    with pytest.raises(ValueError, match="targets"):
+        ours.train()(feats, proposals, sizes)

@@ -1,0 +1,242 @@
+"""Smoke tests of libmrcnn_cpu.so through cffi, the way libs/ loads it: the header parses
+as a cdef, hand-computed RoIAlign / NMS cases, error paths, thread invariance."""
+import importlib.util
+import math
+import os
+import re
+import struct
+
+import pytest
+
+cffi = pytest.importorskip("cffi")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HEADER = os.path.join(ROOT, "libs", "csrc", "mrcnn_kernels.h")
+
+
+def _build_libs():
+    spec = importlib.util.spec_from_file_location(
+        "mrcnn_build_libs_abi", os.path.join(ROOT, "libs", "build_libs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cdef_text():
+    """The header minus preprocessor lines and the extern "C" braces (what libs/ does)."""
+    lines = []
+    for line in open(HEADER).read().splitlines():
+        s = line.strip()
+        if s.startswith("#") or s in ('extern "C" {', "}"):
+            continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def api():
+    bl = _build_libs()
+    path = bl.build_cpu(bl.DEFAULT_OUT)  # "up to date" when `make libs` already ran
+    ffi = cffi.FFI()
+    ffi.cdef(cdef_text())
+    return ffi, ffi.dlopen(path)
+
+
+def err(api):
+    ffi, lib = api
+    return ffi.string(lib.mrc_last_error()).decode()
+
+
+def test_header_parses_with_cffi():
+    ffi = cffi.FFI()
+    ffi.cdef(cdef_text())
+    for name in ("mrc_roi_align_forward_cpu", "mrc_roi_align_backward_cpu", "mrc_nms_cpu",
+                 "mrc_roi_align_forward_cuda", "mrc_nms_cuda",
+                 "mrc_roi_align_backward_cuda_workspace", "mrc_last_error"):
+        assert re.search(r"\b%s\s*\(" % name, cdef_text())
+    assert ffi.typeof("int(*)(int, void *, int64_t, double, uint64_t *, int64_t *, int64_t *, "
+                      "void *)") is not None
+
+
+def ramp(ffi, dtype="double"):
+    """4x4 plane v[y, x] = 4 * y + x (N = C = 1)."""
+    return ffi.new(f"{dtype}[]", [4.0 * y + x for y in range(4) for x in range(4)])
+
+
+def forward(api, rois, PH, PW, sr, aligned, dtype="double", inp=None, N=1, C=1, H=4, W=4,
+            nt=0, channels_last=0):
+    ffi, lib = api
+    code = {"double": 1, "float": 0}[dtype]
+    inp = inp if inp is not None else ramp(ffi, dtype)
+    r = ffi.new(f"{dtype}[]", [v for row in rois for v in row])
+    out = ffi.new(f"{dtype}[]", len(rois) * C * PH * PW)
+    rc = lib.mrc_roi_align_forward_cpu(code, inp, r, out, N, C, H, W, len(rois), PH, PW, 1.0,
+                                       sr, aligned, channels_last, nt)
+    assert rc == 0, err(api)
+    return list(out)
+
+
+@pytest.mark.parametrize("dtype", ["double", "float"])
+def test_roi_align_forward_hand_cases(api, dtype):
+    # one sample at (1, 1): exactly v[1, 1] = 5
+    assert forward(api, [(0, 0, 0, 2, 2)], 1, 1, 1, 0, dtype) == [5.0]
+    # aligned: shifted by -0.5, sample at (0.5, 0.5): 4 * 0.5 + 0.5
+    assert forward(api, [(0, 0, 0, 2, 2)], 1, 1, 1, 1, dtype) == [2.5]
+    # 2x2 bins, 2x2 samples: bin 0 samples at 0.5, 1.5 (mean 1); bin 1 at 2.5 and 3.5,
+    # which is clamped to 3 (mean 2.75); the ramp is linear so the mean of v is v(mean)
+    out = forward(api, [(0, 0, 0, 4, 4)], 2, 2, 2, 0, dtype)
+    assert out == [4 * 1 + 1, 4 * 1 + 2.75, 4 * 2.75 + 1, 4 * 2.75 + 2.75]
+    # adaptive grid (ceil(4 / 2) = 2) gives the same
+    assert forward(api, [(0, 0, 0, 4, 4)], 2, 2, 0, 0, dtype) == out
+    assert forward(api, [(0, 0, 0, 4, 4)], 2, 2, -1, 0, dtype) == out
+
+
+def test_roi_align_bad_rois_give_zeros(api):
+    nan = float("nan")
+    rois = [(1, 0, 0, 2, 2),        # batch index out of range
+            (-2, 0, 0, 2, 2),       # negative batch index
+            (nan, 0, 0, 2, 2),      # NaN batch index
+            (0, nan, 0, 2, 2),      # NaN coordinate
+            (0, 0, 0, nan, nan),
+            (0, 1e30, 1e30, 2e30, 2e30),   # far outside
+            (0, 3, 3, 1, 1)]        # negative size (aligned: no clamp)
+    for aligned in (0, 1):
+        for sr in (-1, 2):
+            out = forward(api, rois, 2, 2, sr, aligned)
+            assert out[:6 * 4] == [0.0] * 24, (aligned, sr, out)
+            assert all(math.isfinite(v) for v in out)
+
+
+def test_roi_align_huge_roi_terminates(api):
+    out = forward(api, [(0, -1e12, -1e12, 1e12, 1e12)], 7, 7, 0, 0)
+    assert all(math.isfinite(v) for v in out)
+
+
+def test_roi_align_channels_last_matches(api):
+    ffi, _ = api
+    N, C, H, W = 2, 3, 5, 6
+    vals = [math.sin(i * 0.37) for i in range(N * C * H * W)]
+    nchw = ffi.new("double[]", vals)
+    nhwc = ffi.new("double[]", [vals[((n * C + c) * H + y) * W + x] for n in range(N)
+                                for y in range(H) for x in range(W) for c in range(C)])
+    rois = [(0, 0.3, 0.2, 4.1, 3.3), (1, -0.5, 1.0, 6.5, 5.5), (1, 2, 2, 2.5, 2.5)]
+    for aligned in (0, 1):
+        a = forward(api, rois, 3, 2, -1, aligned, inp=nchw, N=N, C=C, H=H, W=W)
+        b = forward(api, rois, 3, 2, -1, aligned, inp=nhwc, N=N, C=C, H=H, W=W,
+                    channels_last=1)
+        assert a == b
+
+
+def backward(api, grads, rois, N, C, H, W, PH, PW, sr, aligned, nt):
+    ffi, lib = api
+    go = ffi.new("double[]", grads)
+    r = ffi.new("double[]", [v for row in rois for v in row])
+    gi = ffi.new("double[]", N * C * H * W)
+    rc = lib.mrc_roi_align_backward_cpu(1, go, r, gi, N, C, H, W, len(rois), PH, PW, 1.0, sr,
+                                        aligned, nt)
+    assert rc == 0, err(api)
+    return list(gi)
+
+
+def test_roi_align_backward_hand_case(api):
+    # the single sample sits exactly on pixel (1, 1): all the gradient goes there
+    gi = backward(api, [3.0], [(0, 0, 0, 2, 2)], 1, 1, 4, 4, 1, 1, 1, 0, 1)
+    assert gi[1 * 4 + 1] == 3.0 and sum(gi) == 3.0
+    # aligned: sample at (0.5, 0.5), a quarter to each of the four pixels
+    gi = backward(api, [4.0], [(0, 0, 0, 2, 2)], 1, 1, 4, 4, 1, 1, 1, 1, 1)
+    assert [gi[0], gi[1], gi[4], gi[5]] == [1.0, 1.0, 1.0, 1.0] and sum(gi) == 4.0
+
+
+def test_roi_align_backward_independent_of_threads(api):
+    N, C, H, W, PH, PW = 2, 5, 9, 11, 3, 3
+    rois = [((i * 7) % N, (i * 1.3) % 8 - 1, (i * 0.7) % 6 - 1, (i * 1.3) % 8 + 3.1,
+             (i * 0.7) % 6 + 2.9) for i in range(40)]
+    grads = [math.cos(i * 0.11) for i in range(len(rois) * C * PH * PW)]
+    ref = backward(api, grads, rois, N, C, H, W, PH, PW, -1, 1, 1)
+    for nt in (2, 3, 8):
+        got = backward(api, grads, rois, N, C, H, W, PH, PW, -1, 1, nt)
+        assert [struct.pack("d", v) for v in got] == [struct.pack("d", v) for v in ref]
+
+
+def nms(api, boxes, thr, dtype="float"):
+    ffi, lib = api
+    b = ffi.new(f"{dtype}[]", [v for box in boxes for v in box])
+    keep = ffi.new("int64_t[]", max(len(boxes), 1))
+    nk = ffi.new("int64_t *")
+    rc = lib.mrc_nms_cpu({"float": 0, "double": 1}[dtype], b, len(boxes), thr, keep, nk, 0)
+    assert rc == 0, err(api)
+    return list(keep)[: nk[0]]
+
+
+@pytest.mark.parametrize("dtype", ["float", "double"])
+def test_nms_hand_cases(api, dtype):
+    boxes = [(0, 0, 10, 10), (1, 1, 11, 11), (20, 20, 30, 30)]  # IoU(0, 1) = 81/119 = 0.68
+    assert nms(api, boxes, 0.5, dtype) == [0, 2]
+    assert nms(api, boxes, 0.7, dtype) == [0, 1, 2]
+    if dtype == "double":  # IoU exactly equal to the threshold: strictly greater suppresses
+        assert nms(api, boxes, 81 / 119, dtype) == [0, 1, 2]
+    assert nms(api, [], 0.5, dtype) == []
+    dup = [(0, 0, 1, 1)] * 4
+    assert nms(api, dup, 0.5, dtype) == [0]
+    assert nms(api, dup, 1.0, dtype) == [0, 1, 2, 3]
+    # zero-area boxes: IoU 0/0 = NaN never suppresses
+    assert nms(api, [(1, 1, 1, 1)] * 3, 0.0, dtype) == [0, 1, 2]
+
+
+def test_error_paths(api):
+    ffi, lib = api
+    buf = ffi.new("double[]", 64)
+    out = ffi.new("double[]", 64)
+    assert lib.mrc_roi_align_forward_cpu(7, buf, buf, out, 1, 1, 4, 4, 1, 2, 2, 1.0, 0, 0, 0,
+                                         1) != 0
+    assert "dtype" in err(api) and "7" in err(api)
+    assert lib.mrc_roi_align_forward_cpu(2, buf, buf, out, 1, 1, 4, 4, 1, 2, 2, 1.0, 0, 0, 0,
+                                         1) != 0
+    assert "float16" in err(api) and "CPU" in err(api)
+    assert lib.mrc_roi_align_forward_cpu(1, buf, buf, out, 1, 1, 4, 4, 1, 0, 2, 1.0, 0, 0, 0,
+                                         1) != 0
+    assert "pooled" in err(api)
+    assert lib.mrc_roi_align_backward_cpu(1, buf, buf, out, -1, 1, 4, 4, 1, 2, 2, 1.0, 0, 0,
+                                          1) != 0
+    assert "negative" in err(api)
+    assert lib.mrc_roi_align_forward_cpu(1, buf, ffi.NULL, out, 1, 1, 4, 4, 1, 2, 2, 1.0, 0, 0,
+                                         0, 1) != 0
+    assert "null" in err(api)
+    keep = ffi.new("int64_t[]", 4)
+    nk = ffi.new("int64_t *")
+    assert lib.mrc_nms_cpu(5, buf, 2, 0.5, keep, nk, 1) != 0 and "dtype" in err(api)
+    assert lib.mrc_nms_cpu(0, buf, -1, 0.5, keep, nk, 1) != 0 and "negative" in err(api)
+    # empty inputs succeed
+    assert lib.mrc_roi_align_forward_cpu(1, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 4, 0, 2, 2,
+                                         1.0, 0, 0, 0, 1) == 0
+    assert lib.mrc_nms_cpu(0, ffi.NULL, 0, 0.5, ffi.NULL, nk, 1) == 0 and nk[0] == 0
+
+
+def test_matches_torchvision_bitwise(api):
+    torch = pytest.importorskip("torch")
+    tvops = pytest.importorskip("torchvision.ops")
+    ffi, lib = api
+    g = torch.Generator().manual_seed(0)
+    for dtype, code in ((torch.float32, 0), (torch.float64, 1)):
+        x = torch.randn(2, 4, 12, 15, generator=g, dtype=dtype)
+        xy = torch.rand(30, 2, generator=g, dtype=dtype) * 30 - 3
+        wh = torch.rand(30, 2, generator=g, dtype=dtype) * 20
+        rois = torch.cat([torch.randint(0, 2, (30, 1), generator=g).to(dtype), xy, xy + wh], 1)
+        for aligned in (False, True):
+            for sr in (-1, 2):
+                ref = tvops.roi_align(x, rois, (3, 4), 0.5, sr, aligned)
+                out = torch.empty_like(ref)
+                P = lambda t: ffi.cast("void *", t.data_ptr())
+                assert lib.mrc_roi_align_forward_cpu(code, P(x), P(rois), P(out), 2, 4, 12, 15,
+                                                     30, 3, 4, 0.5, sr, aligned, 0, 2) == 0
+                assert torch.equal(out, ref), (dtype, aligned, sr)
+        boxes = torch.cat([xy, xy + wh], 1)
+        scores = torch.rand(30, generator=g, dtype=dtype)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        sb = boxes[order].contiguous()
+        keep = torch.empty(30, dtype=torch.int64)
+        nk = torch.zeros(1, dtype=torch.int64)
+        assert lib.mrc_nms_cpu(code, ffi.cast("void *", sb.data_ptr()), 30, 0.3,
+                               ffi.cast("int64_t *", keep.data_ptr()),
+                               ffi.cast("int64_t *", nk.data_ptr()), 1) == 0
+        assert torch.equal(order[keep[: nk.item()]], tvops.nms(boxes, scores, 0.3))

@@ -1,0 +1,315 @@
+"""RoIAlign against torchvision.ops (the oracle), on the native library and the fallback.
+
+Fuzz tests draw fresh inputs from a few seeds; the seed is in every assertion message.
+"""
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+import libs
+from libs import _loader, ops, reference
+
+SEEDS = [0, 1, 2]
+SCALES = [1.0, 0.5, 0.25, 1 / 32]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def random_rois(g, K, N, H, W, scale, dtype):
+    """RoIs over N images for an H x W map at `scale`: ordinary, partly/wholly outside,
+    tiny, zero-size and huge ones (all with x2 >= x1, y2 >= y1: torchvision's aligned
+    adaptive grid breaks on negative sizes)."""
+    img_w, img_h = W / scale, H / scale
+    kind = torch.randint(0, 6, (K,), generator=g)
+    x1 = (torch.rand(K, generator=g, dtype=torch.float64) * 1.4 - 0.2) * img_w
+    y1 = (torch.rand(K, generator=g, dtype=torch.float64) * 1.4 - 0.2) * img_h
+    bw = torch.rand(K, generator=g, dtype=torch.float64) * 0.8 * img_w
+    bh = torch.rand(K, generator=g, dtype=torch.float64) * 0.8 * img_h
+    tiny = kind == 1
+    bw[tiny] *= 0.5 / img_w / scale
+    bh[tiny] *= 0.5 / img_h / scale
+    zero = kind == 2
+    bw[zero] = 0
+    bh[zero] = 0
+    huge = kind == 3
+    x1[huge] = -1.5 * img_w
+    y1[huge] = -1.5 * img_h
+    bw[huge] = 4 * img_w
+    bh[huge] = 4 * img_h
+    outside = kind == 4
+    x1[outside] = img_w + 3 / scale
+    boxes = torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    batch = torch.randint(0, N, (K, 1), generator=g).double()
+    return torch.cat([batch, boxes], 1).to(dtype)
+
+
+def layout(x, kind):
+    if kind == "contiguous":
+        return x
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    # non-contiguous: a strided view of a larger tensor
+    big = torch.zeros(x.shape[0], x.shape[1], x.shape[2] * 2, x.shape[3] + 3,
+                      dtype=x.dtype, device=x.device)
+    big[:, :, ::2, 1:-2] = x
+    view = big[:, :, ::2, 1:-2]
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3])
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_backward_fuzz(kernel_backend, device, dtype, scale, sampling_ratio, aligned):
+    for seed in SEEDS:
+        g = torch.Generator().manual_seed(seed)
+        N = int(torch.randint(1, 4, (1,), generator=g))
+        C = int(torch.randint(1, 5, (1,), generator=g))
+        H = int(torch.randint(1, 24, (1,), generator=g))
+        W = int(torch.randint(1, 24, (1,), generator=g))
+        PH = int(torch.randint(1, 6, (1,), generator=g))
+        PW = int(torch.randint(1, 6, (1,), generator=g))
+        x = torch.randn(N, C, H, W, generator=g, dtype=dtype).to(device)
+        rois = random_rois(g, 24, N, H, W, scale, dtype).to(device)
+        msg = f"seed={seed} N,C,H,W={N, C, H, W} PH,PW={PH, PW}"
+        expected = torchvision.ops.roi_align(x, rois, (PH, PW), scale, sampling_ratio, aligned)
+        got = libs.roi_align(x, rois, (PH, PW), scale, sampling_ratio, aligned)
+        torch.testing.assert_close(got, expected, **TOL[dtype], msg=msg)
+
+        grad = torch.randn(expected.shape, generator=g, dtype=dtype).to(device)
+        xt = x.clone().requires_grad_()
+        torchvision.ops.roi_align(xt, rois, (PH, PW), scale, sampling_ratio, aligned).backward(grad)
+        xo = x.clone().requires_grad_()
+        libs.roi_align(xo, rois, (PH, PW), scale, sampling_ratio, aligned).backward(grad)
+        torch.testing.assert_close(xo.grad, xt.grad, **TOL[dtype], msg=msg)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layouts(kernel_backend, device, dtype, kind):
+    for seed in SEEDS:
+        g = torch.Generator().manual_seed(100 + seed)
+        x = torch.randn(2, 5, 17, 13, generator=g, dtype=dtype).to(device)
+        rois = random_rois(g, 40, 2, 17, 13, 0.5, dtype).to(device)
+        expected = torchvision.ops.roi_align(x, rois, 4, 0.5, -1, True)
+        xl = layout(x, kind).detach().requires_grad_()
+        got = libs.roi_align(xl, rois, 4, 0.5, -1, True)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, **TOL[dtype], msg=f"seed={100 + seed}")
+        got.sum().backward()
+        xt = x.detach().clone().requires_grad_()
+        torchvision.ops.roi_align(xt, rois, 4, 0.5, -1, True).sum().backward()
+        torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=f"seed={100 + seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half(kernel_backend, device, dtype):
+    if device.type == "cpu" and kernel_backend == "native":
+        pytest.skip("CPU kernels take float32/float64 (half runs on the fallback)")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    rois = random_rois(g, 20, 2, 16, 16, 0.5, torch.float32)
+    expected = torchvision.ops.roi_align(x, rois, 5, 0.5, 2, True)
+    got = libs.roi_align(x.to(device, dtype), rois.to(device, dtype), 5, 0.5, 2, True)
+    assert got.dtype == dtype
+    # rois rounded to half move the samples: compare loosely.
+    tol = 4e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(got.float().cpu(), expected, atol=tol * 10, rtol=tol * 10)
+
+
+def test_list_of_boxes_form(kernel_backend, device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 20, 20, generator=g).to(device)
+    boxes = [random_rois(g, k, 1, 20, 20, 1.0, torch.float32)[:, 1:].to(device)
+             for k in (5, 0, 7)]
+    expected = torchvision.ops.roi_align(x, boxes, 3, 1.0, 2)
+    got = libs.roi_align(x, boxes, 3, 1.0, 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    rois = libs.boxes_to_rois(boxes)
+    assert rois[:, 0].tolist() == [0.0] * 5 + [2.0] * 7
+
+
+def test_empty(kernel_backend, device):
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    out = libs.roi_align(x, torch.zeros(0, 5, device=device), (2, 3), 1.0, 2)
+    assert out.shape == (0, 3, 2, 3)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert libs.roi_align(x, [torch.zeros(0, 4, device=device)] * 2, 2).shape == (0, 3, 2, 2)
+    empty_map = torch.randn(1, 3, 0, 5, device=device)
+    rois = torch.tensor([[0, 0, 0, 4, 4.0]], device=device)
+    assert torch.equal(libs.roi_align(empty_map, rois, 2), torch.zeros(1, 3, 2, 2, device=device))
+
+
+def test_degenerate_aligned_rois(kernel_backend, device):
+    """Negative-size RoIs with aligned=True: no clamp, an empty adaptive grid, zero output
+    (never a negative allocation); with aligned=False they are clamped to 1x1."""
+    x = torch.randn(1, 2, 10, 10, device=device, dtype=torch.float64)
+    rois = torch.tensor([[0, 6, 6, 2, 2], [0, 6, 2, 2, 6], [0, 3, 3, 3, 3]],
+                        device=device, dtype=torch.float64)
+    for sr in (-1, 2):
+        for aligned in (False, True):
+            got = libs.roi_align(x, rois, 3, 1.0, sr, aligned)
+            ref = reference.roi_align_forward(x, rois, 1.0, 3, 3, sr, aligned)
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+            assert torch.isfinite(got).all()
+        assert torch.equal(libs.roi_align(x, rois[:2], 3, 1.0, -1, True),
+                           torch.zeros(2, 2, 3, 3, device=device, dtype=torch.float64))
+
+
+def test_nan_coordinates_contribute_zero(kernel_backend, device):
+    x = torch.ones(1, 1, 4, 4, device=device)
+    rois = torch.tensor([[0, float("nan"), 0, 2, 2]], device=device)
+    out = libs.roi_align(x, rois, 1, 1.0, 1)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_hand_computed_aligned_ramp(kernel_backend, device):
+    """v[h, w] = 10 h + w is linear, so bilinear sampling returns 10 y + x exactly."""
+    ramp = (10 * torch.arange(4.0)[:, None] + torch.arange(4.0)[None, :]).to(device)
+    x = ramp[None, None]
+    rois = torch.tensor([[0, 1, 1, 3, 3]], dtype=torch.float32, device=device)
+    # aligned=False: bins [1,2], [2,3]; one sample per bin at the bin centre 1.5, 2.5.
+    assert libs.roi_align(x, rois, 2, 1.0, 1, False).flatten().tolist() == [16.5, 17.5, 26.5, 27.5]
+    # aligned=True: the box shifts by -0.5 -> centres at 1.0, 2.0.
+    assert libs.roi_align(x, rois, 2, 1.0, 1, True).flatten().tolist() == [11.0, 12.0, 21.0, 22.0]
+    # One bin: the centre (2, 2) vs (1.5, 1.5).
+    assert libs.roi_align(x, rois, 1, 1.0, 1, False).item() == 22.0
+    assert libs.roi_align(x, rois, 1, 1.0, 1, True).item() == 16.5
+    # Near the edge the sample clamps to the last row/column: (3.75, 3.75) reads v[3, 3].
+    edge = torch.tensor([[0, 3, 3, 4.5, 4.5]], device=device)
+    assert libs.roi_align(x, edge, 1, 1.0, 1, False).item() == 33.0
+    # Beyond W (x > 4) a sample contributes zero but still counts in the average:
+    # x samples 3.75 (reads column 3) and 5.25 (outside); y samples clamp to row 3.
+    outside = torch.tensor([[0, 3.0, 3.0, 6.0, 3.5]], device=device)
+    assert libs.roi_align(x, outside, 1, 1.0, 2, False).item() == (33 + 0 + 33 + 0) / 4
+    far = torch.tensor([[0, 10, 10, 12, 12]], dtype=torch.float32, device=device)
+    assert libs.roi_align(x, far, 2, 1.0, 2, False).abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_gradcheck_float64(kernel_backend, device, aligned):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    rois = torch.tensor([[0, 0.3, 0.6, 5.2, 6.1], [1, 1.7, 0.2, 3.3, 2.9], [1, -2, -1, 9, 8]],
+                        dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(
+        lambda inp: libs.roi_align(inp, rois, (3, 2), 1.0, -1, aligned), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda inp: libs.roi_align(inp, rois, 2, 0.5, 2, aligned), (x,))
+
+
+def test_cpu_backward_bit_identical_across_threads(kernel_backend):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 30, 30, generator=g, requires_grad=True)
+    rois = random_rois(g, 200, 2, 30, 30, 0.5, torch.float32)
+    grad = torch.randn(200, 16, 7, 7, generator=g)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x.grad = None
+            libs.roi_align(x, rois, 7, 0.5, 2, True).backward(grad)
+            grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_torch_compile_fullgraph(kernel_backend, device):
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 12, 12, device=device, requires_grad=True)
+    rois = torch.tensor([[0, 1, 1, 9, 9], [1, 2, 0, 20, 8.0]], device=device)
+
+    def f(inp, r):
+        return libs.roi_align(inp, r, 3, 0.5, 2, True).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(x, rois)
+    got.backward()
+    grad = x.grad.clone()
+    x.grad = None
+    f(x, rois).backward()
+    torch.testing.assert_close(got, f(x, rois))
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_opcheck(kernel_backend, device):
+    x = torch.randn(2, 3, 9, 8, device=device, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1, 1, 7, 6], [1, 0, 2, 5, 9.0]], device=device,
+                        dtype=torch.float64)
+    torch.library.opcheck(ops.roi_align, (x, rois, 0.5, 3, 2, 2, True))
+    grad = torch.randn(2, 3, 3, 2, device=device, dtype=torch.float64)
+    torch.library.opcheck(ops.roi_align_backward, (grad, rois, 0.5, 3, 2, 2, True, 2, 3, 9, 8))
+
+
+def test_argument_errors():
+    x = torch.randn(1, 2, 5, 5)
+    rois = torch.tensor([[0, 0, 0, 2, 2.0]])
+    with pytest.raises(ValueError, match="4-D float"):
+        libs.roi_align(x[0], rois, 2)
+    with pytest.raises(ValueError, match="4-D float"):
+        libs.roi_align(x.long(), rois, 2)
+    with pytest.raises(ValueError, match=r"Tensor\[K, 5\]"):
+        libs.roi_align(x, rois[:, 1:], 2)
+    with pytest.raises(ValueError, match=r"boxes\[1\] must be a Tensor\[L, 4\]"):
+        libs.roi_align(x, [rois[:, 1:], rois], 2)
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        libs.roi_align(x, rois, (0, 2))
+    with pytest.raises(ValueError, match="output_size"):
+        libs.roi_align(x, rois, "seven")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"boxes are on cuda:0 but input is on cpu: "
+                                             r"move them with .to\(input.device\)"):
+            libs.roi_align(x, rois.cuda(), 2)
+    with pytest.raises(ValueError, match="boxes are on meta but input is on cpu"):
+        libs.roi_align(x, rois.to("meta"), 2)
+
+
+def test_native_error_code_becomes_runtime_error():
+    lib_path = _loader.BUILD_DIR / "libmrcnn_cpu.so"
+    if not lib_path.exists():
+        pytest.skip(f"{lib_path} is not built")
+    lib = _loader.get_lib("cpu") if not os.environ.get("MASKRCNN_FORCE_FALLBACK") else None
+    if lib is None:
+        pytest.skip("fallback forced")
+    null = _loader.ffi.NULL
+    rc = lib.mrc_roi_align_forward_cpu(9, null, null, null, 1, 1, 1, 1, 1, 1, 1, 1.0, 1, 0, 0, 1)
+    assert rc != 0
+    with pytest.raises(RuntimeError, match="roi_align forward failed") as info:
+        _loader.check(lib, "cpu", rc, "roi_align forward")
+    assert len(str(info.value)) > len("maskrcnn roi_align forward failed (code 1): ")
+
+
+def test_missing_library_warns_once_then_picks_up_late_build(monkeypatch, tmp_path):
+    monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    real = _loader.BUILD_DIR / "libmrcnn_cpu.so"
+    monkeypatch.setattr(_loader, "BUILD_DIR", tmp_path)
+    _loader.reset_for_tests()
+    try:
+        x = torch.randn(1, 1, 4, 4)
+        rois = torch.tensor([[0, 0, 0, 3, 3.0]])
+        with pytest.warns(RuntimeWarning, match=r"`python libs/build_libs.py`"):
+            first = libs.roi_align(x, rois, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            libs.roi_align(x, rois, 2)  # no second warning
+            libs.nms(torch.tensor([[0, 0, 1, 1.0]]), torch.tensor([1.0]), 0.5)
+        assert libs.backend_info()["cpu"].startswith("fallback")
+        if real.exists():
+            shutil.copy(real, tmp_path / "libmrcnn_cpu.so")  # "built later"
+            torch.testing.assert_close(libs.roi_align(x, rois, 2), first)
+            assert libs.backend_info()["cpu"].startswith("native")
+    finally:
+        _loader.reset_for_tests()
+
+
+def test_force_fallback_env(monkeypatch):
+    monkeypatch.setenv("MASKRCNN_FORCE_FALLBACK", "1")
+    assert _loader.get_lib("cpu") is None
+    assert libs.backend_info()["cpu"].startswith("fallback (MASKRCNN_FORCE_FALLBACK")
