@@ -45,13 +45,13 @@ TRAINING_KEYS = (
     "solver.warmup_iters", "solver.warmup_factor", "solver.steps", "solver.gamma",
     "solver.max_iter", "solver.batch_size", "solver.clip_grad", "solver.amp",
     "solver.checkpoint_every", "solver.keep_last", "solver.seed", "solver.log_every",
-    "solver.output_dir",
+    "solver.output_dir", "solver.lr_schedule", "solver.min_lr_factor", "solver.max_minutes",
+    "solver.init_weights",
     "data.train_json", "data.train_images", "data.val_json", "data.val_images",
     "data.skip_empty", "data.flip_prob", "data.num_workers",
     "eval.eval_batch_size", "eval.mask_threshold", "eval.eval_every",
     "demo.demo_minutes", "demo.demo_image_size", "demo.demo_num_classes",
-    "demo.demo_num_train", "demo.demo_num_val", "demo.demo_backbone", "demo.demo_lr",
-    "demo.demo_batch_size",
+    "demo.demo_num_train", "demo.demo_num_val",
 )
 
 

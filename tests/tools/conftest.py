@@ -1,0 +1,42 @@
+"""Fixtures for the training / evaluation / prediction / CLI tests: a tiny model recipe
+(resnet18, 32-channel FPN, 64 px images, few proposals) and tiny shapes data sets."""
+import pytest
+import torch
+
+from maskrcnn import DEFAULT_CONFIG, apply_overrides, load_config
+
+torch.set_num_threads(2)
+
+# Cheap enough for a few CPU iterations per test; GN: no BatchNorm statistics to worry about.
+TINY_MODEL = {
+    "backbone": "resnet18", "norm": "gn", "fpn_channels": 32, "representation_size": 64,
+    "mask_layers": "32,", "mask_dim_reduced": 32, "min_size": 64, "train_min_size": "64,",
+    "max_size": 64, "anchor_sizes": "8, 16, 32, 64, 128", "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50, "rpn_batch_size_per_image": 64,
+    "box_batch_size_per_image": 32, "box_detections_per_img": 20,
+}
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """{"train": (json, dir), "val": (json, dir)}: 8 + 4 images of 64 px, 3 classes."""
+    from tools.shapes import make_shapes
+    root = tmp_path_factory.mktemp("shapes")
+    return {"train": make_shapes(root, "train", 8, 64, 3, seed=0),
+            "val": make_shapes(root, "val", 4, 64, 3, seed=1000)}
+
+
+@pytest.fixture
+def tiny_cfg(shapes_data, tmp_path):
+    """make(**overrides) -> a full config training the tiny model on shapes_data in
+    tmp_path/out (no evaluation unless val_json is overridden)."""
+    def make(**overrides):
+        (tj, ti), (vj, vi) = shapes_data["train"], shapes_data["val"]
+        base = dict(TINY_MODEL, num_classes=3, train_json=str(tj), train_images=str(ti),
+                    val_json="none", val_images=str(vi), num_workers=0, batch_size=2,
+                    max_iter=4, warmup_iters=0, lr=0.01, checkpoint_every=1000, log_every=1,
+                    output_dir=str(tmp_path / "out"), flip_prob=0.5)
+        base.update(overrides)
+        return apply_overrides(load_config(DEFAULT_CONFIG), base)
+    return make

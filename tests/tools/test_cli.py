@@ -1,0 +1,179 @@
+"""The `maskrcnn` command end to end on tiny data, and its usage errors."""
+import contextlib
+import io
+import json
+import subprocess
+
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn import PACKAGE_DIR
+from tools.checkpoint import latest_checkpoint, load_checkpoint
+from tools.cli import build_parser, main
+
+TINY_SETS = ["backbone=resnet18", "norm=gn", "fpn_channels=32", "representation_size=64",
+             "mask_layers=32,", "mask_dim_reduced=32", "min_size=64", "train_min_size=64,",
+             "max_size=64", "anchor_sizes=8,16,32,64,128", "rpn_pre_nms_top_n_train=200",
+             "rpn_post_nms_top_n_train=50", "rpn_pre_nms_top_n_test=100",
+             "rpn_post_nms_top_n_test=50", "box_batch_size_per_image=32",
+             "box_detections_per_img=20", "num_workers=0", "batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data, tmp_path_factory):
+    """`maskrcnn train` with a config file plus --set: (config path, output dir)."""
+    root = tmp_path_factory.mktemp("cli")
+    (tj, ti), (vj, vi) = shapes_data["train"], shapes_data["val"]
+    config = root / "tiny.ini"
+    config.write_text(
+        "[model]\nnum_classes = 3\n[backbone]\nbackbone = resnet18\nnorm = gn\n"
+        f"[data]\ntrain_json = {tj}\ntrain_images = {ti}\nval_json = none\n"
+        f"val_images = {vi}\n[solver]\nmax_iter = 100\nwarmup_iters = 0\nlr = 0.01\n"
+        f"output_dir = {root / 'out'}\nlog_every = 1\n")
+    code = main(["train", "--config", str(config), "--no-progress",
+                 "--set", "solver.max_iter=2", *TINY_SETS])
+    assert code == 0
+    return config, root / "out"
+
+
+def test_train_writes_checkpoint_log_and_plot(trained):
+    _, out = trained
+    state = load_checkpoint(latest_checkpoint(out))
+    assert state["iteration"] == 2                        # --set beat the file's 100
+    assert state["config"]["backbone"]["fpn_channels"] == 32
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert (out / "loss.png").is_file()
+    # --resume with a larger max_iter continues from 2
+    config, _ = trained
+    assert main(["train", "--config", str(config), "--no-progress", "--resume",
+                 "--set", "max_iter=3", *TINY_SETS]) == 0
+    assert load_checkpoint(latest_checkpoint(out))["iteration"] == 3
+
+
+def test_eval_matches_pycocotools_on_its_results_file(trained, shapes_data, tmp_path):
+    _, out = trained
+    vj, vi = shapes_data["val"]
+    code = main(["eval", "--weights", str(latest_checkpoint(out)), "--data", str(vj),
+                 "--images", str(vi), "--results", str(tmp_path / "r.json"),
+                 "--metrics", str(tmp_path / "m.json"), "--no-progress", "--loss",
+                 "--set", "box_score_thresh=0.0"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results and set(metrics["per_category"]["segm"]) == {"circle", "square",
+                                                                 "triangle"}
+    assert len(metrics["loss"]) == 5
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(vj))
+        for iou_type in ("bbox", "segm"):
+            ev = COCOeval(gt, gt.loadRes(str(tmp_path / "r.json")), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            assert metrics[iou_type]["AP"] == pytest.approx(ev.stats[0], abs=1e-9)
+            assert metrics[iou_type]["AP50"] == pytest.approx(ev.stats[1], abs=1e-9)
+
+
+def test_predict_command(trained, shapes_data, tmp_path, capsys):
+    _, out = trained
+    vi = shapes_data["val"][1]
+    assert main(["predict", "--weights", str(latest_checkpoint(out)), str(vi),
+                 "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "p").glob("*.png"))) == len(list(vi.glob("*.png")))
+    assert isinstance(json.loads((tmp_path / "p" / "results.json").read_text()), list)
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    minutes = 0.2
+    code = main(["demo", "--out", str(out), "--minutes", str(minutes), "--no-progress",
+                 "--set", "demo.demo_num_train=8", "demo.demo_num_val=3",
+                 "demo.demo_image_size=64", "demo.demo_num_classes=3", "log_every=1",
+                 *TINY_SETS])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"}
+    assert all(0.0 <= metrics[t]["AP"] <= 1.0 for t in metrics)
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+    assert (out / "loss.png").is_file() and (out / "val.json").is_file()
+    assert len(json.loads((out / "val.json").read_text())["images"]) == 3
+    state = load_checkpoint(latest_checkpoint(out))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [0.0] + [r["time"] for r in records if "time" in r]
+    longest = max(b - a for a, b in zip(steps, steps[1:]))
+    assert len(steps) - 1 == state["iteration"] >= 1
+    # training stops at the first iteration end past the budget (evaluation excluded)
+    assert minutes * 60 <= state["elapsed_s"] <= minutes * 60 + longest + 1.0
+    assert any("eval" in r for r in records)
+    text = capsys.readouterr().out
+    assert "segm AP / AP50" in text and "evaluation" in text and "target" in text
+
+
+def _usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: maskrcnn {argv[0]}" in err or "invalid choice" in err   # which command
+    return err
+
+
+def test_bad_arguments_are_usage_errors(trained, tmp_path, capsys):
+    config, out = trained
+    weights = str(latest_checkpoint(out))
+    assert "missing.ini" in _usage_error(capsys, ["train", "--config",
+                                                  str(tmp_path / "missing.ini")])
+    err = _usage_error(capsys, ["train", "--config", str(config), "--set", "solver.nope=1"])
+    assert "solver.nope" in err
+    err = _usage_error(capsys, ["train", "--config", str(config), "--set", "max_iter=abc"])
+    assert "max_iter" in err and "int" in err
+    assert "SECTION.KEY=VALUE" in _usage_error(
+        capsys, ["train", "--config", str(config), "--set", "max_iter"])
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[solver]\nlr = fast\n")
+    err = _usage_error(capsys, ["train", "--config", str(bad)])
+    assert "bad.ini" in err and "lr" in err and "float" in err
+    assert "nope.pth" in _usage_error(capsys, ["eval", "--weights", str(tmp_path / "nope.pth"),
+                                               "--data", "x.json", "--images", "."])
+    assert "--images" in _usage_error(capsys, ["eval", "--weights", weights, "--data",
+                                               weights, "--images", str(tmp_path / "no")])
+    assert "nope.png" in _usage_error(capsys, ["predict", "--weights", weights,
+                                               str(tmp_path / "nope.png"), "--out", "x"])
+    assert "--out" in _usage_error(capsys, ["predict", "--weights", weights, "a.png"])
+    assert "--minutes" in _usage_error(capsys, ["demo", "--minutes", "-1"])
+    assert "invalid float" in _usage_error(capsys, ["demo", "--minutes", "soon"])
+    assert "nonsense" in _usage_error(capsys, ["nonsense"])
+    import torch
+    torch.save({"model": {}, "config": {}, "x": Pickled()}, tmp_path / "evil.pth")
+    err = _usage_error(capsys, ["predict", "--weights", str(tmp_path / "evil.pth"),
+                                str(config), "--out", str(tmp_path / "p")])
+    assert "evil.pth" in err and "refused" in err
+    err = _usage_error(capsys, ["predict", "--weights", weights, ".", "--out", "x",
+                                "--set", "box_score_tresh=0.2"])
+    assert "box_score_tresh" in err
+
+
+class Pickled:
+    """An arbitrary Python object: weights_only loading refuses it."""
+
+
+def test_help_documents_every_option(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {"train", "eval", "predict", "demo"}
+    for name, subparser in sub.choices.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        for action in subparser._actions:
+            assert action.help, (name, action.dest)
+            for option in action.option_strings:
+                assert option in text, (name, option)
+
+
+def test_console_script_is_installed():
+    run = subprocess.run([str(PACKAGE_DIR / ".venv" / "bin" / "maskrcnn"), "demo", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "--minutes" in run.stdout

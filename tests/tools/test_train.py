@@ -1,0 +1,202 @@
+"""Training: schedule values, loss goes down, exact resume, NaN stop, time budget, log."""
+import json
+import math
+
+import pytest
+import torch
+
+import maskrcnn
+from maskrcnn import build_model
+from tools.checkpoint import list_checkpoints, load_checkpoint
+from tools.train import LRSchedule, NonFiniteLossError, build_optimizer, train
+
+
+def _schedule(**kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return LRSchedule(opt, **kw), opt
+
+
+def test_step_schedule_with_warmup_hand_values():
+    sched, opt = _schedule(lr=0.1, schedule="step", max_iter=100, warmup_iters=10,
+                           warmup_factor=0.001, steps=(50, 80), gamma=0.1)
+    expected = {0: 0.1 * 0.001, 5: 0.1 * (0.001 * 0.5 + 0.5), 10: 0.1, 49: 0.1,
+                50: 0.01, 79: 0.01, 80: 0.001, 99: 0.001}
+    for it, lr in expected.items():
+        assert sched.step(it) == pytest.approx(lr, rel=1e-12), it
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
+
+
+def test_cosine_schedule_and_time_budget_hand_values():
+    sched, _ = _schedule(lr=1.0, schedule="cosine", max_iter=100, min_lr_factor=0.1)
+    assert sched.step(0) == pytest.approx(1.0)
+    assert sched.step(50) == pytest.approx(0.1 + 0.9 * 0.5)          # cos(pi / 2) = 0
+    assert sched.step(100) == pytest.approx(0.1)
+    # with a 10 s budget, 5 s spent is half-way even at iteration 10 of 1000
+    sched, _ = _schedule(lr=1.0, schedule="cosine", max_iter=1000, min_lr_factor=0.1,
+                         budget_s=10.0)
+    assert sched.step(10, elapsed_s=5.0) == pytest.approx(0.55)
+    assert sched.step(10, elapsed_s=20.0) == pytest.approx(0.1)      # clamped at the end
+    assert sched.step(500, elapsed_s=1.0) == pytest.approx(0.55)     # iterations lead
+    with pytest.raises(ValueError, match="lr_schedule.*linear"):
+        _schedule(lr=1.0, schedule="linear")
+
+
+def test_optimizers(tiny_cfg):
+    cfg = tiny_cfg(optimizer="adamw", momentum=0.85, weight_decay=0.05)
+    model = build_model(cfg)
+    opt = build_optimizer(cfg.solver, model)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.85, 0.999)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_train
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+    cfg = tiny_cfg(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="optimizer.*rmsprop"):
+        build_optimizer(cfg.solver, model)
+
+
+def _fixed_batch_loss(model, dataset):
+    """Training-mode loss on the whole (tiny) set with a fixed sampling seed."""
+    torch.manual_seed(123)
+    images, targets = zip(*[dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        return float(sum(model.train()(list(images), list(targets)).values()))
+
+
+def test_short_training_lowers_the_loss(tiny_cfg):
+    from tools.data import CocoInstances
+    cfg = tiny_cfg(max_iter=12, lr=1e-3, warmup_iters=2, flip_prob=0.0, optimizer="adamw")
+    dataset = CocoInstances(cfg.data.train_json, cfg.data.train_images, train=True)
+    torch.manual_seed(cfg.solver.seed)
+    before = _fixed_batch_loss(build_model(cfg), dataset)   # train() inits the same way
+    summary = train(cfg, progress=False)
+    after = _fixed_batch_loss(summary["model"], dataset)
+    assert summary["iterations"] == 12
+    assert after < 0.7 * before, (before, after)
+    records = [json.loads(line) for line in
+               open(f"{cfg.solver.output_dir}/log.jsonl").read().splitlines()]
+    assert [r["iter"] for r in records] == list(range(1, 13))
+    assert set(records[0]["losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls",
+                                         "loss_box", "loss_mask"}
+    assert records[-1]["loss"] == pytest.approx(sum(records[-1]["losses"].values()))
+    assert (summary["model"].num_classes, len(records)) == (3, 12)
+
+
+def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
+    # 8 images, batch 2: 4 batches per epoch; stop mid-epoch (3), cross an epoch on resume;
+    # flips, warm-up and a step decay straddle the stop.
+    common = dict(max_iter=7, warmup_iters=2, steps="5,", lr=0.01, flip_prob=0.5,
+                  checkpoint_every=3, keep_last=5, clip_grad=1.0)
+    straight = train(tiny_cfg(output_dir=str(tmp_path / "a"), **common), progress=False)
+    first = train(tiny_cfg(output_dir=str(tmp_path / "b"), **{**common, "max_iter": 3}),
+                  progress=False)
+    assert first["iterations"] == 3
+    resumed = train(tiny_cfg(output_dir=str(tmp_path / "b"), **common), resume=True,
+                    progress=False)
+    assert resumed["iterations"] == 7
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state_a = load_checkpoint(straight["checkpoint"])
+    state_b = load_checkpoint(resumed["checkpoint"])
+    assert state_a["data"] == state_b["data"] == {"epoch": 1, "batch_in_epoch": 3}
+    mom_a = state_a["optimizer"]["state"]
+    mom_b = state_b["optimizer"]["state"]
+    assert all(torch.equal(mom_a[k]["momentum_buffer"], mom_b[k]["momentum_buffer"])
+               for k in mom_a)
+    assert state_b["class_names"] == ["circle", "square", "triangle"]
+    assert state_b["cat_ids"] == [1, 2, 3]
+    assert state_b["config"]["solver"]["max_iter"] == 7
+    # the resumed log is continuous: iterations 1..7 once each
+    log = open(tmp_path / "b" / "log.jsonl").read().splitlines()
+    assert [json.loads(line)["iter"] for line in log] == list(range(1, 8))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
+    forward = maskrcnn.MaskRCNN.forward
+    calls = {"n": 0}
+
+    def poisoned(self, images, targets=None):
+        out = forward(self, images, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                out["loss_box"] = out["loss_box"] * float("nan")
+        return out
+    monkeypatch.setattr(maskrcnn.MaskRCNN, "forward", poisoned)
+    cfg = tiny_cfg(max_iter=10, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, progress=False)
+    message = str(err.value)
+    for word in ("iteration 4", "loss_box=nan", "loss_cls=", "loss_mask=",
+                 "model_0000002.pth"):
+        assert word in message, message
+    names = [p.name for p in list_checkpoints(cfg.solver.output_dir)]
+    assert names == ["model_0000002.pth"]
+    state = load_checkpoint(f"{cfg.solver.output_dir}/model_0000002.pth")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values()
+               if v.is_floating_point())
+
+
+def test_time_budget_stops_training_and_ends_cosine(tiny_cfg):
+    budget_s = 4.0
+    cfg = tiny_cfg(max_iter=100000, max_minutes=budget_s / 60, lr_schedule="cosine",
+                   min_lr_factor=0.0, log_every=1)
+    summary = train(cfg, progress=False)
+    records = [json.loads(line) for line in
+               open(f"{cfg.solver.output_dir}/log.jsonl").read().splitlines()]
+    times = [0.0] + [r["time"] for r in records]
+    longest = max(b - a for a, b in zip(times, times[1:]))
+    assert 1 <= summary["iterations"] == len(records) < 100000
+    # stops at the first iteration end at or after the budget (the time excludes nothing
+    # here but a checkpoint write, so allow a little slack)
+    assert budget_s <= summary["elapsed_s"] <= budget_s + longest + 1.0
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == 0.01
+    # each iteration's lr is the cosine of the time spent when it starts, over the budget
+    for start, lr in zip(times, lrs):
+        expected = 0.01 * 0.5 * (1 + math.cos(math.pi * min(start / budget_s, 1.0)))
+        assert lr == pytest.approx(expected, abs=1e-5)
+    last = list_checkpoints(cfg.solver.output_dir)[-1]
+    assert load_checkpoint(last)["iteration"] == summary["iterations"]
+
+
+def test_evaluation_during_training_is_logged_and_plotted(tiny_cfg, shapes_data):
+    vj, vi = shapes_data["val"]
+    cfg = tiny_cfg(max_iter=2, eval_every=1, val_json=str(vj), val_images=str(vi))
+    summary = train(cfg, progress=False)
+    records = [json.loads(line) for line in
+               open(f"{cfg.solver.output_dir}/log.jsonl").read().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["iter"] for r in evals] == [1, 2]               # every 1, and at the end
+    assert set(summary["metrics"]) == {"bbox", "segm"}
+    assert set(summary["metrics"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    png = open(f"{cfg.solver.output_dir}/loss.png", "rb").read(8)
+    assert png == b"\x89PNG\r\n\x1a\n"
+    assert summary["eval_s"] > 0
+
+
+def test_missing_training_data_is_a_clear_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train_json=str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match="train_json.*nope.json"):
+        train(cfg, progress=False)
+    with pytest.raises(ValueError, match="lr_schedule.*linear"):
+        train(tiny_cfg(lr_schedule="linear"), progress=False)
+
+
+def test_init_weights_from_a_checkpoint_with_other_classes(tiny_cfg, tmp_path):
+    from tools.checkpoint import atomic_save
+    torch.manual_seed(42)
+    source = build_model(tiny_cfg(num_classes=5)).state_dict()
+    path = atomic_save({"model": source}, tmp_path / "five_classes.pth")
+    summary = train(tiny_cfg(init_weights=str(path), max_iter=1, lr=0.0), progress=False)
+    trained = summary["model"].state_dict()
+    same = [k for k in trained if trained[k].shape == source[k].shape]
+    assert len(same) > 0.9 * len(trained)
+    for key in same:                                  # lr 0: still the loaded weights
+        assert torch.equal(trained[key], source[key]), key
+    cls = "roi_heads.box_predictor.cls_score.weight"
+    assert trained[cls].shape[0] == 4 and source[cls].shape[0] == 6
+    with pytest.raises(FileNotFoundError, match="init_weights.*missing.pth"):
+        train(tiny_cfg(init_weights=str(tmp_path / "missing.pth")), progress=False)

@@ -1,0 +1,370 @@
+"""The `maskrcnn` command: train, eval, predict, demo.
+
+    maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
+    maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
+    maskrcnn predict --weights outputs/model_0001000.pth img1.png folder/ --out preds/
+    maskrcnn demo [--out outputs/demo] [--minutes 10]
+
+    torchrun --nproc-per-node 4 -m tools.cli train --config my.ini     # DDP, one GPU each
+
+Bad arguments (unknown config key, wrong type, missing file) end with an argparse usage
+error (exit code 2) that names the problem. A training run stopped by a NaN/inf loss
+exits with code 1 after printing the iteration and the loss values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from maskrcnn import DEFAULT_CONFIG, PACKAGE_DIR, apply_overrides, load_config
+
+DEMO_CONFIG = PACKAGE_DIR / "configs" / "demo.ini"
+# The issue's target for the demo (held-out synthetic shapes, 10 minutes on 2 cores).
+DEMO_TARGET = {"AP": 0.40, "AP50": 0.60}
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _add_set(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--set", dest="sets", action="append", nargs="+", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help=f"override a config key ({what}); bare keys work too (key names "
+                        f"are unique across sections); repeatable")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu or cuda:0 (default: cuda if available, "
+                        "else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn", description="Mask R-CNN: train, evaluate, predict, demo.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a model from a config file",
+                       description="Train on the COCO-format data set named in the config "
+                                   "([data] section); checkpoints, log.jsonl and loss.png go "
+                                   "to [solver] output_dir. Run under torchrun for DDP.")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="config file (any subset of config.ini's keys)")
+    _add_set(p, "applied over --config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the newest checkpoint in output_dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(func=cmd_train, command_parser=p)
+
+    p = sub.add_parser("eval", help="COCO bbox/segm AP of a checkpoint on a data set",
+                       description="Evaluate a checkpoint with pycocotools (bbox and segm "
+                                   "AP, per-category AP) and write the COCO results JSON.")
+    p.add_argument("--weights", required=True, metavar="FILE", help="training checkpoint")
+    p.add_argument("--data", required=True, metavar="JSON", help="COCO instances JSON")
+    p.add_argument("--images", required=True, metavar="DIR", help="image directory")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: the checkpoint's eval_batch_size)")
+    p.add_argument("--mask-threshold", type=float, default=None,
+                   help="mask probability >= this is foreground (default: the "
+                        "checkpoint's mask_threshold)")
+    p.add_argument("--results", metavar="FILE", default=None,
+                   help="write the detections here in the COCO results format")
+    p.add_argument("--metrics", metavar="FILE", default=None,
+                   help="write the metrics (with per-category AP) here as JSON")
+    p.add_argument("--loss", action="store_true",
+                   help="also report the validation loss (model.eval() with targets)")
+    _add_device(p)
+    _add_set(p, "model inference keys, e.g. box_score_thresh=0.01")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(func=cmd_eval, command_parser=p)
+
+    p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
+                       description="Run a checkpoint on image files and/or folders; writes "
+                                   "<out>/<image>.png overlays and <out>/results.json.")
+    p.add_argument("--weights", required=True, metavar="FILE", help="training checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files or folders (their images, non-recursive)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="detections drawn in overlays score at least this (default 0.5)")
+    p.add_argument("--mask-threshold", type=float, default=0.5,
+                   help="mask probability >= this is foreground (default 0.5)")
+    _add_device(p)
+    _add_set(p, "model inference keys")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(func=cmd_predict, command_parser=p)
+
+    p = sub.add_parser("demo", help="train + evaluate on generated shapes (make demo)",
+                       description="Generate the synthetic shapes data set, train for a time "
+                                   "budget (config.ini + configs/demo.ini + --set), evaluate "
+                                   "on the held-out shapes and write metrics.json, overlays/, "
+                                   "loss.png and log.jsonl to --out.")
+    p.add_argument("--out", default="outputs/demo", metavar="DIR",
+                   help="output directory (default outputs/demo)")
+    p.add_argument("--minutes", type=float, default=None, metavar="M",
+                   help="training time budget in minutes, evaluation excluded (default: "
+                        "demo.demo_minutes)")
+    _add_set(p, "applied over configs/demo.ini")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(func=cmd_demo, command_parser=p)
+    return parser
+
+
+def _parse_sets(parser, sets: Sequence[Sequence[str]]) -> dict:
+    overrides = {}
+    for item in (s for group in sets for s in group):
+        if "=" not in item:
+            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _config(parser, path, sets) -> "EasyDict":  # noqa: F821
+    try:
+        cfg = load_config(path)
+        return apply_overrides(cfg, _parse_sets(parser, sets))
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _device(parser, name: Optional[str]):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        parser.error(f"--device {name!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name!r}: CUDA is not available")
+    return device
+
+
+def _need_file(parser, option: str, path, folder: bool = False) -> None:
+    ok = Path(path).is_dir() if folder else Path(path).is_file()
+    if not ok:
+        parser.error(f"{option} {path}: {'folder' if folder else 'file'} not found")
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_train(args, parser) -> int:
+    from tools.train import NonFiniteLossError, train
+    _need_file(parser, "--config", args.config)
+    cfg = _config(parser, args.config, args.sets)
+    try:
+        summary = train(cfg, resume=args.resume, progress=args.progress)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    from tools.distributed import is_main_process
+    if is_main_process():
+        _print_summary(summary)
+    return 0
+
+
+def _inference_overrides(parser, sets) -> dict:
+    overrides = _parse_sets(parser, sets)
+    try:
+        apply_overrides(load_config(DEFAULT_CONFIG), overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    return overrides
+
+
+def cmd_eval(args, parser) -> int:
+    from tools import distributed as dist_utils
+    from tools.data import CocoInstances
+    from tools.evaluate import evaluate, format_table
+    from tools.predict import load_model
+    _need_file(parser, "--weights", args.weights)
+    _need_file(parser, "--data", args.data)
+    _need_file(parser, "--images", args.images, folder=True)
+    overrides = _inference_overrides(parser, args.sets)
+    dist_utils.init_distributed()
+    device = (dist_utils.device_for_rank() if args.device is None
+              else _device(parser, args.device))
+    try:
+        model, meta = load_model(args.weights, device, overrides)
+        dataset = CocoInstances(args.data, args.images, train=False)
+    except ValueError as err:
+        parser.error(str(err))
+    if [int(c) for c in dataset.cat_ids] != [int(c) for c in meta["cat_ids"]]:
+        parser.error(f"--data {args.data}: category ids {dataset.cat_ids} differ from the "
+                     f"checkpoint's {meta['cat_ids']} (the model's classes)")
+    cfg = meta["config"]
+    metrics = evaluate(
+        model, dataset,
+        batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
+        mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
+                        else args.mask_threshold),
+        progress=False, compute_loss=args.loss, details=True, results_path=args.results)
+    if dist_utils.is_main_process():
+        print(format_table(metrics, metrics["per_category"]))
+        if "loss" in metrics:
+            print("validation loss: " + ", ".join(f"{k}={v:.4f}"
+                                                  for k, v in metrics["loss"].items()))
+        if args.metrics:
+            Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args, parser) -> int:
+    from tools.predict import collect_images, load_model, predict
+    _need_file(parser, "--weights", args.weights)
+    overrides = _inference_overrides(parser, args.sets)
+    device = _device(parser, args.device)
+    try:
+        collect_images(args.images)
+        model, meta = load_model(args.weights, device, overrides)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    path = predict(model, args.images, args.out, meta["class_names"], meta["cat_ids"],
+                   args.score_threshold, args.mask_threshold, device, args.progress)
+    print(f"wrote overlays and {path}")
+    return 0
+
+
+def cmd_demo(args, parser) -> int:
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes {args.minutes}: must be > 0")
+    base = DEMO_CONFIG if DEMO_CONFIG.is_file() else DEFAULT_CONFIG
+    cfg = _config(parser, base, args.sets)
+    try:
+        summary = run_demo(cfg, Path(args.out), args.minutes, args.progress)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    return 0 if summary is not None else 1
+
+
+# ------------------------------------------------------------------------------- demo
+
+def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = True):
+    """The `make demo` job (see the module docstring and docs/demo.md). Returns the
+    summary dict (metrics, timings), or None when training stopped on a NaN/inf loss."""
+    import torch
+    from tools import distributed as dist_utils
+    from tools.shapes import make_shapes
+    from tools.train import NonFiniteLossError, train
+    d = cfg.demo
+    minutes = d.demo_minutes if minutes is None else minutes
+    num_val = d.get("demo_num_val", 64)
+    out.mkdir(parents=True, exist_ok=True)
+    dist_utils.init_distributed()
+    main = dist_utils.is_main_process()
+    t0 = time.perf_counter()
+    if main:
+        _clean_previous_run(out)
+        make_shapes(out / "data", "train", d.demo_num_train, d.demo_image_size,
+                    d.demo_num_classes, seed=cfg.solver.seed)
+        make_shapes(out / "data", "val", num_val, d.demo_image_size, d.demo_num_classes,
+                    seed=cfg.solver.seed + 1000)
+        shutil.copy(out / "data" / "val.json", out / "val.json")
+    dist_utils.barrier()
+    data_s = time.perf_counter() - t0
+    cfg = apply_overrides(cfg, {
+        "data.train_json": str(out / "data" / "train.json"),
+        "data.train_images": str(out / "data" / "train"),
+        "data.val_json": str(out / "data" / "val.json"),
+        "data.val_images": str(out / "data" / "val"),
+        "model.num_classes": d.demo_num_classes, "solver.output_dir": str(out),
+        "solver.max_minutes": float(minutes)})
+    if main:
+        where = ("cuda" if torch.cuda.is_available()
+                 else f"cpu ({torch.get_num_threads()} threads)")
+        print(f"demo: {d.demo_num_train} train / {num_val} val shapes images "
+              f"({d.demo_image_size}px, {d.demo_num_classes} classes) in {out / 'data'}; "
+              f"training for {minutes:g} min on {where}")
+    try:
+        summary = train(cfg, progress=progress)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    if main:
+        (out / "metrics.json").write_text(json.dumps(summary["metrics"], indent=2))
+        _demo_overlays(summary["model"], cfg, out / "overlays")
+        _print_demo_summary(summary, data_s, minutes, out)
+    return summary
+
+
+def _clean_previous_run(out: Path) -> None:
+    """A new demo run starts fresh: old checkpoints would look newer than the new ones."""
+    for p in list(out.glob("model_*.pth")) + [out / "last_checkpoint", out / "log.jsonl",
+                                              out / "metrics.json"]:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(out / "overlays", ignore_errors=True)
+
+
+def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
+    import torch
+    from tools.data import CocoInstances
+    from tools.visualize import draw_detections
+    dataset = CocoInstances(cfg.data.val_json, cfg.data.val_images, train=False)
+    device = next(model.parameters()).device
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.no_grad():
+        for i in range(min(count, len(dataset))):
+            image, target = dataset[i]
+            det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+            draw_detections(image, det, dataset.class_names,
+                            mask_threshold=cfg.eval.mask_threshold
+                            ).save(folder / f"{target['image_id']}.png")
+
+
+def _print_summary(summary: dict) -> None:
+    from tools.evaluate import format_table
+    it, secs = summary["iterations"], summary["elapsed_s"]
+    print(f"trained {it} iterations in {secs:.1f} s; last checkpoint {summary['checkpoint']}")
+    if summary.get("metrics"):
+        print(format_table(summary["metrics"]))
+
+
+def _print_demo_summary(summary: dict, data_s: float, minutes: float, out: Path) -> None:
+    from tools.evaluate import format_table
+    m = summary["metrics"]
+    it, train_s = summary["iterations"], summary["elapsed_s"]
+    rows = [("data generation", f"{data_s:.1f} s"),
+            ("training", f"{train_s:.1f} s (budget {minutes * 60:.0f} s), {it} iterations, "
+                         f"{train_s / max(it, 1):.3f} s/iter"),
+            ("evaluation", f"{summary['eval_s']:.1f} s"),
+            ("segm AP / AP50", f"{m['segm']['AP']:.3f} / {m['segm']['AP50']:.3f}"),
+            ("bbox AP / AP50", f"{m['bbox']['AP']:.3f} / {m['bbox']['AP50']:.3f}")]
+    met = all(m["segm"][k] >= v for k, v in DEMO_TARGET.items())
+    rows.append(("target (segm AP >= 0.40, AP50 >= 0.60)", "met" if met else "not met"))
+    width = max(len(k) for k, _ in rows)
+    print("\n" + format_table(m))
+    print()
+    for k, v in rows:
+        print(f"{k:{width}s}  {v}")
+    print(f"\noutputs: {out / 'metrics.json'}, {out / 'overlays'}/, {out / 'loss.png'}, "
+          f"{out / 'log.jsonl'}, {out / 'val.json'}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # errors found after parsing are usage errors of the subcommand's parser
+        return args.func(args, args.command_parser)
+    finally:
+        from tools.distributed import cleanup
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

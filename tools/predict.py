@@ -1,0 +1,112 @@
+"""Prediction on image files or folders with a trained checkpoint.
+
+    model, meta = load_model("outputs/model_0090000.pth")
+    predict(model, ["photo.jpg", "folder/"], "predictions/", meta["class_names"],
+            meta["cat_ids"])
+
+Writes one overlay PNG per image (<out>/<image stem>.png: masks, boxes, class names and
+scores of the detections scoring >= score_threshold) and <out>/results.json: every
+detection in the COCO results format (image_id is the image's 1-based position in the
+input order, category_id the checkpoint's original COCO id), each with the image's
+`file_name` added.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from maskrcnn import _resolve_config, _schema, apply_overrides, build_model
+from tools.checkpoint import load_checkpoint
+from tools.evaluate import detections_to_coco
+from tools.visualize import draw_detections
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def load_model(weights, device="cpu", overrides: Optional[dict] = None):
+    """The MaskRCNN of a training checkpoint (eval mode) and its metadata.
+
+    Args:
+        weights: a checkpoint written by tools/train.py (it holds the config and the
+            class mapping); loaded with weights_only=True.
+        overrides: config keys to change for inference (e.g. box_score_thresh).
+    Returns:
+        (model, dict(class_names, cat_ids, config, iteration)).
+    """
+    state = load_checkpoint(weights)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{weights}: not a training checkpoint of this library (expected "
+                         f"the keys 'model' and 'config'; got "
+                         f"{sorted(state)[:8] if isinstance(state, dict) else type(state)})")
+    cfg = apply_overrides(_resolve_config(_known_keys(state["config"])), overrides or {})
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{weights}: the weights do not fit the model its config "
+                         f"describes: {str(err)[:300]}") from None
+    model.to(device).eval()
+    k = cfg.model.num_classes
+    meta = dict(class_names=list(state.get("class_names") or [str(i) for i in range(1, k + 1)]),
+                cat_ids=list(state.get("cat_ids") or range(1, k + 1)), config=cfg,
+                iteration=state.get("iteration"))
+    return model, meta
+
+
+def _known_keys(config: dict) -> dict:
+    """The checkpoint's config without keys this version no longer has."""
+    schema = _schema()
+    return {s: {k: v for k, v in keys.items() if k in schema.get(s, {})}
+            for s, keys in config.items() if s in schema}
+
+
+def collect_images(paths: Sequence[Union[str, Path]]) -> list[Path]:
+    """Image files named directly or found (non-recursively, sorted) in folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"image file or folder not found: {p}")
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                                f"{[str(p) for p in paths]}")
+    return found
+
+
+@torch.no_grad()
+def predict(model, paths: Sequence[Union[str, Path]], out_dir, class_names: Sequence[str],
+            cat_ids: Sequence[int], score_threshold: float = 0.5,
+            mask_threshold: float = 0.5, device="cpu", progress: bool = True) -> Path:
+    """Overlay PNGs and results.json for every image; returns the JSON's path."""
+    from tools.data import load_rgb
+    files = collect_images(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    results = []
+    stems: dict[str, int] = {}
+    iterator = files
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(files, desc="predict", dynamic_ncols=True)
+    for image_id, path in enumerate(iterator, start=1):
+        image = load_rgb(path)
+        detection = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        for r in detections_to_coco(detection, image_id, cat_ids, mask_threshold):
+            r["file_name"] = str(path)
+            results.append(r)
+        # two inputs with the same stem (a.png, a.jpg) must not overwrite each other
+        n = stems.get(path.stem, 0)
+        stems[path.stem] = n + 1
+        name = path.stem if n == 0 else f"{path.stem}_{n}"
+        draw_detections(image, detection, class_names, score_threshold,
+                        mask_threshold).save(out_dir / f"{name}.png")
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results))
+    return json_path
