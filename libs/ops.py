@@ -1,5 +1,5 @@
-"""torch.library custom ops ``maskrcnn::roi_align``, ``maskrcnn::roi_align_backward`` and
-``maskrcnn::nms``.
+"""torch.library custom ops ``maskrcnn::roi_align``, ``maskrcnn::roi_align_backward``,
+``maskrcnn::roi_align_multilevel`` (+ backward) and ``maskrcnn::nms``.
 
 Each op has one schema, a fake (meta) kernel for torch.compile / export, an autograd
 formula, and device kernels that call the compiled library of the tensor's device through
@@ -11,12 +11,15 @@ Shapes: N images, C channels, H/W feature size, K RoIs, PH/PW pooled size, n box
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 
 from . import _loader, reference
 
-__all__ = ["roi_align", "roi_align_backward", "nms"]
+__all__ = ["roi_align", "roi_align_backward", "roi_align_multilevel",
+           "roi_align_multilevel_backward", "nms"]
 
 # dtype codes of the C ABI; CPU kernels take the first two.
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -166,6 +169,140 @@ roi_align_backward.register_autograd(_roi_align_backward_grad,
                                      setup_context=_setup_roi_align_backward)
 
 
+# ------------------------------------------------------------------ multi-level roi_align
+
+@torch.library.custom_op("maskrcnn::roi_align_multilevel", mutates_args=())
+def roi_align_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor,
+                         scales: List[float], pooled_h: int, pooled_w: int,
+                         sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign over a pyramid in one call: RoI k is pooled from ``features[levels[k]]`` at
+    ``scales[levels[k]]``.
+
+    features: L x Tensor[N, C, H_l, W_l] (one dtype and device); rois: Tensor[K, 5];
+    levels: Tensor[K] int64 in [0, L) -> Tensor[K, C, PH, PW], rows in RoI order.
+    """
+    K, C = rois.shape[0], features[0].shape[1]
+    lib = _native(features[0])
+    if lib is None or features[0].device.type != "cpu":
+        return _multilevel_loop(features, rois, levels, scales, pooled_h, pooled_w,
+                                sampling_ratio, aligned)
+    N = features[0].shape[0]
+    maps = [f.contiguous() for f in features]
+    rois = rois.to(maps[0].dtype).contiguous()
+    levels = levels.to(torch.int64).contiguous()
+    out = maps[0].new_empty((K, C, pooled_h, pooled_w))
+    if out.numel() == 0:
+        return out
+    ptrs = _loader.ffi.new("void*[]", [_ptr(m) for m in maps])
+    heights = _loader.ffi.new("int64_t[]", [m.shape[2] for m in maps])
+    widths = _loader.ffi.new("int64_t[]", [m.shape[3] for m in maps])
+    scl = _loader.ffi.new("double[]", [float(v) for v in scales])
+    rc = lib.mrc_roi_align_multilevel_forward_cpu(
+        _DTYPE_CODE[maps[0].dtype], len(maps), ptrs, heights, widths, scl, _ptr(rois),
+        _ptr(levels, "int64_t*"), _ptr(out), N, C, K, pooled_h, pooled_w, int(sampling_ratio),
+        int(aligned), torch.get_num_threads())
+    _loader.check(lib, "cpu", rc, "roi_align_multilevel forward")
+    return out
+
+
+def _multilevel_loop(features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio,
+                     aligned):
+    """Per-level calls (CUDA, the fallback, half types on the CPU)."""
+    K, C = rois.shape[0], features[0].shape[1]
+    out = features[0].new_zeros((K, C, pooled_h, pooled_w))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.nonzero(levels == level).flatten()
+        if idx.numel():
+            out[idx] = _roi_align_impl(feature, rois[idx], scale, pooled_h, pooled_w,
+                                       sampling_ratio, aligned).to(out.dtype)
+    return out
+
+
+@roi_align_multilevel.register_fake
+def _(features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned):
+    torch._check(len(features) == len(scales), lambda: "one scale per level")
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_h, pooled_w))
+
+
+@torch.library.custom_op("maskrcnn::roi_align_multilevel_backward", mutates_args=())
+def roi_align_multilevel_backward(grad: Tensor, rois: Tensor, levels: Tensor,
+                                  scales: List[float], pooled_h: int, pooled_w: int,
+                                  sampling_ratio: int, aligned: bool, batch_size: int,
+                                  channels: int, heights: List[int],
+                                  widths: List[int]) -> List[Tensor]:
+    """Gradient of roi_align_multilevel: grad Tensor[K, C, PH, PW] -> one Tensor[N, C, H_l,
+    W_l] per level."""
+    shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
+    lib = _native(grad)
+    if lib is None or grad.device.type != "cpu":
+        grads = []
+        for level, (scale, shape) in enumerate(zip(scales, shapes)):
+            idx = torch.nonzero(levels == level).flatten()
+            grads.append(roi_align_backward(grad[idx], rois[idx], scale, pooled_h, pooled_w,
+                                            sampling_ratio, aligned, *shape))
+        return grads
+    grad = grad.contiguous()
+    rois = rois.to(grad.dtype).contiguous()
+    levels = levels.to(torch.int64).contiguous()
+    grads = [grad.new_zeros(shape) for shape in shapes]  # the kernel accumulates
+    if grad.numel() == 0:
+        return grads
+    ptrs = _loader.ffi.new("void*[]", [_ptr(g) for g in grads])
+    hs = _loader.ffi.new("int64_t[]", list(heights))
+    ws = _loader.ffi.new("int64_t[]", list(widths))
+    scl = _loader.ffi.new("double[]", [float(v) for v in scales])
+    rc = lib.mrc_roi_align_multilevel_backward_cpu(
+        _DTYPE_CODE[grad.dtype], len(grads), ptrs, hs, ws, scl, _ptr(grad), _ptr(rois),
+        _ptr(levels, "int64_t*"), batch_size, channels, rois.shape[0], pooled_h, pooled_w,
+        int(sampling_ratio), int(aligned), torch.get_num_threads())
+    _loader.check(lib, "cpu", rc, "roi_align_multilevel backward")
+    return grads
+
+
+@roi_align_multilevel_backward.register_fake
+def _(grad, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned, batch_size,
+      channels, heights, widths):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+def _setup_multilevel(ctx, inputs, output):
+    features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.params = (scales, pooled_h, pooled_w, sampling_ratio, aligned)
+    ctx.shape = (features[0].shape[0], features[0].shape[1],
+                 [f.shape[2] for f in features], [f.shape[3] for f in features])
+
+
+def _multilevel_grad(ctx, grad):
+    rois, levels = ctx.saved_tensors
+    grads = roi_align_multilevel_backward(grad, rois, levels, *ctx.params, *ctx.shape)
+    return list(grads), None, None, None, None, None, None, None
+
+
+roi_align_multilevel.register_autograd(_multilevel_grad, setup_context=_setup_multilevel)
+
+
+def _setup_multilevel_backward(ctx, inputs, output):
+    grad, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned = inputs[:8]
+    batch_size, channels, heights, widths = inputs[8:]
+    ctx.save_for_backward(rois, levels)
+    ctx.params = (scales, pooled_h, pooled_w, sampling_ratio, aligned)
+    ctx.shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
+    ctx.like = grad.new_empty(())
+
+
+def _multilevel_backward_grad(ctx, grad_grads):
+    # Linear in `grad`; its adjoint is the forward (double backward).
+    rois, levels = ctx.saved_tensors
+    grad_grads = [g if g is not None else ctx.like.new_zeros(shape)
+                  for g, shape in zip(grad_grads, ctx.shapes)]
+    return (roi_align_multilevel(grad_grads, rois, levels, *ctx.params),) + (None,) * 11
+
+
+roi_align_multilevel_backward.register_autograd(_multilevel_backward_grad,
+                                                setup_context=_setup_multilevel_backward)
+
+
 # ----------------------------------------------------------------------------------- nms
 
 @torch.library.custom_op("maskrcnn::nms", mutates_args=())
@@ -180,27 +317,31 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     lib = _native(boxes)
     if lib is None:
         return reference.nms(boxes, scores, iou_threshold)
+    code = _DTYPE_CODE[boxes.dtype]
+    if dev == "cpu":
+        # The kernel sorts and gathers itself: no torch op (each costs more than a whole
+        # 1000-box NMS when its thread pool has to wake up).
+        boxes = boxes.contiguous()
+        scores = scores.to(torch.float64).contiguous()  # exact for every float dtype
+        keep = torch.empty(n, dtype=torch.int64)
+        num_kept = torch.zeros(1, dtype=torch.int64)
+        rc = lib.mrc_nms_cpu(code, _ptr(boxes), _ptr(scores, "double*"), n,
+                             float(iou_threshold), _ptr(keep, "int64_t*"),
+                             _ptr(num_kept, "int64_t*"), torch.get_num_threads())
+        _loader.check(lib, dev, rc, "nms")
+        return keep[:int(num_kept.item())]
     # Stable: equal scores keep their original order, as torchvision's.
     order = torch.sort(scores, descending=True, stable=True)[1]
     sorted_boxes = boxes[order].contiguous()
-    code = _DTYPE_CODE[boxes.dtype]
-    if dev == "cpu":
-        keep = torch.empty(n, dtype=torch.int64)
-        num_kept = torch.zeros(1, dtype=torch.int64)
-        rc = lib.mrc_nms_cpu(code, _ptr(sorted_boxes), n, float(iou_threshold),
-                             _ptr(keep, "int64_t*"), _ptr(num_kept, "int64_t*"),
-                             torch.get_num_threads())
-        _loader.check(lib, dev, rc, "nms")
-    else:
-        words = (n + 63) // 64
-        mask = torch.empty(n * words, dtype=torch.int64, device=boxes.device)  # uint64 bits
-        keep = torch.empty(n, dtype=torch.int64, device=boxes.device)
-        num_kept = torch.zeros(1, dtype=torch.int64, device=boxes.device)
-        with torch.cuda.device(boxes.device):
-            rc = lib.mrc_nms_cuda(code, _ptr(sorted_boxes), n, float(iou_threshold),
-                                  _ptr(mask, "uint64_t*"), _ptr(keep, "int64_t*"),
-                                  _ptr(num_kept, "int64_t*"), _stream(boxes.device))
-        _loader.check(lib, dev, rc, "nms")
+    words = (n + 63) // 64
+    mask = torch.empty(n * words, dtype=torch.int64, device=boxes.device)  # uint64 bits
+    keep = torch.empty(n, dtype=torch.int64, device=boxes.device)
+    num_kept = torch.zeros(1, dtype=torch.int64, device=boxes.device)
+    with torch.cuda.device(boxes.device):
+        rc = lib.mrc_nms_cuda(code, _ptr(sorted_boxes), n, float(iou_threshold),
+                              _ptr(mask, "uint64_t*"), _ptr(keep, "int64_t*"),
+                              _ptr(num_kept, "int64_t*"), _stream(boxes.device))
+    _loader.check(lib, dev, rc, "nms")
     return order[keep[:int(num_kept.item())]]  # the one host sync
 
 

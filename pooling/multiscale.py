@@ -4,10 +4,11 @@ Shape letters: N images, C channels, L levels, R RoIs (sum over images of R_i),
 PH/PW pooled size.
 
 Results equal ``torchvision.ops.MultiScaleRoIAlign`` (same level rule, same scales, same
-row order). The difference is in the bookkeeping: torchvision runs ``where(levels == l)``
-and an ``index_put`` per level; here the RoIs are ordered by level once (stable argsort),
-each level pools one contiguous slice, and one gather restores the input order. Scales are
-cached per (feature sizes, padded image size).
+row order). The difference is in the bookkeeping: torchvision runs ``where(levels == l)``,
+one RoIAlign and an ``index_put`` per level; here one op (``maskrcnn::roi_align_multilevel``)
+takes every level and the per-RoI level, and on the CPU one kernel call writes each RoI's
+row in place (no per-level gathers, concatenation or scatter of the pooled features).
+Scales are cached per (feature sizes, padded image size).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from libs import boxes_to_rois, roi_align
+from libs import boxes_to_rois, ops, roi_align
 
 __all__ = ["MultiScaleRoIAlign", "level_scales", "map_levels"]
 
@@ -120,41 +121,16 @@ class MultiScaleRoIAlign(nn.Module):
         k_max = int(round(-math.log2(scales[-1])))
         levels = map_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level,
                             self.level_rule, self.eps)
-        if torch.compiler.is_compiling():
-            return self._forward_masked(features, rois, levels, scales)
-        return self._forward_sorted(features, rois, levels, scales)
+        dtype = features[0].dtype
+        # One op for all levels: one fused kernel call on the CPU, per-level calls writing
+        # into one result elsewhere; no host sync, so torch.compile traces it as is.
+        return ops.roi_align_multilevel([f.to(dtype) for f in features],
+                                        rois.to(dtype), levels, scales, *self.output_size,
+                                        self.sampling_ratio, self.aligned)
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio,
                          self.aligned)
-
-    def _forward_sorted(self, features, rois, levels, scales) -> Tensor:
-        """One stable sort by level, one slice per level, one gather back (one host sync)."""
-        order = torch.argsort(levels, stable=True)
-        counts = torch.bincount(levels, minlength=len(features)).tolist()
-        sorted_rois = rois[order]
-        pieces, start = [], 0
-        for feature, scale, count in zip(features, scales, counts):
-            if count:
-                pieces.append(self._pool(feature, sorted_rois[start:start + count], scale))
-            start += count
-        if not pieces:
-            C = features[0].shape[1]
-            return features[0].new_zeros((0, C) + self.output_size)
-        pooled = torch.cat(pieces).to(features[0].dtype)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return pooled[inverse]
-
-    def _forward_masked(self, features, rois, levels, scales) -> Tensor:
-        """Per-level where + index_put (no host sync): traceable by torch.compile."""
-        C = features[0].shape[1]
-        result = features[0].new_zeros((rois.shape[0], C) + self.output_size)
-        for level, (feature, scale) in enumerate(zip(features, scales)):
-            idx = torch.where(levels == level)[0]
-            result = result.index_put((idx,), self._pool(feature, rois[idx], scale)
-                                      .to(result.dtype))
-        return result
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "

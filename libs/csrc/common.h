@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#define MRC_ABI_VERSION 1
+#define MRC_ABI_VERSION 2
 
 /* Error codes returned by every mrc_* function. */
 enum {

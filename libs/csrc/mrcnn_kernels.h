@@ -19,9 +19,9 @@
  *   - CUDA functions take the cudaStream_t as void* (the current torch stream) and
  *     never synchronise the device unless documented; all pointers are device pointers
  *     on the current device, and scratch memory is passed in by the caller.
- *   - NMS works on boxes already sorted by descending score (the caller does a stable
- *     sort, so ties keep their original order). It writes the positions (into the sorted
- *     list) of the kept boxes, ascending, and their count.
+ *   - CUDA NMS works on boxes already sorted by descending score (the caller does a
+ *     stable sort, so ties keep their original order). It writes the positions (into the
+ *     sorted list) of the kept boxes, ascending, and their count. CPU NMS sorts itself.
  */
 #ifndef MRCNN_KERNELS_H
 #define MRCNN_KERNELS_H
@@ -45,9 +45,32 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
                                int64_t K, int64_t PH, int64_t PW, double spatial_scale,
                                int64_t sampling_ratio, int aligned, int num_threads);
 
-/* sorted_boxes: [n, 4] (x1, y1, x2, y2); keep: int64[n] out; num_kept: int64[1] out. */
-int mrc_nms_cpu(int dtype, const void* sorted_boxes, int64_t n, double iou_threshold,
-                int64_t* keep, int64_t* num_kept, int num_threads);
+/* Multi-level (FPN) RoIAlign in one call. inputs[l]: level l, [N, C, heights[l],
+ * widths[l]] NCHW-contiguous, sampled at scales[l]; RoI k is pooled from level levels[k]
+ * (int64[K]; a level outside [0, L) gives a zero row). output: [K, C, PH, PW], rows in
+ * RoI order. The backward accumulates into the caller's zero-filled grad_inputs[l]. */
+int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
+                                         const int64_t* heights, const int64_t* widths,
+                                         const double* scales, const void* rois,
+                                         const int64_t* levels, void* output, int64_t N,
+                                         int64_t C, int64_t K, int64_t PH, int64_t PW,
+                                         int64_t sampling_ratio, int aligned,
+                                         int num_threads);
+
+int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inputs,
+                                          const int64_t* heights, const int64_t* widths,
+                                          const double* scales, const void* grad_output,
+                                          const void* rois, const int64_t* levels, int64_t N,
+                                          int64_t C, int64_t K, int64_t PH, int64_t PW,
+                                          int64_t sampling_ratio, int aligned,
+                                          int num_threads);
+
+/* boxes: [n, 4] (x1, y1, x2, y2) in input order; scores: float64[n]. The CPU kernel sorts
+ * itself (stable, descending, NaN first) and writes the INPUT indices of the kept boxes,
+ * by descending score, to keep: int64[n]; num_kept: int64[1]. num_threads is accepted
+ * for uniformity and ignored: NMS runs on the calling thread. */
+int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
+                double iou_threshold, int64_t* keep, int64_t* num_kept, int num_threads);
 
 /* ---------------- CUDA (libmrcnn_cuda.so) ---------------- */
 int mrc_cuda_abi_version(void);

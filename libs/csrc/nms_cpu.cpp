@@ -1,13 +1,17 @@
 /*
- * Greedy NMS on the CPU over boxes already sorted by descending score (stable sort done
- * by the caller). Same arithmetic as torchvision's CPU kernel (areas without +1, IoU
+ * Greedy NMS on the CPU. The kernel sorts the scores itself (stable, descending, NaN
+ * first: torch.sort's order) so that the caller needs no sort or gather of its own
+ * (small torch ops cost more than the whole NMS of 1000 boxes). Same arithmetic as torchvision's CPU kernel (areas without +1, IoU
  * strictly greater than the threshold suppresses), so kept indices are identical.
  *
  * The candidates still alive are kept as a compact structure of arrays; each kept box
  * computes one vectorisable IoU row against them and the survivors are compacted in
  * place, so the work per kept box is proportional to the boxes still alive.
+ *
+ * Single-threaded on purpose: splitting each IoU row over threads means one fork/join per
+ * kept box (thousands); on a busy machine every join waits for a descheduled thread, and
+ * 20k boxes took 1.5 s with 2 threads against 56 ms with one.
  */
-#include <omp.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -47,19 +51,33 @@ int64_t suppress_row(const T* __restrict x1, const T* __restrict y1, const T* __
   return static_cast<int64_t>(killed);
 }
 
+/* Stable sort by descending score, NaN first (torch.sort(descending=True, stable=True)). */
+std::vector<int64_t> score_order(const double* scores, int64_t n) {
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [scores](int64_t a, int64_t b) {
+    const double sa = scores[a], sb = scores[b];
+    return (sa != sa && sb == sb) || sa > sb;
+  });
+  return order;
+}
+
+/* boxes: [n, 4] in input order; order: the visiting order (descending score). keep gets
+ * input indices. */
 template <typename T, typename F>
-void nms_impl(const T* boxes, int64_t n, double iou_threshold, int64_t* keep,
-              int64_t* num_kept, int nt) {
+void nms_impl(const T* boxes, const int64_t* order, int64_t n, double iou_threshold,
+              int64_t* keep, int64_t* num_kept) {
   std::vector<T> x1(n), y1(n), x2(n), y2(n), ar(n);
   std::vector<int64_t> idx(n);
   std::vector<F> flag(n);
   for (int64_t i = 0; i < n; ++i) {
-    x1[i] = boxes[4 * i + 0];
-    y1[i] = boxes[4 * i + 1];
-    x2[i] = boxes[4 * i + 2];
-    y2[i] = boxes[4 * i + 3];
+    const int64_t o = order[i];
+    x1[i] = boxes[4 * o + 0];
+    y1[i] = boxes[4 * o + 1];
+    x2[i] = boxes[4 * o + 2];
+    y2[i] = boxes[4 * o + 3];
     ar[i] = mrc::box_area(x1[i], y1[i], x2[i], y2[i]);
-    idx[i] = i;
+    idx[i] = o;
   }
   const T thr = Thr<T>::get(iou_threshold);
   /* Alive candidates live in [base, m); dead ones are only flagged and are squeezed out
@@ -69,7 +87,6 @@ void nms_impl(const T* boxes, int64_t n, double iou_threshold, int64_t* keep,
   F* pf = flag.data();
   for (int64_t j = 0; j < n; ++j) pf[j] = F(0);
   int64_t m = n, base = 0, nk = 0, ndead = 0;
-  const int64_t kParallelMin = 1 << 14;
   while (true) {
     while (base < m && pf[base]) { ++base; --ndead; }
     if (base >= m) break;
@@ -78,21 +95,10 @@ void nms_impl(const T* boxes, int64_t n, double iou_threshold, int64_t* keep,
             iar = par[base];
     ++base;
     const int64_t rest = m - base;
-    int64_t killed = 0;
-    if (nt > 1 && rest >= kParallelMin) {
-      const int64_t chunk = (rest + nt - 1) / nt;
-#pragma omp parallel for num_threads(nt) schedule(static, 1) reduction(+ : killed)
-      for (int t = 0; t < nt; ++t) {
-        const int64_t b = base + t * chunk;
-        const int64_t e = std::min<int64_t>(m, b + chunk);
-        if (b < e)
-          killed += suppress_row(px1 + b, py1 + b, px2 + b, py2 + b, par + b, e - b, ix1, iy1,
-                                 ix2, iy2, iar, thr, pf + b);
-      }
-    } else if (rest > 0) {
-      killed = suppress_row(px1 + base, py1 + base, px2 + base, py2 + base, par + base, rest,
-                            ix1, iy1, ix2, iy2, iar, thr, pf + base);
-    }
+    const int64_t killed =
+        rest > 0 ? suppress_row(px1 + base, py1 + base, px2 + base, py2 + base, par + base,
+                                rest, ix1, iy1, ix2, iy2, iar, thr, pf + base)
+                 : 0;
     ndead += killed;
     if (ndead > 64 && 4 * ndead > m - base) {
       int64_t w = 0;
@@ -118,21 +124,24 @@ void nms_impl(const T* boxes, int64_t n, double iou_threshold, int64_t* keep,
 
 }  // namespace
 
-extern "C" int mrc_nms_cpu(int dtype, const void* sorted_boxes, int64_t n, double iou_threshold,
-                           int64_t* keep, int64_t* num_kept, int num_threads) {
+extern "C" int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
+                           double iou_threshold, int64_t* keep, int64_t* num_kept,
+                           int num_threads) {
   static const char* fn = "mrc_nms_cpu";
-  int rc = mrc::check_nms_args(fn, dtype, false, sorted_boxes, n, keep, num_kept);
+  int rc = mrc::check_nms_args(fn, dtype, false, boxes, n, keep, num_kept);
   if (rc) return rc;
   *num_kept = 0;
   if (n == 0) return MRC_OK;
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (!scores) return mrc::set_error(MRC_ERR_INVALID, "%s: null scores pointer", fn);
+  (void)num_threads;  /* see the note at the top: NMS runs on the calling thread */
   try {
+    const std::vector<int64_t> order = score_order(scores, n);
     if (dtype == MRC_F32)
-      nms_impl<float, int32_t>((const float*)sorted_boxes, n, iou_threshold, keep, num_kept,
-                               nt);
+      nms_impl<float, int32_t>((const float*)boxes, order.data(), n, iou_threshold, keep,
+                               num_kept);
     else
-      nms_impl<double, int64_t>((const double*)sorted_boxes, n, iou_threshold, keep, num_kept,
-                                nt);
+      nms_impl<double, int64_t>((const double*)boxes, order.data(), n, iou_threshold, keep,
+                                num_kept);
   } catch (const std::bad_alloc&) {
     return mrc::set_error(MRC_ERR_ALLOC, "%s: out of memory", fn);
   } catch (...) {

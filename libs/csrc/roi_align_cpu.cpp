@@ -7,19 +7,28 @@
  *   - the bilinear taps are separable: per RoI we precompute one table of y taps
  *     (PH * gh entries) and one of x taps (PW * gw entries); each sample's four offsets
  *     and weights (w1 = hy * hx, ... as torchvision computes them) are formed once and
- *     reused for a whole block of channels;
- *   - NCHW: work items are (channel block, RoI), channel-block major, so all threads
- *     stream the same few feature planes (they stay in cache across RoIs);
- *   - NHWC: one tap reads a contiguous run of C values; the inner loop over C vectorises;
+ *     reused for every channel;
+ *   - C >= 32 with enough samples per map pixel: the map is packed once into
+ *     [N][C/32][H][W][32] (a per-thread scratch buffer, reused across calls); one tap then
+ *     reads 32 contiguous channels, the lane loops vectorise (AVX2 chosen at run time),
+ *     and a 32-channel block of the map stays in the last-level cache while all RoIs
+ *     read it (work items: block-major, RoIs in a spatial order);
+ *   - otherwise NCHW: work items are (channel block, RoI), channel-block major, so all
+ *     threads stream the same few feature planes; NHWC: one tap reads a run of C values;
  *   - backward: items are (image, channel block): the gradient planes of different items
  *     are disjoint and RoIs are visited in order inside each, so the result does not
- *     depend on the number of threads and equals torchvision's summation order.
+ *     depend on the number of threads and equals torchvision's summation order;
+ *   - multi-level (FPN): one call takes every level and each RoI's level and pools each
+ *     RoI straight into its output row (no gather / concatenation / scatter); with the
+ *     blocked path, all levels share one parallel region (taps + packs, then pooling);
+ *   - calls with little work (K*C*PH*PW < 2^18) run on the calling thread.
  */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -146,10 +155,13 @@ struct AllTaps {
   std::vector<int64_t> roi_off;     /* K+1: first tap of each RoI */
   std::vector<int64_t> bin_start;   /* K * (PHW+1), relative to roi_off[k] */
   std::vector<TapRec<T, I>> taps;
+  int64_t H = 0, W = 0, PH = 0, PW = 0;
 
-  void build(const T* rois, int64_t N, int64_t H, int64_t W, int64_t K, int64_t PH,
-             int64_t PW, double scale, int64_t sr, bool aligned, int nt, size_t max_bytes) {
-    const int64_t PHW = PH * PW;
+  /* Serial part: geometry and exact tap counts, storage sized. Leaves ok false when the
+   * taps would need more than max_bytes. */
+  void prepare(const T* rois, int64_t N, int64_t H_, int64_t W_, int64_t K, int64_t PH_,
+               int64_t PW_, double scale, int64_t sr, bool aligned, size_t max_bytes) {
+    H = H_, W = W_, PH = PH_, PW = PW_;
     geom.resize(K);
     roi_off.assign(K + 1, 0);
     std::vector<AxisEntry<T>> ys0, xs0;
@@ -160,21 +172,31 @@ struct AllTaps {
       if (static_cast<double>(roi_off[k + 1]) * sizeof(TapRec<T, I>) > max_bytes) return;
     }
     taps.resize(roi_off[K]);
-    bin_start.resize(K * (PHW + 1));
+    bin_start.resize(K * (PH * PW + 1));
+    ok = true;
+  }
+
+  /* Parallel part: the taps of RoI k (any thread, any order). */
+  void fill(int64_t k, std::vector<AxisEntry<T>>& ys, std::vector<AxisEntry<T>>& xs) {
+    const int64_t PHW = PH * PW;
+    if (geom[k].batch < 0) {
+      for (int64_t b = 0; b <= PHW; ++b) bin_start[k * (PHW + 1) + b] = 0;
+      return;
+    }
+    build_taps<T, I>(geom[k], H, W, PH, PW, ys, xs, taps.data() + roi_off[k],
+                     bin_start.data() + k * (PHW + 1));
+  }
+
+  void build(const T* rois, int64_t N, int64_t H_, int64_t W_, int64_t K, int64_t PH_,
+             int64_t PW_, double scale, int64_t sr, bool aligned, int nt, size_t max_bytes) {
+    prepare(rois, N, H_, W_, K, PH_, PW_, scale, sr, aligned, max_bytes);
+    if (!ok) return;
 #pragma omp parallel num_threads(nt)
     {
       std::vector<AxisEntry<T>> ys, xs;
 #pragma omp for schedule(dynamic, 16)
-      for (int64_t k = 0; k < K; ++k) {
-        if (geom[k].batch < 0) {
-          for (int64_t b = 0; b <= PHW; ++b) bin_start[k * (PHW + 1) + b] = 0;
-          continue;
-        }
-        build_taps<T, I>(geom[k], H, W, PH, PW, ys, xs, taps.data() + roi_off[k],
-                         bin_start.data() + k * (PHW + 1));
-      }
+      for (int64_t k = 0; k < K; ++k) fill(k, ys, xs);
     }
-    ok = true;
   }
 };
 
@@ -214,8 +236,33 @@ inline void nchw_block_dyn(const T* pl, int64_t HW, int64_t cn, const TapRec<T, 
   }
 }
 
+/* RoI visiting order for cache reuse: image, band of 16 feature rows, column. Items are
+ * independent in the forward, so the order changes no result. */
+template <typename T>
+std::vector<int64_t> spatial_order(const T* rois, int64_t K, double scale) {
+  std::vector<std::pair<double, int64_t>> key(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* r = rois + k * 5;
+    const double cy = (static_cast<double>(r[2]) + static_cast<double>(r[4])) * 0.5 * scale;
+    const double cx = (static_cast<double>(r[1]) + static_cast<double>(r[3])) * 0.5 * scale;
+    double band = cy / 16.0;
+    band = (band == band) ? std::min(std::max(band, -1e6), 1e6) : 1e6;
+    const double col = (cx == cx) ? std::min(std::max(cx, -1e6), 1e6) : 1e6;
+    const double b = static_cast<double>(r[0]);
+    key[k].first = ((b == b ? std::min(std::max(b, -1.0), 1e6) : 1e6) * 4e6 +
+                    static_cast<double>(static_cast<int64_t>(band))) * 4e6 + col;
+    key[k].second = k;
+  }
+  std::stable_sort(key.begin(), key.end(),
+                   [](const std::pair<double, int64_t>& a,
+                      const std::pair<double, int64_t>& b) { return a.first < b.first; });
+  std::vector<int64_t> visit(K);
+  for (int64_t k = 0; k < K; ++k) visit[k] = key[k].second;
+  return visit;
+}
+
 template <typename T, typename I>
-void forward_nchw(const T* input, const T* rois, T* output, int64_t N, int64_t C, int64_t H,
+void forward_nchw(const T* input, const T* rois, T* output, const int64_t* rows, int64_t N, int64_t C, int64_t H,
                   int64_t W, int64_t K, int64_t PH, int64_t PW, double scale, int64_t sr,
                   bool aligned, int nt) {
   const int64_t HW = H * W, PHW = PH * PW;
@@ -223,29 +270,7 @@ void forward_nchw(const T* input, const T* rois, T* output, int64_t N, int64_t C
   const int64_t ncb = (C + CB - 1) / CB;
   AllTaps<T, I> all;
   if (ncb > 1) all.build(rois, N, H, W, K, PH, PW, scale, sr, aligned, nt, 256u << 20);
-  /* Visit RoIs in a spatial order (image, band of rows, column) so that consecutive
-   * items read overlapping parts of the planes (cache reuse). Items are independent,
-   * so the order does not change any result. */
-  std::vector<int64_t> visit(K);
-  {
-    std::vector<std::pair<double, int64_t>> key(K);
-    for (int64_t k = 0; k < K; ++k) {
-      const T* r = rois + k * 5;
-      const double cy = (static_cast<double>(r[2]) + static_cast<double>(r[4])) * 0.5 * scale;
-      const double cx = (static_cast<double>(r[1]) + static_cast<double>(r[3])) * 0.5 * scale;
-      double band = cy / 16.0;
-      band = (band == band) ? std::min(std::max(band, -1e6), 1e6) : 1e6;
-      const double col = (cx == cx) ? std::min(std::max(cx, -1e6), 1e6) : 1e6;
-      const double b = static_cast<double>(r[0]);
-      key[k].first = ((b == b ? std::min(std::max(b, -1.0), 1e6) : 1e6) * 4e6 +
-                      static_cast<double>(static_cast<int64_t>(band))) * 4e6 + col;
-      key[k].second = k;
-    }
-    std::stable_sort(key.begin(), key.end(),
-                     [](const std::pair<double, int64_t>& a,
-                        const std::pair<double, int64_t>& b) { return a.first < b.first; });
-    for (int64_t k = 0; k < K; ++k) visit[k] = key[k].second;
-  }
+  const std::vector<int64_t> visit = spatial_order(rois, K, scale);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<AxisEntry<T>> ys, xs;
@@ -261,7 +286,7 @@ void forward_nchw(const T* input, const T* rois, T* output, int64_t N, int64_t C
                                     : mrc::roi_geometry<T>(rois + k * 5, N, PH, PW, scale, sr,
                                                            aligned);
         if (g.batch < 0 || H == 0 || W == 0) {
-          zero_roi_block(output, k, c0, cn, C, PHW);
+          zero_roi_block(output, rows ? rows[k] : k, c0, cn, C, PHW);
           continue;
         }
         const TapRec<T, I>* taps;
@@ -276,7 +301,7 @@ void forward_nchw(const T* input, const T* rois, T* output, int64_t N, int64_t C
           bins = local_bins.data();
         }
         const T* pl = input + (g.batch * C + c0) * HW;
-        T* o = output + (k * C + c0) * PHW;
+        T* o = output + ((rows ? rows[k] : k) * C + c0) * PHW;
         if (cn == CB && CB == kFwdBlock)
           nchw_block<T, I, kFwdBlock>(pl, HW, taps, bins, PHW, g.count, o);
         else
@@ -287,7 +312,7 @@ void forward_nchw(const T* input, const T* rois, T* output, int64_t N, int64_t C
 }
 
 template <typename T>
-void forward_nhwc(const T* input, const T* rois, T* output, int64_t N, int64_t C, int64_t H,
+void forward_nhwc(const T* input, const T* rois, T* output, const int64_t* rows, int64_t N, int64_t C, int64_t H,
                   int64_t W, int64_t K, int64_t PH, int64_t PW, double scale, int64_t sr,
                   bool aligned, int nt) {
   const int64_t PHW = PH * PW;
@@ -299,7 +324,7 @@ void forward_nhwc(const T* input, const T* rois, T* output, int64_t N, int64_t C
     for (int64_t k = 0; k < K; ++k) {
       const RoiGeom<T> g = mrc::roi_geometry<T>(rois + k * 5, N, PH, PW, scale, sr, aligned);
       if (g.batch < 0 || H == 0 || W == 0) {
-        zero_roi_block(output, k, 0, C, C, PHW);
+        zero_roi_block(output, rows ? rows[k] : k, 0, C, C, PHW);
         continue;
       }
       ys.resize(PH * g.gh);
@@ -326,7 +351,7 @@ void forward_nhwc(const T* input, const T* rois, T* output, int64_t N, int64_t C
                 a[c] += w1 * v1[c] + w2 * v2[c] + w3 * v3[c] + w4 * v4[c];
             }
           }
-          T* o = output + k * C * PHW + ph * PW + pw;
+          T* o = output + (rows ? rows[k] : k) * C * PHW + ph * PW + pw;
           for (int64_t c = 0; c < C; ++c) o[c * PHW] = a[c] / g.count;
         }
       }
@@ -337,7 +362,7 @@ void forward_nhwc(const T* input, const T* rois, T* output, int64_t N, int64_t C
 static const int64_t kBwdBlock = 8;
 
 template <typename T, typename I>
-void backward_cpu(const T* grad_out, const T* rois, T* grad_in, int64_t N, int64_t C,
+void backward_cpu(const T* grad_out, const T* rois, const int64_t* rows, T* grad_in, int64_t N, int64_t C,
                   int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW, double scale,
                   int64_t sr, bool aligned, int nt) {
   const int64_t HW = H * W, PHW = PH * PW;
@@ -391,7 +416,7 @@ void backward_cpu(const T* grad_out, const T* rois, T* grad_in, int64_t N, int64
           bins = local_bins.data();
           cnt = g.count;
         }
-        const T* go = grad_out + (k * C + c0) * PHW;
+        const T* go = grad_out + ((rows ? rows[k] : k) * C + c0) * PHW;
         for (int64_t b = 0; b < PHW; ++b) {
           if (bins[b] == bins[b + 1]) continue;
           for (int64_t c = 0; c < cn; ++c) gv[c] = go[c * PHW + b];
@@ -418,7 +443,620 @@ void backward_cpu(const T* grad_out, const T* rois, T* grad_in, int64_t N, int64
   }
 }
 
+/* ------------------------------------------------------------------------------------
+ * Channel-blocked path (C >= kLanes): the input is packed once into [N][C/L][H][W][L]
+ * (L = kLanes channels per pixel, the last block zero-padded). One tap then reads L
+ * contiguous channels, the inner loops over L vectorise (AVX2 when the CPU has it, chosen
+ * at run time), and a block of the map (H*W*L values) stays in the last-level cache
+ * while every RoI reads it. Per channel the arithmetic and its order are unchanged
+ * (vector lanes are independent), so results stay bit-identical to the scalar paths.
+ * ------------------------------------------------------------------------------------ */
+static const int64_t kLanes = 32;
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#include <immintrin.h>
+#define MRC_X86_DISPATCH 1
+#define MRC_AVX2 __attribute__((target("avx2")))
+#else
+#define MRC_X86_DISPATCH 0
+#define MRC_AVX2
+#endif
+#define MRC_INLINE inline __attribute__((always_inline))
+
+bool cpu_has_avx2() {
+#if MRC_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+static const int64_t kTile = 32;
+
+/* One row of cn <= L channel planes (src: channel c at src + c * plane) -> o[x * L + c],
+ * in tiles of kTile pixels so the written tile stays in L1. */
+template <typename T>
+void pack_row_nchw_scalar(const T* src, int64_t plane, int64_t W, int64_t cn, T* o,
+                          int64_t x_begin = 0, int64_t c_begin = 0) {
+  for (int64_t x0 = x_begin; x0 < W; x0 += kTile) {
+    const int64_t xn = std::min(kTile, W - x0);
+    for (int64_t c = c_begin; c < cn; ++c) {
+      const T* row = src + c * plane + x0;
+      T* dst = o + x0 * kLanes + c;
+      for (int64_t x = 0; x < xn; ++x) dst[x * kLanes] = row[x];
+    }
+  }
+}
+
+#if MRC_X86_DISPATCH
+/* float: 8 channels x 8 pixels per step, transposed in registers (pure data movement). */
+MRC_AVX2 void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t W, int64_t cn,
+                                 float* o) {
+  const int64_t W8 = W - W % 8, C8 = cn - cn % 8;
+  for (int64_t x0 = 0; x0 < W8; x0 += 8) {
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (c0 + i) * plane + x0);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_ps(o + (x0 + j) * kLanes + c0,
+                         _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+        _mm256_storeu_ps(o + (x0 + j + 4) * kLanes + c0,
+                         _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+      }
+    }
+    for (int64_t c = C8; c < cn; ++c)
+      for (int64_t x = x0; x < x0 + 8; ++x) o[x * kLanes + c] = src[c * plane + x];
+  }
+  pack_row_nchw_scalar(src, plane, W, cn, o, W8);
+}
+#endif
+
+template <typename T>
+void pack_row_nchw(const T* src, int64_t plane, int64_t W, int64_t cn, T* o) {
+  pack_row_nchw_scalar(src, plane, W, cn, o);
+}
+
+void pack_row_nchw(const float* src, int64_t plane, int64_t W, int64_t cn, float* o) {
+#if MRC_X86_DISPATCH
+  if (cpu_has_avx2()) return pack_row_nchw_avx2(src, plane, W, cn, o);
+#endif
+  pack_row_nchw_scalar(src, plane, W, cn, o);
+}
+
+/* Row r = (n * nb + b) * H + y of the packed [N][nb][H][W][L] copy of an NCHW (or NHWC)
+ * map, zero-padded lanes. */
+template <typename T>
+void pack_one_row(const T* in, bool channels_last, T* out, int64_t r, int64_t C, int64_t H,
+                  int64_t W) {
+  const int64_t nb = (C + kLanes - 1) / kLanes;
+  const int64_t y = r % H, b = (r / H) % nb, n = r / (H * nb);
+  const int64_t c0 = b * kLanes, cn = std::min(kLanes, C - c0);
+  T* o = out + r * W * kLanes;
+  if (cn < kLanes) memset(o, 0, sizeof(T) * W * kLanes);
+  if (channels_last) {
+    const T* src = in + ((n * H + y) * W) * C + c0;
+    for (int64_t x = 0; x < W; ++x) memcpy(o + x * kLanes, src + x * C, sizeof(T) * cn);
+    return;
+  }
+  pack_row_nchw(in + ((n * C + c0) * H + y) * W, H * W, W, cn, o);
+}
+
+template <typename T>
+void pack_blocked(const T* in, bool channels_last, T* out, int64_t N, int64_t C, int64_t H,
+                  int64_t W, int nt) {
+  const int64_t rows = N * ((C + kLanes - 1) / kLanes) * H;
+  /* dynamic: a thread that the OS deschedules does not hold back a fixed share */
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
+  for (int64_t r = 0; r < rows; ++r) pack_one_row(in, channels_last, out, r, C, H, W);
+}
+
+/* The packed copy of the input (or gradient) is large (N*C*H*W values): a fresh
+ * allocation of that size is mmap'ed and page-faulted on every call, which costs as much
+ * as the packing itself. Each calling thread keeps its buffer (it only grows). */
+template <typename T>
+T* scratch(size_t count) {
+  static thread_local std::unique_ptr<char[]> buf;
+  static thread_local size_t cap = 0;
+  const size_t bytes = count * sizeof(T);
+  if (bytes > cap) {
+    buf.reset();
+    cap = 0;
+    buf.reset(new char[bytes]);
+    cap = bytes;
+  }
+  return reinterpret_cast<T*>(buf.get());
+}
+
+/* nullptr when the packed copy does not fit in memory (the caller takes the unblocked
+ * path, which needs no copy). */
+template <typename T>
+T* try_scratch(size_t count) {
+  try {
+    return scratch<T>(count);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+
+/* One RoI, one channel block: out[c * PHW + b] for the cn real lanes. */
+template <typename T, typename I>
+MRC_INLINE void fwd_block_body(const T* __restrict plane, const TapRec<T, I>* __restrict taps,
+                               const int64_t* bins, int64_t PHW, T count, int64_t cn,
+                               T* __restrict o) {
+  for (int64_t b = 0; b < PHW; ++b) {
+    T acc[kLanes];
+    for (int64_t c = 0; c < kLanes; ++c) acc[c] = static_cast<T>(0);
+    for (int64_t s = bins[b]; s < bins[b + 1]; ++s) {
+      const TapRec<T, I> t = taps[s];
+      const T* __restrict v1 = plane + static_cast<int64_t>(t.p1) * kLanes;
+      const T* __restrict v2 = plane + static_cast<int64_t>(t.p2) * kLanes;
+      const T* __restrict v3 = plane + static_cast<int64_t>(t.p3) * kLanes;
+      const T* __restrict v4 = plane + static_cast<int64_t>(t.p4) * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c)
+        acc[c] += t.w1 * v1[c] + t.w2 * v2[c] + t.w3 * v3[c] + t.w4 * v4[c];
+    }
+    for (int64_t c = 0; c < cn; ++c) o[c * PHW + b] = acc[c] / count;
+  }
+}
+
+template <typename T, typename I>
+MRC_AVX2 void fwd_block_avx2(const T* plane, const TapRec<T, I>* taps, const int64_t* bins,
+                             int64_t PHW, T count, int64_t cn, T* o) {
+  fwd_block_body<T, I>(plane, taps, bins, PHW, count, cn, o);
+}
+
+template <typename T, typename I>
+void fwd_block_generic(const T* plane, const TapRec<T, I>* taps, const int64_t* bins,
+                       int64_t PHW, T count, int64_t cn, T* o) {
+  fwd_block_body<T, I>(plane, taps, bins, PHW, count, cn, o);
+}
+
+/* One RoI's samples of one bin scattered into a block of gradient planes, taps 1..4 in
+ * torchvision's order: g_i = grad * w_i / count. */
+template <typename T, typename I>
+MRC_INLINE void bwd_block_body(T* __restrict plane, const TapRec<T, I>* __restrict taps,
+                               const int64_t* bins, int64_t PHW, T count,
+                               const T* __restrict go, int64_t cn) {
+  for (int64_t b = 0; b < PHW; ++b) {
+    if (bins[b] == bins[b + 1]) continue;
+    T gv[kLanes];
+    for (int64_t c = 0; c < kLanes; ++c) gv[c] = c < cn ? go[c * PHW + b] : static_cast<T>(0);
+    for (int64_t s = bins[b]; s < bins[b + 1]; ++s) {
+      const TapRec<T, I> t = taps[s];
+      T* __restrict v1 = plane + static_cast<int64_t>(t.p1) * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c) v1[c] += gv[c] * t.w1 / count;
+      T* __restrict v2 = plane + static_cast<int64_t>(t.p2) * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c) v2[c] += gv[c] * t.w2 / count;
+      T* __restrict v3 = plane + static_cast<int64_t>(t.p3) * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c) v3[c] += gv[c] * t.w3 / count;
+      T* __restrict v4 = plane + static_cast<int64_t>(t.p4) * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c) v4[c] += gv[c] * t.w4 / count;
+    }
+  }
+}
+
+template <typename T, typename I>
+MRC_AVX2 void bwd_block_avx2(T* plane, const TapRec<T, I>* taps, const int64_t* bins,
+                             int64_t PHW, T count, const T* go, int64_t cn) {
+  bwd_block_body<T, I>(plane, taps, bins, PHW, count, go, cn);
+}
+
+template <typename T, typename I>
+void bwd_block_generic(T* plane, const TapRec<T, I>* taps, const int64_t* bins, int64_t PHW,
+                       T count, const T* go, int64_t cn) {
+  bwd_block_body<T, I>(plane, taps, bins, PHW, count, go, cn);
+}
+
+/* Returns false (nothing written) when the tap tables do not fit: the caller then uses
+ * the unblocked path. */
+template <typename T, typename I>
+bool forward_blocked(const T* input, bool channels_last, const T* rois, T* output,
+                     const int64_t* rows, int64_t N,
+                     int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW,
+                     double scale, int64_t sr, bool aligned, int nt) {
+  const int64_t HW = H * W, PHW = PH * PW;
+  const int64_t nb = (C + kLanes - 1) / kLanes;
+  AllTaps<T, I> all;
+  all.build(rois, N, H, W, K, PH, PW, scale, sr, aligned, nt, 256u << 20);
+  /* Packing reads every pixel once: not worth it for a few samples on a large map. */
+  if (!all.ok || 4 * all.roi_off[K] < N * HW) return false;
+  T* packed = try_scratch<T>(static_cast<size_t>(N * nb * HW * kLanes));
+  if (!packed) return false;
+  pack_blocked(input, channels_last, packed, N, C, H, W, nt);
+  const std::vector<int64_t> visit = spatial_order(rois, K, scale);
+  const bool avx2 = cpu_has_avx2();
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(dynamic, 8)
+  for (int64_t cb = 0; cb < nb; ++cb) {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const int64_t k = visit[kk];
+      const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
+      const RoiGeom<T>& g = all.geom[k];
+      T* o = output + ((rows ? rows[k] : k) * C + c0) * PHW;
+      if (g.batch < 0 || HW == 0) {
+        memset(o, 0, sizeof(T) * cn * PHW);
+        continue;
+      }
+      const T* plane = packed + (g.batch * nb + cb) * HW * kLanes;
+      const TapRec<T, I>* taps = all.taps.data() + all.roi_off[k];
+      const int64_t* bins = all.bin_start.data() + k * (PHW + 1);
+      if (avx2)
+        fwd_block_avx2<T, I>(plane, taps, bins, PHW, g.count, cn, o);
+      else
+        fwd_block_generic<T, I>(plane, taps, bins, PHW, g.count, cn, o);
+    }
+  }
+  return true;
+}
+
+/* Backward plan of one map: tap tables and, per image, its RoIs in input order. */
+template <typename T, typename I>
+struct BwdPlan {
+  AllTaps<T, I> all;
+  std::vector<int64_t> start, order;  /* RoIs of image n: order[start[n] .. start[n+1]) */
+
+  /* Serial part; false when the taps do not fit or packing does not pay off. */
+  bool prepare(const T* rois, int64_t N, int64_t H, int64_t W, int64_t K, int64_t PH,
+               int64_t PW, double scale, int64_t sr, bool aligned) {
+    all.prepare(rois, N, H, W, K, PH, PW, scale, sr, aligned, 256u << 20);
+    if (!all.ok || 4 * all.roi_off[K] < N * H * W) return false;
+    start.assign(N + 1, 0);
+    for (int64_t k = 0; k < K; ++k)
+      if (all.geom[k].batch >= 0) start[all.geom[k].batch + 1]++;
+    for (int64_t n = 0; n < N; ++n) start[n + 1] += start[n];
+    order.resize(start[N]);
+    std::vector<int64_t> pos(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < K; ++k)
+      if (all.geom[k].batch >= 0) order[pos[all.geom[k].batch]++] = k;
+    return true;
+  }
+};
+
+/* Work item it = (image n, channel block cb): its gradient planes are disjoint from every
+ * other item's and its RoIs are visited in input order, so the sums do not depend on the
+ * thread count and follow torchvision's order (RoI, bin, sample, tap). plane: this item's
+ * packed scratch (H*W*L values); the result is added to the NCHW grad_in. */
+template <typename T, typename I>
+void backward_item(const BwdPlan<T, I>& p, int64_t it, T* plane, const T* grad_out,
+                   const int64_t* rows, T* grad_in, int64_t C, int64_t HW, int64_t PHW,
+                   bool avx2) {
+  const int64_t nb = (C + kLanes - 1) / kLanes;
+  const int64_t n = it / nb, cb = it % nb;
+  const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
+  memset(plane, 0, sizeof(T) * HW * kLanes);
+  for (int64_t oi = p.start[n]; oi < p.start[n + 1]; ++oi) {
+    const int64_t k = p.order[oi];
+    const TapRec<T, I>* taps = p.all.taps.data() + p.all.roi_off[k];
+    const int64_t* bins = p.all.bin_start.data() + k * (PHW + 1);
+    const T* go = grad_out + ((rows ? rows[k] : k) * C + c0) * PHW;
+    if (avx2)
+      bwd_block_avx2<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
+    else
+      bwd_block_generic<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
+  }
+  /* unpack, in tiles of kTile pixels so a tile of the blocked plane stays in L1 while its
+   * cn channels are read out */
+  for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
+    const int64_t pn = std::min(kTile, HW - p0);
+    for (int64_t c = 0; c < cn; ++c) {
+      T* dst = grad_in + (n * C + c0 + c) * HW + p0;
+      const T* src = plane + p0 * kLanes + c;
+      for (int64_t q = 0; q < pn; ++q) dst[q] += src[q * kLanes];
+    }
+  }
+}
+
+/* Returns false when the tap tables do not fit or packing does not pay off. */
+template <typename T, typename I>
+bool backward_blocked(const T* grad_out, const T* rois, const int64_t* rows, T* grad_in,
+                      int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH,
+                      int64_t PW, double scale, int64_t sr, bool aligned, int nt) {
+  const int64_t HW = H * W, PHW = PH * PW;
+  const int64_t nb = (C + kLanes - 1) / kLanes;
+  BwdPlan<T, I> plan;
+  if (!plan.prepare(rois, N, H, W, K, PH, PW, scale, sr, aligned)) return false;
+  T* packed = try_scratch<T>(static_cast<size_t>(N * nb * HW * kLanes));
+  if (!packed) return false;
+  const bool avx2 = cpu_has_avx2();
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<AxisEntry<T>> ys, xs;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t k = 0; k < K; ++k) plan.all.fill(k, ys, xs);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < N * nb; ++it)
+      backward_item(plan, it, packed + it * HW * kLanes, grad_out, rows, grad_in, C, HW, PHW,
+                    avx2);
+  }
+  return true;
+}
+
+/* Small calls run on the calling thread: waking the team costs more than the work (and
+ * far more on a busy machine, where a join waits for a descheduled thread). The estimate
+ * counts one sample per bin. */
+int threads_for(int64_t K, int64_t C, int64_t PH, int64_t PW, int nt) {
+  return K * C * PH * PW < (int64_t(1) << 18) ? 1 : nt;
+}
+
+/* One feature map: the channel-blocked path when it pays off, else the plain NCHW /
+ * NHWC paths. rows (nullable) maps RoI k to its output row. */
+template <typename T>
+void forward_any(const T* in, bool channels_last, const T* r, T* out, const int64_t* rows,
+                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH,
+                 int64_t PW, double scale, int64_t sr, bool aln, int nt) {
+  nt = threads_for(K, C, PH, PW, nt);
+  const bool small = H * W < (int64_t(1) << 31);
+  if (C >= kLanes && H > 0 && W > 0 && small &&
+      forward_blocked<T, int32_t>(in, channels_last, r, out, rows, N, C, H, W, K, PH, PW,
+                                  scale, sr, aln, nt))
+    return;
+  if (channels_last)
+    forward_nhwc<T>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
+  else if (small)
+    forward_nchw<T, int32_t>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
+  else
+    forward_nchw<T, int64_t>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
+}
+
+template <typename T>
+void backward_any(const T* go, const T* r, const int64_t* rows, T* gi, int64_t N, int64_t C,
+                  int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW, double scale,
+                  int64_t sr, bool aln, int nt) {
+  if (K == 0 || N == 0 || H == 0 || W == 0) return;
+  nt = threads_for(K, C, PH, PW, nt);
+  const bool small = H * W < (int64_t(1) << 31);
+  if (C >= kLanes && small &&
+      backward_blocked<T, int32_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt))
+    return;
+  if (small)
+    backward_cpu<T, int32_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
+  else
+    backward_cpu<T, int64_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
+}
+
+/* RoIs of each level, in input order: compact RoI rows and their output rows. RoIs with
+ * a level outside [0, L) belong to no level (their output rows are zeroed). */
+template <typename T>
+struct LevelSplit {
+  std::vector<std::vector<T>> rois;
+  std::vector<std::vector<int64_t>> rows;
+  std::vector<int64_t> orphans;
+  LevelSplit(const T* r, const int64_t* levels, int64_t K, int64_t L) : rois(L), rows(L) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t l = levels[k];
+      if (l < 0 || l >= L) {
+        orphans.push_back(k);
+        continue;
+      }
+      rois[l].insert(rois[l].end(), r + k * 5, r + k * 5 + 5);
+      rows[l].push_back(k);
+    }
+  }
+};
+
+int check_levels(const char* fn, int dtype, int64_t L, void** maps, const int64_t* heights,
+                 const int64_t* widths, const double* scales, const void* rois,
+                 const int64_t* levels, const void* out, int64_t N, int64_t C, int64_t K,
+                 int64_t PH, int64_t PW) {
+  if (L <= 0 || !maps || !heights || !widths || !scales)
+    return mrc::set_error(MRC_ERR_INVALID, "%s: need L >= 1 levels with maps, heights, "
+                          "widths and scales (got L=%lld)", fn, (long long)L);
+  if (K > 0 && !levels) return mrc::set_error(MRC_ERR_INVALID, "%s: null levels", fn);
+  for (int64_t l = 0; l < L; ++l) {
+    int rc = mrc::check_roi_align_args(fn, dtype, false, maps[l], rois, out, N, C, heights[l],
+                                       widths[l], K, PH, PW, scales[l]);
+    if (rc) return rc;
+  }
+  return MRC_OK;
+}
+
+/* Channel-blocked pooling of every level in ONE parallel region: the tap tables of all
+ * RoIs and the packed copies of all levels are built together (one join), then every
+ * (level, channel block, RoI) item is pooled straight into its output row. Levels whose
+ * RoIs sample too few pixels to pay for the pack are left to forward_any (pending). */
+template <typename T, typename I>
+void multilevel_forward_fused(int64_t L, void** maps, const int64_t* Hs, const int64_t* Ws,
+                              const double* scales, const LevelSplit<T>& split, T* out,
+                              int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
+                              bool aln, int nt, std::vector<int64_t>& pending) {
+  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
+  std::vector<AllTaps<T, I>> taps(L);
+  std::vector<int64_t> used;                     /* levels pooled here */
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t Kl = static_cast<int64_t>(split.rows[l].size()), HW = Hs[l] * Ws[l];
+    if (Kl == 0) continue;
+    bool fits = HW > 0 && N > 0 && HW < (int64_t(1) << 31);
+    if (fits) {
+      taps[l].prepare(split.rois[l].data(), N, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln,
+                      256u << 20);
+      fits = taps[l].ok && 4 * taps[l].roi_off[Kl] >= N * HW;
+    }
+    if (fits) used.push_back(l); else pending.push_back(l);
+  }
+  const int64_t U = static_cast<int64_t>(used.size());
+  /* prefix sums over the used levels: RoIs (tap fill), packed rows, packed values, items */
+  std::vector<int64_t> roi0(U + 1, 0), row0(U + 1, 0), val0(U + 1, 0), item0(U + 1, 0);
+  std::vector<std::vector<int64_t>> visit(U);
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t l = used[u], Kl = static_cast<int64_t>(split.rows[l].size());
+    roi0[u + 1] = roi0[u] + Kl;
+    row0[u + 1] = row0[u] + N * nb * Hs[l];
+    val0[u + 1] = val0[u] + N * nb * Hs[l] * Ws[l] * kLanes;
+    item0[u + 1] = item0[u] + nb * Kl;
+    visit[u] = spatial_order(split.rois[l].data(), Kl, scales[l]);
+  }
+  if (U == 0) return;
+  T* packed = try_scratch<T>(static_cast<size_t>(val0[U]));
+  if (!packed) {
+    pending.insert(pending.end(), used.begin(), used.end());
+    return;
+  }
+  auto level_of = [](const std::vector<int64_t>& off, int64_t i) {
+    return static_cast<int64_t>(std::upper_bound(off.begin(), off.end(), i) - off.begin()) - 1;
+  };
+  const bool avx2 = cpu_has_avx2();
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<AxisEntry<T>> ys, xs;
+#pragma omp for schedule(dynamic, 16) nowait
+    for (int64_t i = 0; i < roi0[U]; ++i) {
+      const int64_t u = level_of(roi0, i);
+      taps[used[u]].fill(i - roi0[u], ys, xs);
+    }
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t r = 0; r < row0[U]; ++r) {
+      const int64_t u = level_of(row0, r), l = used[u];
+      pack_one_row(static_cast<const T*>(maps[l]), false, packed + val0[u], r - row0[u], C,
+                   Hs[l], Ws[l]);
+    }
+    /* (the join above also completes the nowait tap loop) */
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t it = 0; it < item0[U]; ++it) {
+      const int64_t u = level_of(item0, it), l = used[u];
+      const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
+      const int64_t cb = (it - item0[u]) / Kl, k = visit[u][(it - item0[u]) % Kl];
+      const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
+      const AllTaps<T, I>& t = taps[l];
+      const RoiGeom<T>& g = t.geom[k];
+      T* o = out + (split.rows[l][k] * C + c0) * PHW;
+      if (g.batch < 0) {
+        memset(o, 0, sizeof(T) * cn * PHW);
+        continue;
+      }
+      const int64_t HW = Hs[l] * Ws[l];
+      const T* plane = packed + val0[u] + (g.batch * nb + cb) * HW * kLanes;
+      const TapRec<T, I>* tr = t.taps.data() + t.roi_off[k];
+      const int64_t* bins = t.bin_start.data() + k * (PHW + 1);
+      if (avx2)
+        fwd_block_avx2<T, I>(plane, tr, bins, PHW, g.count, cn, o);
+      else
+        fwd_block_generic<T, I>(plane, tr, bins, PHW, g.count, cn, o);
+    }
+  }
+}
+
+template <typename T>
+void multilevel_forward(int64_t L, void** maps, const int64_t* Hs, const int64_t* Ws,
+                        const double* scales, const T* r, const int64_t* levels, T* out,
+                        int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
+                        bool aln, int nt) {
+  const LevelSplit<T> split(r, levels, K, L);
+  for (int64_t k : split.orphans) zero_roi_block(out, k, 0, C, C, PH * PW);
+  std::vector<int64_t> pending;
+  if (C >= kLanes && threads_for(K, C, PH, PW, nt) > 1)
+    multilevel_forward_fused<T, int32_t>(L, maps, Hs, Ws, scales, split, out, N, C, PH, PW,
+                                         sr, aln, nt, pending);
+  else
+    for (int64_t l = 0; l < L; ++l) pending.push_back(l);
+  for (int64_t l : pending) {
+    const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
+    if (Kl == 0) continue;
+    if (Hs[l] == 0 || Ws[l] == 0 || N == 0) {
+      for (int64_t k : split.rows[l]) zero_roi_block(out, k, 0, C, C, PH * PW);
+      continue;
+    }
+    forward_any<T>(static_cast<const T*>(maps[l]), false, split.rois[l].data(), out,
+                   split.rows[l].data(), N, C, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln,
+                   nt);
+  }
+}
+
+/* All levels in one parallel region: the tap tables of every level, then every (level,
+ * image, channel block) item. Levels that do not take the blocked path are left in
+ * pending. Each item is the same computation as in backward_blocked: same bits. */
+template <typename T, typename I>
+void multilevel_backward_fused(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
+                               const double* scales, const T* go, const LevelSplit<T>& split,
+                               int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
+                               bool aln, int nt, std::vector<int64_t>& pending) {
+  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
+  std::vector<BwdPlan<T, I>> plans(L);
+  std::vector<int64_t> used;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t Kl = static_cast<int64_t>(split.rows[l].size()), HW = Hs[l] * Ws[l];
+    if (Kl == 0 || HW == 0 || N == 0) continue;  /* nothing to add */
+    if (HW < (int64_t(1) << 31) &&
+        plans[l].prepare(split.rois[l].data(), N, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr,
+                         aln))
+      used.push_back(l);
+    else
+      pending.push_back(l);
+  }
+  const int64_t U = static_cast<int64_t>(used.size());
+  std::vector<int64_t> roi0(U + 1, 0), item0(U + 1, 0), val0(U + 1, 0);
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t l = used[u];
+    roi0[u + 1] = roi0[u] + static_cast<int64_t>(split.rows[l].size());
+    item0[u + 1] = item0[u] + N * nb;
+    val0[u + 1] = val0[u] + N * nb * Hs[l] * Ws[l] * kLanes;
+  }
+  if (U == 0) return;
+  T* packed = try_scratch<T>(static_cast<size_t>(val0[U]));
+  if (!packed) {
+    pending.insert(pending.end(), used.begin(), used.end());
+    return;
+  }
+  auto level_of = [](const std::vector<int64_t>& off, int64_t i) {
+    return static_cast<int64_t>(std::upper_bound(off.begin(), off.end(), i) - off.begin()) - 1;
+  };
+  const bool avx2 = cpu_has_avx2();
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<AxisEntry<T>> ys, xs;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < roi0[U]; ++i) {
+      const int64_t u = level_of(roi0, i);
+      plans[used[u]].all.fill(i - roi0[u], ys, xs);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < item0[U]; ++it) {
+      const int64_t u = level_of(item0, it), l = used[u], local = it - item0[u];
+      const int64_t HW = Hs[l] * Ws[l];
+      backward_item(plans[l], local, packed + val0[u] + local * HW * kLanes, go,
+                    split.rows[l].data(), static_cast<T*>(grads[l]), C, HW, PHW, avx2);
+    }
+  }
+}
+
+template <typename T>
+void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
+                         const double* scales, const T* go, const T* r, const int64_t* levels,
+                         int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
+                         bool aln, int nt) {
+  const LevelSplit<T> split(r, levels, K, L);
+  std::vector<int64_t> pending;
+  if (C >= kLanes && threads_for(K, C, PH, PW, nt) > 1)
+    multilevel_backward_fused<T, int32_t>(L, grads, Hs, Ws, scales, go, split, N, C, PH, PW,
+                                          sr, aln, nt, pending);
+  else
+    for (int64_t l = 0; l < L; ++l) pending.push_back(l);
+  for (int64_t l : pending) {
+    const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
+    backward_any<T>(go, split.rois[l].data(), split.rows[l].data(), static_cast<T*>(grads[l]),
+                    N, C, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln, nt);
+  }
+}
+
 }  // namespace
+
+#define MRC_GUARD(fn, body)                                              \
+  try {                                                                  \
+    body;                                                                \
+  } catch (const std::bad_alloc&) {                                      \
+    return mrc::set_error(MRC_ERR_ALLOC, "%s: out of memory", fn);       \
+  } catch (...) {                                                        \
+    return mrc::set_error(MRC_ERR_INTERNAL, "%s: internal error", fn);   \
+  }
 
 extern "C" {
 
@@ -436,41 +1074,16 @@ int mrc_roi_align_forward_cpu(int dtype, const void* input, const void* rois, vo
   if (rc) return rc;
   if (K == 0 || C == 0) return MRC_OK;
   const int nt = resolve_threads(num_threads);
-  try {
-    const bool small = H * W < (int64_t(1) << 31);
-    const bool aln = aligned != 0;
-    if (dtype == MRC_F32) {
-      const float* in = (const float*)input;
-      const float* r = (const float*)rois;
-      float* out = (float*)output;
-      if (channels_last)
-        forward_nhwc<float>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio,
-                            aln, nt);
-      else if (small)
-        forward_nchw<float, int32_t>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale,
-                                     sampling_ratio, aln, nt);
-      else
-        forward_nchw<float, int64_t>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale,
-                                     sampling_ratio, aln, nt);
-    } else {
-      const double* in = (const double*)input;
-      const double* r = (const double*)rois;
-      double* out = (double*)output;
-      if (channels_last)
-        forward_nhwc<double>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio,
-                             aln, nt);
-      else if (small)
-        forward_nchw<double, int32_t>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale,
-                                      sampling_ratio, aln, nt);
-      else
-        forward_nchw<double, int64_t>(in, r, out, N, C, H, W, K, PH, PW, spatial_scale,
-                                      sampling_ratio, aln, nt);
-    }
-  } catch (const std::bad_alloc&) {
-    return mrc::set_error(MRC_ERR_ALLOC, "%s: out of memory", fn);
-  } catch (...) {
-    return mrc::set_error(MRC_ERR_INTERNAL, "%s: internal error", fn);
-  }
+  const bool cl = channels_last != 0, aln = aligned != 0;
+  MRC_GUARD(fn, {
+    if (dtype == MRC_F32)
+      forward_any<float>((const float*)input, cl, (const float*)rois, (float*)output, nullptr,
+                         N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio, aln, nt);
+    else
+      forward_any<double>((const double*)input, cl, (const double*)rois, (double*)output,
+                          nullptr, N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio, aln,
+                          nt);
+  });
   return MRC_OK;
 }
 
@@ -484,35 +1097,69 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
   if (rc) return rc;
   if (K == 0 || C == 0 || N == 0 || H == 0 || W == 0) return MRC_OK;
   const int nt = resolve_threads(num_threads);
-  try {
-    const bool small = H * W < (int64_t(1) << 31);
-    const bool aln = aligned != 0;
-    if (dtype == MRC_F32) {
-      const float* go = (const float*)grad_output;
-      const float* r = (const float*)rois;
-      float* gi = (float*)grad_input;
-      if (small)
-        backward_cpu<float, int32_t>(go, r, gi, N, C, H, W, K, PH, PW, spatial_scale,
-                                     sampling_ratio, aln, nt);
-      else
-        backward_cpu<float, int64_t>(go, r, gi, N, C, H, W, K, PH, PW, spatial_scale,
-                                     sampling_ratio, aln, nt);
-    } else {
-      const double* go = (const double*)grad_output;
-      const double* r = (const double*)rois;
-      double* gi = (double*)grad_input;
-      if (small)
-        backward_cpu<double, int32_t>(go, r, gi, N, C, H, W, K, PH, PW, spatial_scale,
-                                      sampling_ratio, aln, nt);
-      else
-        backward_cpu<double, int64_t>(go, r, gi, N, C, H, W, K, PH, PW, spatial_scale,
-                                      sampling_ratio, aln, nt);
-    }
-  } catch (const std::bad_alloc&) {
-    return mrc::set_error(MRC_ERR_ALLOC, "%s: out of memory", fn);
-  } catch (...) {
-    return mrc::set_error(MRC_ERR_INTERNAL, "%s: internal error", fn);
-  }
+  const bool aln = aligned != 0;
+  MRC_GUARD(fn, {
+    if (dtype == MRC_F32)
+      backward_any<float>((const float*)grad_output, (const float*)rois, nullptr,
+                          (float*)grad_input, N, C, H, W, K, PH, PW, spatial_scale,
+                          sampling_ratio, aln, nt);
+    else
+      backward_any<double>((const double*)grad_output, (const double*)rois, nullptr,
+                           (double*)grad_input, N, C, H, W, K, PH, PW, spatial_scale,
+                           sampling_ratio, aln, nt);
+  });
+  return MRC_OK;
+}
+
+int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
+                                         const int64_t* heights, const int64_t* widths,
+                                         const double* scales, const void* rois,
+                                         const int64_t* levels, void* output, int64_t N,
+                                         int64_t C, int64_t K, int64_t PH, int64_t PW,
+                                         int64_t sampling_ratio, int aligned,
+                                         int num_threads) {
+  static const char* fn = "mrc_roi_align_multilevel_forward_cpu";
+  int rc = check_levels(fn, dtype, L, inputs, heights, widths, scales, rois, levels, output,
+                        N, C, K, PH, PW);
+  if (rc) return rc;
+  if (K == 0 || C == 0) return MRC_OK;
+  const int nt = resolve_threads(num_threads);
+  MRC_GUARD(fn, {
+    if (dtype == MRC_F32)
+      multilevel_forward<float>(L, inputs, heights, widths, scales, (const float*)rois, levels,
+                                (float*)output, N, C, K, PH, PW, sampling_ratio, aligned != 0,
+                                nt);
+    else
+      multilevel_forward<double>(L, inputs, heights, widths, scales, (const double*)rois,
+                                 levels, (double*)output, N, C, K, PH, PW, sampling_ratio,
+                                 aligned != 0, nt);
+  });
+  return MRC_OK;
+}
+
+int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inputs,
+                                          const int64_t* heights, const int64_t* widths,
+                                          const double* scales, const void* grad_output,
+                                          const void* rois, const int64_t* levels, int64_t N,
+                                          int64_t C, int64_t K, int64_t PH, int64_t PW,
+                                          int64_t sampling_ratio, int aligned,
+                                          int num_threads) {
+  static const char* fn = "mrc_roi_align_multilevel_backward_cpu";
+  int rc = check_levels(fn, dtype, L, grad_inputs, heights, widths, scales, rois, levels,
+                        grad_output, N, C, K, PH, PW);
+  if (rc) return rc;
+  if (K == 0 || C == 0 || N == 0) return MRC_OK;
+  const int nt = resolve_threads(num_threads);
+  MRC_GUARD(fn, {
+    if (dtype == MRC_F32)
+      multilevel_backward<float>(L, grad_inputs, heights, widths, scales,
+                                 (const float*)grad_output, (const float*)rois, levels, N, C,
+                                 K, PH, PW, sampling_ratio, aligned != 0, nt);
+    else
+      multilevel_backward<double>(L, grad_inputs, heights, widths, scales,
+                                  (const double*)grad_output, (const double*)rois, levels, N,
+                                  C, K, PH, PW, sampling_ratio, aligned != 0, nt);
+  });
   return MRC_OK;
 }
 

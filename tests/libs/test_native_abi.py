@@ -6,9 +6,8 @@ import os
 import re
 import struct
 
+import cffi
 import pytest
-
-cffi = pytest.importorskip("cffi")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER = os.path.join(ROOT, "libs", "csrc", "mrcnn_kernels.h")
@@ -51,6 +50,7 @@ def test_header_parses_with_cffi():
     ffi = cffi.FFI()
     ffi.cdef(cdef_text())
     for name in ("mrc_roi_align_forward_cpu", "mrc_roi_align_backward_cpu", "mrc_nms_cpu",
+                 "mrc_roi_align_multilevel_forward_cpu", "mrc_roi_align_multilevel_backward_cpu",
                  "mrc_roi_align_forward_cuda", "mrc_nms_cuda",
                  "mrc_roi_align_backward_cuda_workspace", "mrc_last_error"):
         assert re.search(r"\b%s\s*\(" % name, cdef_text())
@@ -147,10 +147,14 @@ def test_roi_align_backward_hand_case(api):
     assert [gi[0], gi[1], gi[4], gi[5]] == [1.0, 1.0, 1.0, 1.0] and sum(gi) == 4.0
 
 
-def test_roi_align_backward_independent_of_threads(api):
-    N, C, H, W, PH, PW = 2, 5, 9, 11, 3, 3
+@pytest.mark.parametrize("C", [5, 40])
+def test_roi_align_backward_independent_of_threads(api, C):
+    """Large enough (K*C*PH*PW >= 2**18) that the kernel uses the threads it is given;
+    C = 5: per-plane kernel, C = 40: channel-blocked kernel."""
+    N, H, W, PH, PW = 2, 9, 11, 7, 7
+    K = 2 ** 18 // (C * PH * PW) + 1
     rois = [((i * 7) % N, (i * 1.3) % 8 - 1, (i * 0.7) % 6 - 1, (i * 1.3) % 8 + 3.1,
-             (i * 0.7) % 6 + 2.9) for i in range(40)]
+             (i * 0.7) % 6 + 2.9) for i in range(K)]
     grads = [math.cos(i * 0.11) for i in range(len(rois) * C * PH * PW)]
     ref = backward(api, grads, rois, N, C, H, W, PH, PW, -1, 1, 1)
     for nt in (2, 3, 8):
@@ -158,12 +162,15 @@ def test_roi_align_backward_independent_of_threads(api):
         assert [struct.pack("d", v) for v in got] == [struct.pack("d", v) for v in ref]
 
 
-def nms(api, boxes, thr, dtype="float"):
+def nms(api, boxes, thr, dtype="float", scores=None):
+    """Boxes in descending score order unless scores are given."""
     ffi, lib = api
     b = ffi.new(f"{dtype}[]", [v for box in boxes for v in box])
+    s = ffi.new("double[]", scores if scores is not None
+                else [float(len(boxes) - i) for i in range(len(boxes))])
     keep = ffi.new("int64_t[]", max(len(boxes), 1))
     nk = ffi.new("int64_t *")
-    rc = lib.mrc_nms_cpu({"float": 0, "double": 1}[dtype], b, len(boxes), thr, keep, nk, 0)
+    rc = lib.mrc_nms_cpu({"float": 0, "double": 1}[dtype], b, s, len(boxes), thr, keep, nk, 0)
     assert rc == 0, err(api)
     return list(keep)[: nk[0]]
 
@@ -181,6 +188,11 @@ def test_nms_hand_cases(api, dtype):
     assert nms(api, dup, 1.0, dtype) == [0, 1, 2, 3]
     # zero-area boxes: IoU 0/0 = NaN never suppresses
     assert nms(api, [(1, 1, 1, 1)] * 3, 0.0, dtype) == [0, 1, 2]
+    # the kernel sorts: stable by descending score, NaN first; returns input indices
+    nan = float("nan")
+    far = [(10.0 * i, 0, 10.0 * i + 5, 5) for i in range(6)]
+    assert nms(api, far, 0.5, dtype, scores=[0.1, 0.7, nan, 0.7, 0.9, nan]) == [2, 5, 4, 1, 3, 0]
+    assert nms(api, boxes, 0.5, dtype, scores=[0.1, 0.2, 0.3]) == [2, 1]
 
 
 def test_error_paths(api):
@@ -204,17 +216,19 @@ def test_error_paths(api):
     assert "null" in err(api)
     keep = ffi.new("int64_t[]", 4)
     nk = ffi.new("int64_t *")
-    assert lib.mrc_nms_cpu(5, buf, 2, 0.5, keep, nk, 1) != 0 and "dtype" in err(api)
-    assert lib.mrc_nms_cpu(0, buf, -1, 0.5, keep, nk, 1) != 0 and "negative" in err(api)
+    assert lib.mrc_nms_cpu(5, buf, buf, 2, 0.5, keep, nk, 1) != 0 and "dtype" in err(api)
+    assert lib.mrc_nms_cpu(0, buf, buf, -1, 0.5, keep, nk, 1) != 0 and "negative" in err(api)
+    assert lib.mrc_nms_cpu(0, buf, ffi.NULL, 2, 0.5, keep, nk, 1) != 0 and "scores" in err(api)
     # empty inputs succeed
     assert lib.mrc_roi_align_forward_cpu(1, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 4, 0, 2, 2,
                                          1.0, 0, 0, 0, 1) == 0
-    assert lib.mrc_nms_cpu(0, ffi.NULL, 0, 0.5, ffi.NULL, nk, 1) == 0 and nk[0] == 0
+    assert lib.mrc_nms_cpu(0, ffi.NULL, ffi.NULL, 0, 0.5, ffi.NULL, nk, 1) == 0 and nk[0] == 0
 
 
 def test_matches_torchvision_bitwise(api):
-    torch = pytest.importorskip("torch")
-    tvops = pytest.importorskip("torchvision.ops")
+    import torch
+    import torchvision.ops as tvops
+
     ffi, lib = api
     g = torch.Generator().manual_seed(0)
     for dtype, code in ((torch.float32, 0), (torch.float64, 1)):
@@ -232,11 +246,67 @@ def test_matches_torchvision_bitwise(api):
                 assert torch.equal(out, ref), (dtype, aligned, sr)
         boxes = torch.cat([xy, xy + wh], 1)
         scores = torch.rand(30, generator=g, dtype=dtype)
-        order = torch.sort(scores, descending=True, stable=True).indices
-        sb = boxes[order].contiguous()
         keep = torch.empty(30, dtype=torch.int64)
         nk = torch.zeros(1, dtype=torch.int64)
-        assert lib.mrc_nms_cpu(code, ffi.cast("void *", sb.data_ptr()), 30, 0.3,
+        s64 = scores.double()
+        assert lib.mrc_nms_cpu(code, ffi.cast("void *", boxes.data_ptr()),
+                               ffi.cast("double *", s64.data_ptr()), 30, 0.3,
                                ffi.cast("int64_t *", keep.data_ptr()),
                                ffi.cast("int64_t *", nk.data_ptr()), 1) == 0
-        assert torch.equal(order[keep[: nk.item()]], tvops.nms(boxes, scores, 0.3))
+        assert torch.equal(keep[: nk.item()], tvops.nms(boxes, scores, 0.3))
+
+
+def test_multilevel_rows_levels_and_orphans(api):
+    """Each RoI's row comes from its own level at that level's scale; a level outside
+    [0, L) gives a zero row; the backward sends each row's gradient to its level only."""
+    import torch
+    import torchvision.ops as tvops
+
+    ffi, lib = api
+    P = lambda t, c="void *": ffi.cast(c, t.data_ptr())  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randn(2, 3, 8, 10, generator=g, dtype=torch.float64),
+            torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)]
+    scales = [0.5, 0.25]
+    rois = torch.tensor([[0, 1, 1, 12, 9], [1, 2, 0, 7, 5], [1, 0, 0, 16, 16],
+                         [0, 3, 3, 9, 9]], dtype=torch.float64)
+    levels = torch.tensor([1, 0, 7, 0])
+    out = torch.full((4, 3, 2, 2), float("nan"), dtype=torch.float64)
+    ptrs = ffi.new("void*[]", [P(m) for m in maps])
+    hs, ws = ffi.new("int64_t[]", [8, 4]), ffi.new("int64_t[]", [10, 5])
+    sc = ffi.new("double[]", scales)
+    assert lib.mrc_roi_align_multilevel_forward_cpu(1, 2, ptrs, hs, ws, sc, P(rois),
+                                                    P(levels, "int64_t *"), P(out), 2, 3, 4,
+                                                    2, 2, 2, 0, 2) == 0, err(api)
+    for k, lvl in enumerate(levels.tolist()):
+        if lvl > 1:
+            assert torch.equal(out[k], torch.zeros(3, 2, 2)), k
+        else:
+            exp = tvops.roi_align(maps[lvl], rois[k:k + 1], 2, scales[lvl], 2)
+            assert torch.equal(out[k:k + 1], exp), k
+    grad = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
+    grads = [torch.zeros_like(m) for m in maps]
+    gptrs = ffi.new("void*[]", [P(t) for t in grads])
+    assert lib.mrc_roi_align_multilevel_backward_cpu(1, 2, gptrs, hs, ws, sc, P(grad),
+                                                     P(rois), P(levels, "int64_t *"), 2, 3,
+                                                     4, 2, 2, 2, 0, 2) == 0, err(api)
+    for lvl in (0, 1):
+        sel = (levels == lvl).nonzero().flatten()
+        x = maps[lvl].clone().requires_grad_()
+        tvops.roi_align(x, rois[sel], 2, scales[lvl], 2).backward(grad[sel])
+        assert torch.equal(grads[lvl], x.grad), lvl
+    assert lib.mrc_roi_align_multilevel_forward_cpu(1, 0, ptrs, hs, ws, sc, P(rois),
+                                                    P(levels, "int64_t *"), P(out), 2, 3, 4,
+                                                    2, 2, 2, 0, 2) != 0
+    assert "L >= 1" in err(api)
+
+
+def test_abi_version_is_coherent(api):
+    """libs/_loader.py, common.h and the built library agree (a stale build is refused)."""
+    from libs import _loader
+
+    _, lib = api
+    common = open(os.path.join(ROOT, "libs", "csrc", "common.h")).read()
+    assert re.search(r"#define MRC_ABI_VERSION (\d+)", common).group(1) == str(
+        _loader.ABI_VERSION)
+    assert lib.mrc_abi_version() == _loader.ABI_VERSION

@@ -2,7 +2,6 @@
 
 Fuzz tests draw fresh inputs from a few seeds; the seed is in every assertion message.
 """
-import os
 import shutil
 import warnings
 
@@ -12,6 +11,7 @@ import torchvision
 
 import libs
 from libs import _loader, ops, reference
+from tests.libs.conftest import require_native
 
 SEEDS = [0, 1, 2]
 SCALES = [1.0, 0.5, 0.25, 1 / 32]
@@ -106,10 +106,40 @@ def test_layouts(kernel_backend, device, dtype, kind):
         torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=f"seed={100 + seed}")
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_channels_both_cpu_paths(monkeypatch, dtype, kind):
+    """C >= 32 takes the channel-blocked CPU kernel when the RoIs sample the map densely
+    (many RoIs, small map) and the per-plane kernel otherwise (few RoIs, large map);
+    C = 70 leaves a partly filled last block. Both match torchvision. (Native CPU only:
+    the fallback has no such paths.)"""
+    monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    require_native("cpu")
+    device = torch.device("cpu")
+    for seed, (C, K, H, W) in enumerate([(32, 60, 9, 11), (70, 80, 14, 10), (70, 2, 90, 80),
+                                         (64, 1, 40, 50)]):
+        g = torch.Generator().manual_seed(300 + seed)
+        x = torch.randn(2, C, H, W, generator=g, dtype=dtype).to(device)
+        rois = random_rois(g, K, 2, H, W, 0.5, dtype).to(device)
+        for sr, aligned in ((2, False), (-1, True)):
+            msg = f"seed={300 + seed} C,K,H,W={C, K, H, W} sr={sr} aligned={aligned}"
+            expected = torchvision.ops.roi_align(x, rois, (5, 4), 0.5, sr, aligned)
+            xl = layout(x, kind).detach().requires_grad_()
+            got = libs.roi_align(xl, rois, (5, 4), 0.5, sr, aligned)
+            torch.testing.assert_close(got, expected, **TOL[dtype], msg=msg)
+            grad = torch.randn(expected.shape, generator=g, dtype=dtype).to(device)
+            got.backward(grad)
+            xt = x.detach().clone().requires_grad_()
+            torchvision.ops.roi_align(xt, rois, (5, 4), 0.5, sr, aligned).backward(grad)
+            torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=msg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half(kernel_backend, device, dtype):
-    if device.type == "cpu" and kernel_backend == "native":
-        pytest.skip("CPU kernels take float32/float64 (half runs on the fallback)")
+    """CUDA kernels take half types; the CPU kernels do not, so on the CPU half inputs
+    always go to the fallback (which computes in float32), native library or not."""
+    if device.type == "cpu":
+        assert ops._native(torch.zeros(1, dtype=dtype)) is None
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 4, 16, 16, generator=g)
     rois = random_rois(g, 20, 2, 16, 16, 0.5, torch.float32)
@@ -192,7 +222,7 @@ def test_hand_computed_aligned_ramp(kernel_backend, device):
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck_float64(kernel_backend, device, aligned):
+def test_gradcheck_float64(kernel_backend, device, aligned, one_thread):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
     rois = torch.tensor([[0, 0.3, 0.6, 5.2, 6.1], [1, 1.7, 0.2, 3.3, 2.9], [1, -2, -1, 9, 8]],
@@ -203,11 +233,14 @@ def test_gradcheck_float64(kernel_backend, device, aligned):
         lambda inp: libs.roi_align(inp, rois, 2, 0.5, 2, aligned), (x,))
 
 
-def test_cpu_backward_bit_identical_across_threads(kernel_backend):
+@pytest.mark.parametrize("channels", [16, 40])
+def test_cpu_backward_bit_identical_across_threads(kernel_backend, channels):
+    """16 channels: the per-plane kernel; 40: the channel-blocked kernel (padded block).
+    K * C * 7 * 7 >= 2**18, so the kernels do use the threads (smaller calls run on one)."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 16, 30, 30, generator=g, requires_grad=True)
-    rois = random_rois(g, 200, 2, 30, 30, 0.5, torch.float32)
-    grad = torch.randn(200, 16, 7, 7, generator=g)
+    x = torch.randn(2, channels, 30, 30, generator=g, requires_grad=True)
+    rois = random_rois(g, 400, 2, 30, 30, 0.5, torch.float32)
+    grad = torch.randn(400, channels, 7, 7, generator=g)
     before = torch.get_num_threads()
     grads = []
     try:
@@ -271,13 +304,11 @@ def test_argument_errors():
         libs.roi_align(x, rois.to("meta"), 2)
 
 
-def test_native_error_code_becomes_runtime_error():
-    lib_path = _loader.BUILD_DIR / "libmrcnn_cpu.so"
-    if not lib_path.exists():
-        pytest.skip(f"{lib_path} is not built")
-    lib = _loader.get_lib("cpu") if not os.environ.get("MASKRCNN_FORCE_FALLBACK") else None
-    if lib is None:
-        pytest.skip("fallback forced")
+def test_native_error_code_becomes_runtime_error(monkeypatch):
+    monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    require_native("cpu")
+    lib = _loader.get_lib("cpu")
+    assert lib is not None, libs.backend_info()
     null = _loader.ffi.NULL
     rc = lib.mrc_roi_align_forward_cpu(9, null, null, null, 1, 1, 1, 1, 1, 1, 1, 1.0, 1, 0, 0, 1)
     assert rc != 0
