@@ -7,8 +7,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import conv2d
+
 
 class FPN(nn.Module):
+    # Fused oneDNN convs at inference (set by build_model from backbone.fuse_bn); False
+    # keeps torchvision's exact arithmetic.
+    fuse_inference = True
+
     """Top-down pyramid with lateral connections, plus a max-pooled extra level.
 
     P_l = output_conv_l(lateral_conv_l(C_l) + upsample(P'_{l+1})), nearest upsampling to
@@ -42,13 +48,16 @@ class FPN(nn.Module):
             [Tensor[N, out_channels, H_l, W_l]] finest first (P2..P5), then P6 when
             extra_pool is set.
         """
-        last_inner = self.lateral_convs[-1](features[-1])
-        results = [self.output_convs[-1](last_inner)]
+        # conv2d: one oneDNN call with the top-down add fused at inference on CPU.
+        fast = self.fuse_inference
+        last_inner = conv2d(features[-1], self.lateral_convs[-1], fast=fast)
+        results = [conv2d(last_inner, self.output_convs[-1], fast=fast)]
         for idx in range(len(features) - 2, -1, -1):
-            lateral = self.lateral_convs[idx](features[idx])
-            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
-            last_inner = lateral + top_down
-            results.insert(0, self.output_convs[idx](last_inner))
+            top_down = F.interpolate(last_inner, size=features[idx].shape[-2:],
+                                     mode="nearest")
+            last_inner = conv2d(features[idx], self.lateral_convs[idx], residual=top_down,
+                                fast=fast)
+            results.insert(0, conv2d(last_inner, self.output_convs[idx], fast=fast))
         if self.extra_pool:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return results

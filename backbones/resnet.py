@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
+from .fused import (block_forward, block_forward_live, conv_act, fold_block, fold_conv_norm,
+                    fused_trunk_forward, trunk_all_frozen_bn, trunk_is_foldable, use_onednn)
 from .norm import norm_layer_factory
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -41,9 +43,15 @@ class ResNetTrunk(nn.Module):
         trainable_layers: 0..5, how many stages, counted from layer4 down to conv1, keep
             trainable parameters; the others are frozen (requires_grad False, and their
             BatchNorm layers stay in eval mode so their statistics do not drift).
+        fuse_inference: in eval mode without gradients, run the convs with the
+            normalisation folded in and ReLU / residual adds fused (backbones/fused.py);
+            with frozen_bn and gradients (training), run the frozen stages that way
+            without autograd and fold the norms in-graph in the trainable ones. Equal to
+            the unfused forward up to float rounding. GroupNorm trunks never fuse.
     """
 
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
+                 fuse_inference: bool = True):
         super().__init__()
         _check_depth(depth)
         if not 0 <= trainable_layers <= 5:
@@ -57,6 +65,10 @@ class ResNetTrunk(nn.Module):
         self.out_channels_list = resnet_out_channels(depth)
         self.trainable_layers = trainable_layers
         self._freeze(trainable_layers)
+        # Inference fast path (backbones/fused.py): BN folded into the convs.
+        self.fuse_inference = fuse_inference
+        self._foldable = trunk_is_foldable(self)
+        self._all_frozen_bn = trunk_all_frozen_bn(self)
 
     def _frozen_modules(self) -> list[nn.Module]:
         frozen = STAGES[: len(STAGES) - self.trainable_layers]
@@ -77,13 +89,62 @@ class ResNetTrunk(nn.Module):
                     m.eval()
         return self
 
+    def uses_fused_path(self) -> bool:
+        """Inference (eval mode, no grad) with foldable norms runs the fused path."""
+        return (self.fuse_inference and not self.training and not torch.is_grad_enabled()
+                and self._foldable)
+
+    def _frozen_prefix(self) -> int:
+        """How many of conv1, layer1.. (in order) are frozen: they need no gradient."""
+        return len(STAGES) - self.trainable_layers
+
+    def _forward_folded_train(self, x: Tensor) -> list[Tensor]:
+        """Training (or grad-enabled) forward of a frozen-BatchNorm trunk: the frozen
+        stages run the inference fast path without autograd (nothing there needs a
+        gradient when the input does not), the trainable ones fold the norms in-graph."""
+        frozen = self._frozen_prefix() if not x.requires_grad else 0
+        outs = []
+        stages = [("conv1", None)] + [(f"layer{i}", getattr(self, f"layer{i}"))
+                                      for i in range(1, 5)]
+        for index, (name, layer) in enumerate(stages):
+            if index < frozen:
+                with torch.no_grad():
+                    x = self._stage_inference(name, layer, x)
+                if index + 1 == frozen:
+                    # The trainable stages run torchvision's NCHW kernels.
+                    x = x.contiguous()
+            elif layer is None:
+                x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            else:
+                for block in layer:
+                    x = block_forward_live(x, block)
+            if layer is not None:
+                outs.append(x)
+        return outs
+
+    def _stage_inference(self, name: str, layer, x: Tensor) -> Tensor:
+        if use_onednn(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        if layer is None:
+            return self.maxpool(conv_act(x, fold_conv_norm(self.conv1, self.bn1), relu=True))
+        for block in layer:
+            x = block_forward(x, fold_block(block))
+        return x
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """
         Args:
             x: Tensor[N, 3, H, W], normalised images.
         Returns:
-            [C2, C3, C4, C5], Tensor[N, C_l, H / s, W / s] for strides s = 4, 8, 16, 32.
+            [C2, C3, C4, C5], Tensor[N, C_l, H / s, W / s] for strides s = 4, 8, 16, 32
+            (channels-last memory format on the fused CPU inference path).
         """
+        if self.uses_fused_path():
+            # Folded on every call, block by block, not cached: a cache would hold a
+            # second copy of the trunk's weights (~95 MB for ResNet-50) to save ~1%.
+            return fused_trunk_forward(self, x)
+        if self.fuse_inference and self._all_frozen_bn:
+            return self._forward_folded_train(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)

@@ -37,7 +37,7 @@ class ResNetFPN(nn.Module):
 
 def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
                               trainable_layers: int = 3, out_channels: int = 256,
-                              pretrained: str | None = None) -> ResNetFPN:
+                              pretrained: str | None = None, fuse_bn: bool = True) -> ResNetFPN:
     """Build a ResNet-FPN backbone.
 
     Args:
@@ -49,8 +49,10 @@ def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
         pretrained: None (random init), "imagenet" (torchvision's checkpoint in the torch
             hub cache, FileNotFoundError naming it when absent), or a path to a torchvision
             ResNet ImageNet state dict (.pth).
+        fuse_bn: fold the norms into the trunk convs where possible (ResNetTrunk's
+            fuse_inference; backbones/fused.py).
     """
-    body = ResNetTrunk(depth, norm, trainable_layers)
+    body = ResNetTrunk(depth, norm, trainable_layers, fuse_inference=fuse_bn)
     if pretrained is not None:
         path = imagenet_weights_path(depth) if pretrained == "imagenet" else pretrained
         load_imagenet_weights(body, path)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.fused import conv2d, fast_path
 from libs import roi_align
 
 
@@ -21,6 +22,8 @@ class MaskHead(nn.Sequential):
         layers: output channels of each conv.
         dilation: conv dilation (padding = dilation keeps the size).
     """
+
+    fuse_inference = True  # see FPN.fuse_inference
 
     def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1):
         blocks = []
@@ -35,12 +38,23 @@ class MaskHead(nn.Sequential):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[R, C, P, P] pooled RoI features -> Tensor[R, layers[-1], P, P]."""
+        if not (self.fuse_inference and fast_path(x)):
+            return super().forward(x)
+        # Inference on CPU: each conv + ReLU is one oneDNN call on channels-last tensors.
+        for block in self:
+            x = conv2d(x, block[0], relu=True)
+        return x
+
 
 class MaskPredictor(nn.Sequential):
     """2x2 stride-2 deconv + ReLU, then 1x1 conv to K + 1 mask logits (14 -> 28).
 
     Only the weights get kaiming init; biases keep PyTorch's default, as torchvision does.
     """
+
+    fuse_inference = True  # see FPN.fuse_inference
 
     def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
         super().__init__(OrderedDict([
@@ -51,6 +65,13 @@ class MaskPredictor(nn.Sequential):
         for name, param in self.named_parameters():
             if "weight" in name:
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[R, C, P, P] -> mask logits Tensor[R, K+1, 2P, 2P]."""
+        if not (self.fuse_inference and fast_path(x)):
+            return super().forward(x)
+        x = F.relu(self.conv5_mask(x), inplace=True)
+        return conv2d(x, self.mask_fcn_logits)
 
 
 def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor,
