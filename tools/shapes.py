@@ -38,7 +38,7 @@ _FORMAT_VERSION = 1
 
 
 def _polygon(kind: str, radius: float, angle: float) -> np.ndarray:
-    """Vertices Tensor-like float[V, 2] (x, y) of a shape of circumradius `radius` centred
+    """Vertices float[V, 2] (x, y) of a shape of circumradius `radius` centred
     at the origin, rotated by `angle` radians."""
     if kind == "square":
         t = np.arange(4) * (math.pi / 2) + math.pi / 4
