@@ -95,17 +95,23 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size,
                          bool(aligned))
 
 
+def _check_per_box(op: str, name: str, t: Tensor, boxes: Tensor, what: str) -> None:
+    """``t`` must be a Tensor[n] on ``boxes``' device, n = number of boxes."""
+    n = boxes.shape[0]
+    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n:
+        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be a Tensor[n] with n = {n} ({what}), "
+                         f"got {shape}")
+    if t.device != boxes.device:
+        raise ValueError(f"{op}: {name} are on {t.device} but boxes are on "
+                         f"{boxes.device}: move them with .to(boxes.device)")
+
+
 def _check_nms_args(boxes: Tensor, scores: Tensor) -> None:
     if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
         shape = list(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
         raise ValueError(f"nms: boxes must be a Tensor[n, 4] (x1, y1, x2, y2), got {shape}")
-    if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
-        shape = list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"nms: scores must be a Tensor[n] with n = {boxes.shape[0]} "
-                         f"(one per box), got {shape}")
-    if scores.device != boxes.device:
-        raise ValueError(f"nms: scores are on {scores.device} but boxes are on "
-                         f"{boxes.device}: move them with .to(boxes.device)")
+    _check_per_box("nms", "scores", scores, boxes, "one per box")
     if not boxes.is_floating_point():
         raise ValueError(f"nms: boxes must be floating point, got {boxes.dtype}")
 
@@ -136,13 +142,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[k] int64 kept indices, by descending score (ties: lower index first).
     """
     _check_nms_args(boxes, scores)
-    if not isinstance(idxs, Tensor) or idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
-        shape = list(idxs.shape) if isinstance(idxs, Tensor) else type(idxs).__name__
-        raise ValueError(f"batched_nms: idxs must be a Tensor[n] with n = {boxes.shape[0]} "
-                         f"(one category per box), got {shape}")
-    if idxs.device != boxes.device:
-        raise ValueError(f"batched_nms: idxs are on {idxs.device} but boxes are on "
-                         f"{boxes.device}: move them with .to(boxes.device)")
+    _check_per_box("batched_nms", "idxs", idxs, boxes, "one category per box")
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
