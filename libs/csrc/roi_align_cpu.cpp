@@ -26,6 +26,8 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <stdio.h>
 
 #include <algorithm>
 #include <memory>
@@ -68,6 +70,23 @@ void build_axis(T start, T bin, int64_t P, int64_t g, int64_t size, AxisEntry<T>
       }
     }
   }
+}
+
+/* The output (and gradient) buffers are fresh allocations of tens of MB: faulting them in
+ * 4 KiB pages on first write cost about as much as the pooling itself. Asking for huge
+ * pages on the untouched 2 MiB-aligned middle makes that 512x fewer faults. A hint only:
+ * errors (no THP, not an mmap'ed block) change nothing. */
+void hint_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  if (!p || bytes < 2 * huge) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 int resolve_threads(int num_threads) {
@@ -534,15 +553,12 @@ void pack_row_nchw(const float* src, int64_t plane, int64_t W, int64_t cn, float
   pack_row_nchw_scalar(src, plane, W, cn, o);
 }
 
-/* Row r = (n * nb + b) * H + y of the packed [N][nb][H][W][L] copy of an NCHW (or NHWC)
- * map, zero-padded lanes. */
+/* Row y of block b (channels b*L .. b*L+L-1) of image n, packed as [W][L] at o, lanes past
+ * C zero-filled. From an NCHW (or NHWC) map. */
 template <typename T>
-void pack_one_row(const T* in, bool channels_last, T* out, int64_t r, int64_t C, int64_t H,
-                  int64_t W) {
-  const int64_t nb = (C + kLanes - 1) / kLanes;
-  const int64_t y = r % H, b = (r / H) % nb, n = r / (H * nb);
+void pack_one_row(const T* in, bool channels_last, T* o, int64_t n, int64_t b, int64_t y,
+                  int64_t C, int64_t H, int64_t W) {
   const int64_t c0 = b * kLanes, cn = std::min(kLanes, C - c0);
-  T* o = out + r * W * kLanes;
   if (cn < kLanes) memset(o, 0, sizeof(T) * W * kLanes);
   if (channels_last) {
     const T* src = in + ((n * H + y) * W) * C + c0;
@@ -552,18 +568,9 @@ void pack_one_row(const T* in, bool channels_last, T* out, int64_t r, int64_t C,
   pack_row_nchw(in + ((n * C + c0) * H + y) * W, H * W, W, cn, o);
 }
 
-template <typename T>
-void pack_blocked(const T* in, bool channels_last, T* out, int64_t N, int64_t C, int64_t H,
-                  int64_t W, int nt) {
-  const int64_t rows = N * ((C + kLanes - 1) / kLanes) * H;
-  /* dynamic: a thread that the OS deschedules does not hold back a fixed share */
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
-  for (int64_t r = 0; r < rows; ++r) pack_one_row(in, channels_last, out, r, C, H, W);
-}
-
-/* The packed copy of the input (or gradient) is large (N*C*H*W values): a fresh
- * allocation of that size is mmap'ed and page-faulted on every call, which costs as much
- * as the packing itself. Each calling thread keeps its buffer (it only grows). */
+/* Scratch for one packed block per thread (or one shared): a fresh allocation of several
+ * MB is mmap'ed and page-faulted on every call, which costs as much as the packing
+ * itself, so each calling thread keeps its buffer (it only grows). */
 template <typename T>
 T* scratch(size_t count) {
   static thread_local std::unique_ptr<char[]> buf;
@@ -578,8 +585,8 @@ T* scratch(size_t count) {
   return reinterpret_cast<T*>(buf.get());
 }
 
-/* nullptr when the packed copy does not fit in memory (the caller takes the unblocked
- * path, which needs no copy). */
+/* nullptr when the scratch does not fit in memory (the caller takes the unblocked path,
+ * which needs none). */
 template <typename T>
 T* try_scratch(size_t count) {
   try {
@@ -622,6 +629,44 @@ void fwd_block_generic(const T* plane, const TapRec<T, I>* taps, const int64_t* 
   fwd_block_body<T, I>(plane, taps, bins, PHW, count, cn, o);
 }
 
+#if MRC_X86_DISPATCH
+/* float: written with intrinsics because GCC keeps the lane loop of fwd_block_body
+ * scalar (it versions the loop for aliasing and takes the scalar copy). Same operations
+ * in the same order per lane (mul, then adds left to right, then the divide: no FMA), so
+ * the bits are those of the scalar code. 32 lanes = 4 accumulators. */
+template <>
+MRC_AVX2 void fwd_block_avx2<float, int32_t>(const float* plane,
+                                             const TapRec<float, int32_t>* taps,
+                                             const int64_t* bins, int64_t PHW, float count,
+                                             int64_t cn, float* o) {
+  static_assert(kLanes == 32, "fwd_block_avx2<float> assumes 4 x 8 lanes");
+  const __m256 vc = _mm256_set1_ps(count);
+  alignas(32) float res[kLanes];
+  for (int64_t b = 0; b < PHW; ++b) {
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t s = bins[b]; s < bins[b + 1]; ++s) {
+      const TapRec<float, int32_t> t = taps[s];
+      const float* v1 = plane + static_cast<int64_t>(t.p1) * kLanes;
+      const float* v2 = plane + static_cast<int64_t>(t.p2) * kLanes;
+      const float* v3 = plane + static_cast<int64_t>(t.p3) * kLanes;
+      const float* v4 = plane + static_cast<int64_t>(t.p4) * kLanes;
+      const __m256 w1 = _mm256_set1_ps(t.w1), w2 = _mm256_set1_ps(t.w2);
+      const __m256 w3 = _mm256_set1_ps(t.w3), w4 = _mm256_set1_ps(t.w4);
+      for (int j = 0; j < 4; ++j) {
+        __m256 m = _mm256_mul_ps(w1, _mm256_loadu_ps(v1 + 8 * j));
+        m = _mm256_add_ps(m, _mm256_mul_ps(w2, _mm256_loadu_ps(v2 + 8 * j)));
+        m = _mm256_add_ps(m, _mm256_mul_ps(w3, _mm256_loadu_ps(v3 + 8 * j)));
+        m = _mm256_add_ps(m, _mm256_mul_ps(w4, _mm256_loadu_ps(v4 + 8 * j)));
+        acc[j] = _mm256_add_ps(acc[j], m);
+      }
+    }
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(res + 8 * j, _mm256_div_ps(acc[j], vc));
+    for (int64_t c = 0; c < cn; ++c) o[c * PHW + b] = res[c];
+  }
+}
+#endif
+
 /* One RoI's samples of one bin scattered into a block of gradient planes, taps 1..4 in
  * torchvision's order: g_i = grad * w_i / count. */
 template <typename T, typename I>
@@ -658,87 +703,127 @@ void bwd_block_generic(T* plane, const TapRec<T, I>* taps, const int64_t* bins, 
   bwd_block_body<T, I>(plane, taps, bins, PHW, count, go, cn);
 }
 
-/* Returns false (nothing written) when the tap tables do not fit: the caller then uses
- * the unblocked path. */
+/* One map (FPN level) of the blocked path: tap tables of its RoIs and, per image, the
+ * RoIs to visit. The forward visits them in a spatial order (cache reuse; items are
+ * independent, so the order changes no result); the backward in input order (the
+ * summation order of torchvision). */
 template <typename T, typename I>
-bool forward_blocked(const T* input, bool channels_last, const T* rois, T* output,
-                     const int64_t* rows, int64_t N,
-                     int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW,
-                     double scale, int64_t sr, bool aligned, int nt) {
-  const int64_t HW = H * W, PHW = PH * PW;
-  const int64_t nb = (C + kLanes - 1) / kLanes;
+struct LevelPlan {
+  void* data = nullptr;              /* the map (forward) or its gradient (backward) */
+  int64_t H = 0, W = 0;
+  const int64_t* rows = nullptr;     /* output row of RoI k (nullptr: k) */
   AllTaps<T, I> all;
-  all.build(rois, N, H, W, K, PH, PW, scale, sr, aligned, nt, 256u << 20);
-  /* Packing reads every pixel once: not worth it for a few samples on a large map. */
-  if (!all.ok || 4 * all.roi_off[K] < N * HW) return false;
-  T* packed = try_scratch<T>(static_cast<size_t>(N * nb * HW * kLanes));
-  if (!packed) return false;
-  pack_blocked(input, channels_last, packed, N, C, H, W, nt);
-  const std::vector<int64_t> visit = spatial_order(rois, K, scale);
-  const bool avx2 = cpu_has_avx2();
-#pragma omp parallel for num_threads(nt) collapse(2) schedule(dynamic, 8)
-  for (int64_t cb = 0; cb < nb; ++cb) {
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const int64_t k = visit[kk];
-      const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
-      const RoiGeom<T>& g = all.geom[k];
-      T* o = output + ((rows ? rows[k] : k) * C + c0) * PHW;
-      if (g.batch < 0 || HW == 0) {
-        memset(o, 0, sizeof(T) * cn * PHW);
-        continue;
-      }
-      const T* plane = packed + (g.batch * nb + cb) * HW * kLanes;
-      const TapRec<T, I>* taps = all.taps.data() + all.roi_off[k];
-      const int64_t* bins = all.bin_start.data() + k * (PHW + 1);
-      if (avx2)
-        fwd_block_avx2<T, I>(plane, taps, bins, PHW, g.count, cn, o);
-      else
-        fwd_block_generic<T, I>(plane, taps, bins, PHW, g.count, cn, o);
-    }
-  }
-  return true;
-}
+  std::vector<int64_t> start, order; /* RoIs of image n: order[start[n] .. start[n+1]) */
 
-/* Backward plan of one map: tap tables and, per image, its RoIs in input order. */
-template <typename T, typename I>
-struct BwdPlan {
-  AllTaps<T, I> all;
-  std::vector<int64_t> start, order;  /* RoIs of image n: order[start[n] .. start[n+1]) */
-
-  /* Serial part; false when the taps do not fit or packing does not pay off. */
-  bool prepare(const T* rois, int64_t N, int64_t H, int64_t W, int64_t K, int64_t PH,
-               int64_t PW, double scale, int64_t sr, bool aligned) {
-    all.prepare(rois, N, H, W, K, PH, PW, scale, sr, aligned, 256u << 20);
-    if (!all.ok || 4 * all.roi_off[K] < N * H * W) return false;
+  /* Serial part; false when the taps do not fit or packing does not pay off (it reads
+   * every pixel once: not worth it for a few samples on a large map). */
+  bool prepare(void* data_, const T* rois, const int64_t* rows_, int64_t N, int64_t H_,
+               int64_t W_, int64_t K, int64_t PH, int64_t PW, double scale, int64_t sr,
+               bool aligned, bool spatial) {
+    if (N <= 0 || H_ <= 0 || W_ <= 0 || H_ * W_ >= (int64_t(1) << 31)) return false;
+    all.prepare(rois, N, H_, W_, K, PH, PW, scale, sr, aligned, 256u << 20);
+    if (!all.ok || 4 * all.roi_off[K] < N * H_ * W_) return false;
+    data = data_, H = H_, W = W_, rows = rows_;
     start.assign(N + 1, 0);
     for (int64_t k = 0; k < K; ++k)
       if (all.geom[k].batch >= 0) start[all.geom[k].batch + 1]++;
     for (int64_t n = 0; n < N; ++n) start[n + 1] += start[n];
     order.resize(start[N]);
     std::vector<int64_t> pos(start.begin(), start.end() - 1);
-    for (int64_t k = 0; k < K; ++k)
-      if (all.geom[k].batch >= 0) order[pos[all.geom[k].batch]++] = k;
+    std::vector<int64_t> visit;
+    if (spatial) visit = spatial_order(rois, K, scale);
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t k = spatial ? visit[i] : i, b = all.geom[k].batch;
+      if (b >= 0) order[pos[b]++] = k;
+    }
     return true;
   }
+  int64_t row(int64_t k) const { return rows ? rows[k] : k; }
+  int64_t num_rois() const { return static_cast<int64_t>(all.geom.size()); }
 };
 
-/* Work item it = (image n, channel block cb): its gradient planes are disjoint from every
- * other item's and its RoIs are visited in input order, so the sums do not depend on the
- * thread count and follow torchvision's order (RoI, bin, sample, tap). plane: this item's
- * packed scratch (H*W*L values); the result is added to the NCHW grad_in. */
+/* Fills the tap tables of every plan (inside a parallel region; ends with a barrier). */
 template <typename T, typename I>
-void backward_item(const BwdPlan<T, I>& p, int64_t it, T* plane, const T* grad_out,
-                   const int64_t* rows, T* grad_in, int64_t C, int64_t HW, int64_t PHW,
-                   bool avx2) {
-  const int64_t nb = (C + kLanes - 1) / kLanes;
-  const int64_t n = it / nb, cb = it % nb;
+void fill_all_taps(const std::vector<LevelPlan<T, I>*>& plans) {
+  std::vector<AxisEntry<T>> ys, xs;
+  for (LevelPlan<T, I>* p : plans) {
+#pragma omp for schedule(dynamic, 16) nowait
+    for (int64_t k = 0; k < p->num_rois(); ++k) p->all.fill(k, ys, xs);
+  }
+#pragma omp barrier
+}
+
+int64_t largest_plane(const std::vector<int64_t>& hw) {
+  int64_t m = 0;
+  for (int64_t v : hw) m = std::max(m, v);
+  return m;
+}
+
+/* Blocked forward over several maps. For each (map, image, channel block) in turn the
+ * threads pack the block into ONE shared scratch plane ([H][W][L]; it stays in the
+ * last-level cache) and then pool all its RoIs from it. The scratch is one block of the
+ * largest map, not a packed copy of every map. Returns false (nothing written) when the
+ * scratch cannot be allocated. */
+template <typename T, typename I>
+bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_last, T* out,
+                     int64_t N, int64_t C, int64_t PH, int64_t PW, int nt) {
+  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
+  std::vector<int64_t> hw;
+  for (const LevelPlan<T, I>* p : plans) hw.push_back(p->H * p->W);
+  T* packed = try_scratch<T>(static_cast<size_t>(largest_plane(hw) * kLanes));
+  if (!packed) return false;
+  for (const LevelPlan<T, I>* p : plans)  /* RoIs of no image (bad batch index) */
+    for (int64_t k = 0; k < p->num_rois(); ++k)
+      if (p->all.geom[k].batch < 0) zero_roi_block(out, p->row(k), 0, C, C, PHW);
+  const bool avx2 = cpu_has_avx2();
+#pragma omp parallel num_threads(nt)
+  {
+    fill_all_taps(plans);
+    for (const LevelPlan<T, I>* p : plans) {
+      const T* map = static_cast<const T*>(p->data);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o0 = p->start[n], o1 = p->start[n + 1];
+        if (o0 == o1) continue;
+        for (int64_t cb = 0; cb < nb; ++cb) {
+          const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
+#pragma omp for schedule(dynamic, 8)
+          for (int64_t y = 0; y < p->H; ++y)
+            pack_one_row(map, channels_last, packed + y * p->W * kLanes, n, cb, y, C, p->H,
+                         p->W);
+#pragma omp for schedule(dynamic, 8)
+          for (int64_t oi = o0; oi < o1; ++oi) {
+            const int64_t k = p->order[oi];
+            const TapRec<T, I>* taps = p->all.taps.data() + p->all.roi_off[k];
+            const int64_t* bins = p->all.bin_start.data() + k * (PHW + 1);
+            T* o = out + (p->row(k) * C + c0) * PHW;
+            if (avx2)
+              fwd_block_avx2<T, I>(packed, taps, bins, PHW, p->all.geom[k].count, cn, o);
+            else
+              fwd_block_generic<T, I>(packed, taps, bins, PHW, p->all.geom[k].count, cn, o);
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+/* Backward work item (image n, channel block cb) of one map: its gradient planes are
+ * disjoint from every other item's and its RoIs are visited in input order, so the sums
+ * do not depend on the thread count and follow torchvision's order (RoI, bin, sample,
+ * tap). plane: the calling thread's scratch (H*W*L values); the result is added to the
+ * NCHW gradient. */
+template <typename T, typename I>
+void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
+                   const T* grad_out, int64_t C, int64_t PHW, bool avx2) {
+  const int64_t HW = p.H * p.W;
   const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
   memset(plane, 0, sizeof(T) * HW * kLanes);
   for (int64_t oi = p.start[n]; oi < p.start[n + 1]; ++oi) {
     const int64_t k = p.order[oi];
     const TapRec<T, I>* taps = p.all.taps.data() + p.all.roi_off[k];
     const int64_t* bins = p.all.bin_start.data() + k * (PHW + 1);
-    const T* go = grad_out + ((rows ? rows[k] : k) * C + c0) * PHW;
+    const T* go = grad_out + (p.row(k) * C + c0) * PHW;
     if (avx2)
       bwd_block_avx2<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
     else
@@ -746,6 +831,7 @@ void backward_item(const BwdPlan<T, I>& p, int64_t it, T* plane, const T* grad_o
   }
   /* unpack, in tiles of kTile pixels so a tile of the blocked plane stays in L1 while its
    * cn channels are read out */
+  T* grad_in = static_cast<T*>(p.data);
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t pn = std::min(kTile, HW - p0);
     for (int64_t c = 0; c < cn; ++c) {
@@ -756,27 +842,33 @@ void backward_item(const BwdPlan<T, I>& p, int64_t it, T* plane, const T* grad_o
   }
 }
 
-/* Returns false when the tap tables do not fit or packing does not pay off. */
+/* Blocked backward over several maps: items (map, image, channel block) run
+ * independently, each in its thread's own scratch plane (one block of the largest map
+ * per thread). Returns false (nothing written) when the scratch cannot be allocated. */
 template <typename T, typename I>
-bool backward_blocked(const T* grad_out, const T* rois, const int64_t* rows, T* grad_in,
-                      int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH,
-                      int64_t PW, double scale, int64_t sr, bool aligned, int nt) {
-  const int64_t HW = H * W, PHW = PH * PW;
-  const int64_t nb = (C + kLanes - 1) / kLanes;
-  BwdPlan<T, I> plan;
-  if (!plan.prepare(rois, N, H, W, K, PH, PW, scale, sr, aligned)) return false;
-  T* packed = try_scratch<T>(static_cast<size_t>(N * nb * HW * kLanes));
-  if (!packed) return false;
+bool backward_blocked(const std::vector<LevelPlan<T, I>*>& plans, const T* grad_out,
+                      int64_t N, int64_t C, int64_t PH, int64_t PW, int nt) {
+  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
+  std::vector<int64_t> hw, item0(1, 0);
+  for (const LevelPlan<T, I>* p : plans) {
+    hw.push_back(p->H * p->W);
+    item0.push_back(item0.back() + N * nb);
+  }
+  const int64_t plane = largest_plane(hw) * kLanes;
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, item0.back())));
+  T* planes = try_scratch<T>(static_cast<size_t>(plane * nt));
+  if (!planes) return false;
   const bool avx2 = cpu_has_avx2();
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<AxisEntry<T>> ys, xs;
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t k = 0; k < K; ++k) plan.all.fill(k, ys, xs);
+    fill_all_taps(plans);
+    T* mine = planes + omp_get_thread_num() * plane;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < N * nb; ++it)
-      backward_item(plan, it, packed + it * HW * kLanes, grad_out, rows, grad_in, C, HW, PHW,
-                    avx2);
+    for (int64_t it = 0; it < item0.back(); ++it) {
+      const int64_t u = std::upper_bound(item0.begin(), item0.end(), it) - item0.begin() - 1;
+      const int64_t local = it - item0[u];
+      backward_item(*plans[u], local / nb, local % nb, mine, grad_out, C, PHW, avx2);
+    }
   }
   return true;
 }
@@ -788,44 +880,33 @@ int threads_for(int64_t K, int64_t C, int64_t PH, int64_t PW, int nt) {
   return K * C * PH * PW < (int64_t(1) << 18) ? 1 : nt;
 }
 
-/* One feature map: the channel-blocked path when it pays off, else the plain NCHW /
- * NHWC paths. rows (nullable) maps RoI k to its output row. */
+/* One map without the blocked path. rows (nullable) maps RoI k to its output row. */
 template <typename T>
-void forward_any(const T* in, bool channels_last, const T* r, T* out, const int64_t* rows,
-                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH,
-                 int64_t PW, double scale, int64_t sr, bool aln, int nt) {
-  nt = threads_for(K, C, PH, PW, nt);
-  const bool small = H * W < (int64_t(1) << 31);
-  if (C >= kLanes && H > 0 && W > 0 && small &&
-      forward_blocked<T, int32_t>(in, channels_last, r, out, rows, N, C, H, W, K, PH, PW,
-                                  scale, sr, aln, nt))
-    return;
+void forward_unblocked(const T* in, bool channels_last, const T* r, T* out,
+                       const int64_t* rows, int64_t N, int64_t C, int64_t H, int64_t W,
+                       int64_t K, int64_t PH, int64_t PW, double scale, int64_t sr, bool aln,
+                       int nt) {
   if (channels_last)
     forward_nhwc<T>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
-  else if (small)
+  else if (H * W < (int64_t(1) << 31))
     forward_nchw<T, int32_t>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
   else
     forward_nchw<T, int64_t>(in, r, out, rows, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
 }
 
 template <typename T>
-void backward_any(const T* go, const T* r, const int64_t* rows, T* gi, int64_t N, int64_t C,
-                  int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW, double scale,
-                  int64_t sr, bool aln, int nt) {
-  if (K == 0 || N == 0 || H == 0 || W == 0) return;
-  nt = threads_for(K, C, PH, PW, nt);
-  const bool small = H * W < (int64_t(1) << 31);
-  if (C >= kLanes && small &&
-      backward_blocked<T, int32_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt))
-    return;
-  if (small)
+void backward_unblocked(const T* go, const T* r, const int64_t* rows, T* gi, int64_t N,
+                        int64_t C, int64_t H, int64_t W, int64_t K, int64_t PH, int64_t PW,
+                        double scale, int64_t sr, bool aln, int nt) {
+  if (H * W < (int64_t(1) << 31))
     backward_cpu<T, int32_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
   else
     backward_cpu<T, int64_t>(go, r, rows, gi, N, C, H, W, K, PH, PW, scale, sr, aln, nt);
 }
 
 /* RoIs of each level, in input order: compact RoI rows and their output rows. RoIs with
- * a level outside [0, L) belong to no level (their output rows are zeroed). */
+ * a level outside [0, L) belong to no level (their output rows are zeroed). A single map
+ * is one level holding every RoI. */
 template <typename T>
 struct LevelSplit {
   std::vector<std::vector<T>> rois;
@@ -833,7 +914,7 @@ struct LevelSplit {
   std::vector<int64_t> orphans;
   LevelSplit(const T* r, const int64_t* levels, int64_t K, int64_t L) : rois(L), rows(L) {
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t l = levels[k];
+      const int64_t l = levels ? levels[k] : 0;
       if (l < 0 || l >= L) {
         orphans.push_back(k);
         continue;
@@ -842,7 +923,66 @@ struct LevelSplit {
       rows[l].push_back(k);
     }
   }
+  int64_t count(int64_t l) const { return static_cast<int64_t>(rows[l].size()); }
 };
+
+/* Every level in one parallel region when packing pays off (the blocked path), the other
+ * levels one by one on the unblocked path. maps[l] is NCHW (or NHWC when channels_last)
+ * [N, C, Hs[l], Ws[l]]. */
+template <typename T>
+void multilevel_forward(int64_t L, void** maps, const int64_t* Hs, const int64_t* Ws,
+                        const double* scales, const T* r, const int64_t* levels, T* out,
+                        int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
+                        bool aln, bool channels_last, int nt) {
+  const LevelSplit<T> split(r, levels, K, L);
+  for (int64_t k : split.orphans) zero_roi_block(out, k, 0, C, C, PH * PW);
+  nt = threads_for(K, C, PH, PW, nt);
+  std::vector<LevelPlan<T, int32_t>> plans(L);
+  std::vector<LevelPlan<T, int32_t>*> blocked;
+  std::vector<int64_t> pending;
+  for (int64_t l = 0; l < L; ++l) {
+    if (split.count(l) == 0) continue;
+    if (C >= kLanes && plans[l].prepare(maps[l], split.rois[l].data(), split.rows[l].data(),
+                                        N, Hs[l], Ws[l], split.count(l), PH, PW, scales[l],
+                                        sr, aln, true))
+      blocked.push_back(&plans[l]);
+    else
+      pending.push_back(l);
+  }
+  if (!blocked.empty() && !forward_blocked(blocked, channels_last, out, N, C, PH, PW, nt))
+    for (LevelPlan<T, int32_t>* p : blocked) pending.push_back(p - plans.data());
+  for (int64_t l : pending)
+    forward_unblocked<T>(static_cast<const T*>(maps[l]), channels_last, split.rois[l].data(),
+                         out, split.rows[l].data(), N, C, Hs[l], Ws[l], split.count(l), PH,
+                         PW, scales[l], sr, aln, nt);
+}
+
+template <typename T>
+void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
+                         const double* scales, const T* go, const T* r, const int64_t* levels,
+                         int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
+                         bool aln, int nt) {
+  const LevelSplit<T> split(r, levels, K, L);
+  nt = threads_for(K, C, PH, PW, nt);
+  std::vector<LevelPlan<T, int32_t>> plans(L);
+  std::vector<LevelPlan<T, int32_t>*> blocked;
+  std::vector<int64_t> pending;
+  for (int64_t l = 0; l < L; ++l) {
+    if (split.count(l) == 0 || Hs[l] == 0 || Ws[l] == 0 || N == 0) continue;
+    if (C >= kLanes && plans[l].prepare(grads[l], split.rois[l].data(), split.rows[l].data(),
+                                        N, Hs[l], Ws[l], split.count(l), PH, PW, scales[l],
+                                        sr, aln, false))
+      blocked.push_back(&plans[l]);
+    else
+      pending.push_back(l);
+  }
+  if (!blocked.empty() && !backward_blocked(blocked, go, N, C, PH, PW, nt))
+    for (LevelPlan<T, int32_t>* p : blocked) pending.push_back(p - plans.data());
+  for (int64_t l : pending)
+    backward_unblocked<T>(go, split.rois[l].data(), split.rows[l].data(),
+                          static_cast<T*>(grads[l]), N, C, Hs[l], Ws[l], split.count(l), PH,
+                          PW, scales[l], sr, aln, nt);
+}
 
 int check_levels(const char* fn, int dtype, int64_t L, void** maps, const int64_t* heights,
                  const int64_t* widths, const double* scales, const void* rois,
@@ -858,193 +998,6 @@ int check_levels(const char* fn, int dtype, int64_t L, void** maps, const int64_
     if (rc) return rc;
   }
   return MRC_OK;
-}
-
-/* Channel-blocked pooling of every level in ONE parallel region: the tap tables of all
- * RoIs and the packed copies of all levels are built together (one join), then every
- * (level, channel block, RoI) item is pooled straight into its output row. Levels whose
- * RoIs sample too few pixels to pay for the pack are left to forward_any (pending). */
-template <typename T, typename I>
-void multilevel_forward_fused(int64_t L, void** maps, const int64_t* Hs, const int64_t* Ws,
-                              const double* scales, const LevelSplit<T>& split, T* out,
-                              int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
-                              bool aln, int nt, std::vector<int64_t>& pending) {
-  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
-  std::vector<AllTaps<T, I>> taps(L);
-  std::vector<int64_t> used;                     /* levels pooled here */
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t Kl = static_cast<int64_t>(split.rows[l].size()), HW = Hs[l] * Ws[l];
-    if (Kl == 0) continue;
-    bool fits = HW > 0 && N > 0 && HW < (int64_t(1) << 31);
-    if (fits) {
-      taps[l].prepare(split.rois[l].data(), N, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln,
-                      256u << 20);
-      fits = taps[l].ok && 4 * taps[l].roi_off[Kl] >= N * HW;
-    }
-    if (fits) used.push_back(l); else pending.push_back(l);
-  }
-  const int64_t U = static_cast<int64_t>(used.size());
-  /* prefix sums over the used levels: RoIs (tap fill), packed rows, packed values, items */
-  std::vector<int64_t> roi0(U + 1, 0), row0(U + 1, 0), val0(U + 1, 0), item0(U + 1, 0);
-  std::vector<std::vector<int64_t>> visit(U);
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t l = used[u], Kl = static_cast<int64_t>(split.rows[l].size());
-    roi0[u + 1] = roi0[u] + Kl;
-    row0[u + 1] = row0[u] + N * nb * Hs[l];
-    val0[u + 1] = val0[u] + N * nb * Hs[l] * Ws[l] * kLanes;
-    item0[u + 1] = item0[u] + nb * Kl;
-    visit[u] = spatial_order(split.rois[l].data(), Kl, scales[l]);
-  }
-  if (U == 0) return;
-  T* packed = try_scratch<T>(static_cast<size_t>(val0[U]));
-  if (!packed) {
-    pending.insert(pending.end(), used.begin(), used.end());
-    return;
-  }
-  auto level_of = [](const std::vector<int64_t>& off, int64_t i) {
-    return static_cast<int64_t>(std::upper_bound(off.begin(), off.end(), i) - off.begin()) - 1;
-  };
-  const bool avx2 = cpu_has_avx2();
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<AxisEntry<T>> ys, xs;
-#pragma omp for schedule(dynamic, 16) nowait
-    for (int64_t i = 0; i < roi0[U]; ++i) {
-      const int64_t u = level_of(roi0, i);
-      taps[used[u]].fill(i - roi0[u], ys, xs);
-    }
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < row0[U]; ++r) {
-      const int64_t u = level_of(row0, r), l = used[u];
-      pack_one_row(static_cast<const T*>(maps[l]), false, packed + val0[u], r - row0[u], C,
-                   Hs[l], Ws[l]);
-    }
-    /* (the join above also completes the nowait tap loop) */
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t it = 0; it < item0[U]; ++it) {
-      const int64_t u = level_of(item0, it), l = used[u];
-      const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
-      const int64_t cb = (it - item0[u]) / Kl, k = visit[u][(it - item0[u]) % Kl];
-      const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
-      const AllTaps<T, I>& t = taps[l];
-      const RoiGeom<T>& g = t.geom[k];
-      T* o = out + (split.rows[l][k] * C + c0) * PHW;
-      if (g.batch < 0) {
-        memset(o, 0, sizeof(T) * cn * PHW);
-        continue;
-      }
-      const int64_t HW = Hs[l] * Ws[l];
-      const T* plane = packed + val0[u] + (g.batch * nb + cb) * HW * kLanes;
-      const TapRec<T, I>* tr = t.taps.data() + t.roi_off[k];
-      const int64_t* bins = t.bin_start.data() + k * (PHW + 1);
-      if (avx2)
-        fwd_block_avx2<T, I>(plane, tr, bins, PHW, g.count, cn, o);
-      else
-        fwd_block_generic<T, I>(plane, tr, bins, PHW, g.count, cn, o);
-    }
-  }
-}
-
-template <typename T>
-void multilevel_forward(int64_t L, void** maps, const int64_t* Hs, const int64_t* Ws,
-                        const double* scales, const T* r, const int64_t* levels, T* out,
-                        int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
-                        bool aln, int nt) {
-  const LevelSplit<T> split(r, levels, K, L);
-  for (int64_t k : split.orphans) zero_roi_block(out, k, 0, C, C, PH * PW);
-  std::vector<int64_t> pending;
-  if (C >= kLanes && threads_for(K, C, PH, PW, nt) > 1)
-    multilevel_forward_fused<T, int32_t>(L, maps, Hs, Ws, scales, split, out, N, C, PH, PW,
-                                         sr, aln, nt, pending);
-  else
-    for (int64_t l = 0; l < L; ++l) pending.push_back(l);
-  for (int64_t l : pending) {
-    const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
-    if (Kl == 0) continue;
-    if (Hs[l] == 0 || Ws[l] == 0 || N == 0) {
-      for (int64_t k : split.rows[l]) zero_roi_block(out, k, 0, C, C, PH * PW);
-      continue;
-    }
-    forward_any<T>(static_cast<const T*>(maps[l]), false, split.rois[l].data(), out,
-                   split.rows[l].data(), N, C, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln,
-                   nt);
-  }
-}
-
-/* All levels in one parallel region: the tap tables of every level, then every (level,
- * image, channel block) item. Levels that do not take the blocked path are left in
- * pending. Each item is the same computation as in backward_blocked: same bits. */
-template <typename T, typename I>
-void multilevel_backward_fused(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
-                               const double* scales, const T* go, const LevelSplit<T>& split,
-                               int64_t N, int64_t C, int64_t PH, int64_t PW, int64_t sr,
-                               bool aln, int nt, std::vector<int64_t>& pending) {
-  const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
-  std::vector<BwdPlan<T, I>> plans(L);
-  std::vector<int64_t> used;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t Kl = static_cast<int64_t>(split.rows[l].size()), HW = Hs[l] * Ws[l];
-    if (Kl == 0 || HW == 0 || N == 0) continue;  /* nothing to add */
-    if (HW < (int64_t(1) << 31) &&
-        plans[l].prepare(split.rois[l].data(), N, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr,
-                         aln))
-      used.push_back(l);
-    else
-      pending.push_back(l);
-  }
-  const int64_t U = static_cast<int64_t>(used.size());
-  std::vector<int64_t> roi0(U + 1, 0), item0(U + 1, 0), val0(U + 1, 0);
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t l = used[u];
-    roi0[u + 1] = roi0[u] + static_cast<int64_t>(split.rows[l].size());
-    item0[u + 1] = item0[u] + N * nb;
-    val0[u + 1] = val0[u] + N * nb * Hs[l] * Ws[l] * kLanes;
-  }
-  if (U == 0) return;
-  T* packed = try_scratch<T>(static_cast<size_t>(val0[U]));
-  if (!packed) {
-    pending.insert(pending.end(), used.begin(), used.end());
-    return;
-  }
-  auto level_of = [](const std::vector<int64_t>& off, int64_t i) {
-    return static_cast<int64_t>(std::upper_bound(off.begin(), off.end(), i) - off.begin()) - 1;
-  };
-  const bool avx2 = cpu_has_avx2();
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<AxisEntry<T>> ys, xs;
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t i = 0; i < roi0[U]; ++i) {
-      const int64_t u = level_of(roi0, i);
-      plans[used[u]].all.fill(i - roi0[u], ys, xs);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < item0[U]; ++it) {
-      const int64_t u = level_of(item0, it), l = used[u], local = it - item0[u];
-      const int64_t HW = Hs[l] * Ws[l];
-      backward_item(plans[l], local, packed + val0[u] + local * HW * kLanes, go,
-                    split.rows[l].data(), static_cast<T*>(grads[l]), C, HW, PHW, avx2);
-    }
-  }
-}
-
-template <typename T>
-void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
-                         const double* scales, const T* go, const T* r, const int64_t* levels,
-                         int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
-                         bool aln, int nt) {
-  const LevelSplit<T> split(r, levels, K, L);
-  std::vector<int64_t> pending;
-  if (C >= kLanes && threads_for(K, C, PH, PW, nt) > 1)
-    multilevel_backward_fused<T, int32_t>(L, grads, Hs, Ws, scales, go, split, N, C, PH, PW,
-                                          sr, aln, nt, pending);
-  else
-    for (int64_t l = 0; l < L; ++l) pending.push_back(l);
-  for (int64_t l : pending) {
-    const int64_t Kl = static_cast<int64_t>(split.rows[l].size());
-    backward_any<T>(go, split.rois[l].data(), split.rows[l].data(), static_cast<T*>(grads[l]),
-                    N, C, Hs[l], Ws[l], Kl, PH, PW, scales[l], sr, aln, nt);
-  }
 }
 
 }  // namespace
@@ -1075,14 +1028,16 @@ int mrc_roi_align_forward_cpu(int dtype, const void* input, const void* rois, vo
   if (K == 0 || C == 0) return MRC_OK;
   const int nt = resolve_threads(num_threads);
   const bool cl = channels_last != 0, aln = aligned != 0;
+  hint_huge_pages(output, static_cast<size_t>(K * C * PH * PW) * (dtype == MRC_F32 ? 4 : 8));
   MRC_GUARD(fn, {
+    void* maps[1] = {const_cast<void*>(input)};
     if (dtype == MRC_F32)
-      forward_any<float>((const float*)input, cl, (const float*)rois, (float*)output, nullptr,
-                         N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio, aln, nt);
+      multilevel_forward<float>(1, maps, &H, &W, &spatial_scale, (const float*)rois, nullptr,
+                                (float*)output, N, C, K, PH, PW, sampling_ratio, aln, cl, nt);
     else
-      forward_any<double>((const double*)input, cl, (const double*)rois, (double*)output,
-                          nullptr, N, C, H, W, K, PH, PW, spatial_scale, sampling_ratio, aln,
-                          nt);
+      multilevel_forward<double>(1, maps, &H, &W, &spatial_scale, (const double*)rois,
+                                 nullptr, (double*)output, N, C, K, PH, PW, sampling_ratio,
+                                 aln, cl, nt);
   });
   return MRC_OK;
 }
@@ -1099,14 +1054,15 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
   const int nt = resolve_threads(num_threads);
   const bool aln = aligned != 0;
   MRC_GUARD(fn, {
+    void* grads[1] = {grad_input};
     if (dtype == MRC_F32)
-      backward_any<float>((const float*)grad_output, (const float*)rois, nullptr,
-                          (float*)grad_input, N, C, H, W, K, PH, PW, spatial_scale,
-                          sampling_ratio, aln, nt);
+      multilevel_backward<float>(1, grads, &H, &W, &spatial_scale, (const float*)grad_output,
+                                 (const float*)rois, nullptr, N, C, K, PH, PW,
+                                 sampling_ratio, aln, nt);
     else
-      backward_any<double>((const double*)grad_output, (const double*)rois, nullptr,
-                           (double*)grad_input, N, C, H, W, K, PH, PW, spatial_scale,
-                           sampling_ratio, aln, nt);
+      multilevel_backward<double>(1, grads, &H, &W, &spatial_scale,
+                                  (const double*)grad_output, (const double*)rois, nullptr,
+                                  N, C, K, PH, PW, sampling_ratio, aln, nt);
   });
   return MRC_OK;
 }
@@ -1124,15 +1080,16 @@ int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
   if (rc) return rc;
   if (K == 0 || C == 0) return MRC_OK;
   const int nt = resolve_threads(num_threads);
+  hint_huge_pages(output, static_cast<size_t>(K * C * PH * PW) * (dtype == MRC_F32 ? 4 : 8));
   MRC_GUARD(fn, {
     if (dtype == MRC_F32)
       multilevel_forward<float>(L, inputs, heights, widths, scales, (const float*)rois, levels,
                                 (float*)output, N, C, K, PH, PW, sampling_ratio, aligned != 0,
-                                nt);
+                                false, nt);
     else
       multilevel_forward<double>(L, inputs, heights, widths, scales, (const double*)rois,
                                  levels, (double*)output, N, C, K, PH, PW, sampling_ratio,
-                                 aligned != 0, nt);
+                                 aligned != 0, false, nt);
   });
   return MRC_OK;
 }

@@ -134,6 +134,33 @@ def test_many_channels_both_cpu_paths(monkeypatch, dtype, kind):
             torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=msg)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_cpu_path_bad_rois_give_zero_rows(monkeypatch, threads):
+    """The channel-blocked CPU kernel (C >= 32, RoIs dense on a small map) writes every
+    output row: rows of RoIs with a batch index outside [0, N) or NaN coordinates are
+    zero (the output starts uninitialised), the others equal torchvision bit for bit."""
+    monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    require_native("cpu")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    x = torch.randn(2, 48, 13, 17, generator=g)
+    rois = random_rois(g, 300, 2, 13, 17, 1.0, torch.float32)
+    bad = torch.randperm(300, generator=g)[:30]
+    rois[bad[:10], 0] = 2.0
+    rois[bad[10:20], 0] = -1.0
+    rois[bad[20:], 1 + torch.randint(0, 4, (10,), generator=g)] = float("nan")
+    good = torch.ones(300, dtype=torch.bool)
+    good[bad] = False
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = libs.roi_align(x, rois, (7, 7), 1.0, 2, False)
+    finally:
+        torch.set_num_threads(before)
+    expected = torchvision.ops.roi_align(x, rois[good], (7, 7), 1.0, 2, False)
+    assert torch.equal(got[good], expected)
+    assert torch.equal(got[~good], torch.zeros_like(got[~good]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half(kernel_backend, device, dtype):
     """CUDA kernels take half types; the CPU kernels do not, so on the CPU half inputs
