@@ -472,6 +472,8 @@ void backward_cpu(const T* grad_out, const T* rois, const int64_t* rows, T* grad
  * ------------------------------------------------------------------------------------ */
 static const int64_t kLanes = 32;
 
+
+
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #include <immintrin.h>
 #define MRC_X86_DISPATCH 1
@@ -630,16 +632,31 @@ void fwd_block_generic(const T* plane, const TapRec<T, I>* taps, const int64_t* 
 }
 
 #if MRC_X86_DISPATCH
+/* Copies n floats to dst with streaming stores: the output of a call is tens of MB that
+ * the cache cannot keep, and ordinary stores would first read every line of it. */
+MRC_AVX2 void stream_copy(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+  _mm_sfence();
+}
+
 /* float: written with intrinsics because GCC keeps the lane loop of fwd_block_body
  * scalar (it versions the loop for aliasing and takes the scalar copy). Same operations
  * in the same order per lane (mul, then adds left to right, then the divide: no FMA), so
- * the bits are those of the scalar code. 32 lanes = 4 accumulators. */
+ * the bits are those of the scalar code. 32 lanes = 4 accumulators. The RoI's [cn][PHW]
+ * result is gathered in L1 and written out in one streaming copy. */
 template <>
 MRC_AVX2 void fwd_block_avx2<float, int32_t>(const float* plane,
                                              const TapRec<float, int32_t>* taps,
                                              const int64_t* bins, int64_t PHW, float count,
                                              int64_t cn, float* o) {
   static_assert(kLanes == 32, "fwd_block_avx2<float> assumes 4 x 8 lanes");
+  static const int64_t kMaxBins = 256;
+  alignas(32) float staged[kLanes * kMaxBins];
+  const bool stage = PHW <= kMaxBins;
+  float* dst = stage ? staged : o;
   const __m256 vc = _mm256_set1_ps(count);
   alignas(32) float res[kLanes];
   for (int64_t b = 0; b < PHW; ++b) {
@@ -662,8 +679,9 @@ MRC_AVX2 void fwd_block_avx2<float, int32_t>(const float* plane,
       }
     }
     for (int j = 0; j < 4; ++j) _mm256_store_ps(res + 8 * j, _mm256_div_ps(acc[j], vc));
-    for (int64_t c = 0; c < cn; ++c) o[c * PHW + b] = res[c];
+    for (int64_t c = 0; c < cn; ++c) dst[c * PHW + b] = res[c];
   }
+  if (stage) stream_copy(staged, cn * PHW, o);
 }
 #endif
 
