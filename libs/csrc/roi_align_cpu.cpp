@@ -165,6 +165,28 @@ int64_t count_taps(const RoiGeom<T>& g, int64_t H, int64_t W, int64_t PH, int64_
   return total;
 }
 
+/* Inclusive pixel rectangle [y0, y1] x [x0, x1] that the valid taps of a RoI read
+ * (empty: y0 > y1). */
+struct Rect {
+  int32_t y0 = 1, y1 = 0, x0 = 1, x1 = 0;
+  Rect() = default;
+  template <typename T>
+  Rect(const std::vector<AxisEntry<T>>& ys, const std::vector<AxisEntry<T>>& xs) {
+    extent(ys, &y0, &y1);
+    extent(xs, &x0, &x1);
+  }
+  template <typename T>
+  static void extent(const std::vector<AxisEntry<T>>& e, int32_t* lo, int32_t* hi) {
+    *lo = INT32_MAX;
+    *hi = -1;
+    for (const AxisEntry<T>& a : e) {
+      if (!a.valid) continue;
+      *lo = std::min(*lo, static_cast<int32_t>(a.lo));
+      *hi = std::max(*hi, static_cast<int32_t>(a.hi));
+    }
+  }
+};
+
 /* Tap lists of all RoIs, built once (in parallel) and shared by every channel block,
  * when they fit in max_bytes; otherwise each work item builds its RoI's list itself. */
 template <typename T, typename I>
@@ -174,6 +196,7 @@ struct AllTaps {
   std::vector<int64_t> roi_off;     /* K+1: first tap of each RoI */
   std::vector<int64_t> bin_start;   /* K * (PHW+1), relative to roi_off[k] */
   std::vector<TapRec<T, I>> taps;
+  std::vector<Rect> rect;           /* pixels RoI k reads (empty when it has no taps) */
   int64_t H = 0, W = 0, PH = 0, PW = 0;
 
   /* Serial part: geometry and exact tap counts, storage sized. Leaves ok false when the
@@ -192,6 +215,7 @@ struct AllTaps {
     }
     taps.resize(roi_off[K]);
     bin_start.resize(K * (PH * PW + 1));
+    rect.assign(K, Rect());
     ok = true;
   }
 
@@ -204,6 +228,7 @@ struct AllTaps {
     }
     build_taps<T, I>(geom[k], H, W, PH, PW, ys, xs, taps.data() + roi_off[k],
                      bin_start.data() + k * (PHW + 1));
+    if (roi_off[k + 1] > roi_off[k]) rect[k] = Rect(ys, xs);
   }
 
   void build(const T* rois, int64_t N, int64_t H_, int64_t W_, int64_t K, int64_t PH_,
@@ -555,20 +580,62 @@ void pack_row_nchw(const float* src, int64_t plane, int64_t W, int64_t cn, float
   pack_row_nchw_scalar(src, plane, W, cn, o);
 }
 
-/* Row y of block b (channels b*L .. b*L+L-1) of image n, packed as [W][L] at o, lanes past
- * C zero-filled. From an NCHW (or NHWC) map. */
+/* Pixels [x0, x1) of row y of block b (channels b*L .. b*L+L-1) of image n, packed as
+ * [W][L] at o, lanes past C zero-filled. From an NCHW (or NHWC) map. */
 template <typename T>
 void pack_one_row(const T* in, bool channels_last, T* o, int64_t n, int64_t b, int64_t y,
-                  int64_t C, int64_t H, int64_t W) {
-  const int64_t c0 = b * kLanes, cn = std::min(kLanes, C - c0);
-  if (cn < kLanes) memset(o, 0, sizeof(T) * W * kLanes);
+                  int64_t x0, int64_t x1, int64_t C, int64_t H, int64_t W) {
+  const int64_t c0 = b * kLanes, cn = std::min(kLanes, C - c0), xn = x1 - x0;
+  o += x0 * kLanes;
+  if (cn < kLanes) memset(o, 0, sizeof(T) * xn * kLanes);
   if (channels_last) {
-    const T* src = in + ((n * H + y) * W) * C + c0;
-    for (int64_t x = 0; x < W; ++x) memcpy(o + x * kLanes, src + x * C, sizeof(T) * cn);
+    const T* src = in + ((n * H + y) * W + x0) * C + c0;
+    for (int64_t x = 0; x < xn; ++x) memcpy(o + x * kLanes, src + x * C, sizeof(T) * cn);
     return;
   }
-  pack_row_nchw(in + ((n * C + c0) * H + y) * W, H * W, W, cn, o);
+  pack_row_nchw(in + ((n * C + c0) * H + y) * W + x0, H * W, xn, cn, o);
 }
+
+/* Which chunks of kChunk pixels of each row the RoIs of one image read (the union of
+ * their rectangles): the pack skips the rest, e.g. most of the map for the mask head's
+ * hundred RoIs. Built with a difference array: O(sum of RoI heights + H * W / kChunk). */
+static const int64_t kChunk = 8;
+struct Coverage {
+  int64_t H = 0, W = 0, nch = 0;
+  std::vector<int32_t> count;  /* [H][nch + 1]: RoIs covering chunk (y, c) */
+
+  void reset(int64_t H_, int64_t W_) {
+    H = H_, W = W_, nch = (W + kChunk - 1) / kChunk;
+    count.assign(H * (nch + 1), 0);
+  }
+  void add(const Rect& r) {
+    if (r.y0 > r.y1 || r.x0 > r.x1) return;
+    const int64_t c0 = r.x0 / kChunk, c1 = r.x1 / kChunk + 1;
+    for (int64_t y = r.y0; y <= r.y1; ++y) {
+      count[y * (nch + 1) + c0] += 1;
+      count[y * (nch + 1) + c1] -= 1;
+    }
+  }
+  void finish() {
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t c = 1; c <= nch; ++c) count[y * (nch + 1) + c] += count[y * (nch + 1) + c - 1];
+  }
+  /* Calls f(x0, x1) for each maximal run of covered pixels of row y. */
+  template <typename F>
+  void runs(int64_t y, F f) const {
+    const int32_t* row = count.data() + y * (nch + 1);
+    for (int64_t c = 0; c < nch;) {
+      if (!row[c]) {
+        ++c;
+        continue;
+      }
+      int64_t e = c + 1;
+      while (e < nch && row[e]) ++e;
+      f(c * kChunk, std::min(e * kChunk, W));
+      c = e;
+    }
+  }
+};
 
 /* Scratch for one packed block per thread (or one shared): a fresh allocation of several
  * MB is mmap'ed and page-faulted on every call, which costs as much as the packing
@@ -779,7 +846,8 @@ int64_t largest_plane(const std::vector<int64_t>& hw) {
 
 /* Blocked forward over several maps. For each (map, image, channel block) in turn the
  * threads pack the block into ONE shared scratch plane ([H][W][L]; it stays in the
- * last-level cache) and then pool all its RoIs from it. The scratch is one block of the
+ * last-level cache; only the pixels the image's RoIs read) and then pool all its RoIs
+ * from it. The scratch is one block of the
  * largest map, not a packed copy of every map. Returns false (nothing written) when the
  * scratch cannot be allocated. */
 template <typename T, typename I>
@@ -794,6 +862,7 @@ bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_l
     for (int64_t k = 0; k < p->num_rois(); ++k)
       if (p->all.geom[k].batch < 0) zero_roi_block(out, p->row(k), 0, C, C, PHW);
   const bool avx2 = cpu_has_avx2();
+  Coverage cover;
 #pragma omp parallel num_threads(nt)
   {
     fill_all_taps(plans);
@@ -802,12 +871,20 @@ bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_l
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o0 = p->start[n], o1 = p->start[n + 1];
         if (o0 == o1) continue;
+#pragma omp single
+        {
+          cover.reset(p->H, p->W);
+          for (int64_t oi = o0; oi < o1; ++oi) cover.add(p->all.rect[p->order[oi]]);
+          cover.finish();
+        }
         for (int64_t cb = 0; cb < nb; ++cb) {
           const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
 #pragma omp for schedule(dynamic, 8)
           for (int64_t y = 0; y < p->H; ++y)
-            pack_one_row(map, channels_last, packed + y * p->W * kLanes, n, cb, y, C, p->H,
-                         p->W);
+            cover.runs(y, [&](int64_t x0, int64_t x1) {
+              pack_one_row(map, channels_last, packed + y * p->W * kLanes, n, cb, y, x0, x1,
+                           C, p->H, p->W);
+            });
 #pragma omp for schedule(dynamic, 8)
           for (int64_t oi = o0; oi < o1; ++oi) {
             const int64_t k = p->order[oi];
