@@ -187,7 +187,7 @@ def roi_align_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor,
         return _multilevel_loop(features, rois, levels, scales, pooled_h, pooled_w,
                                 sampling_ratio, aligned)
     N = features[0].shape[0]
-    maps = [f.contiguous() for f in features]
+    maps, channels_last = _one_layout(features)
     rois = rois.to(maps[0].dtype).contiguous()
     levels = levels.to(torch.int64).contiguous()
     out = maps[0].new_empty((K, C, pooled_h, pooled_w))
@@ -200,9 +200,19 @@ def roi_align_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor,
     rc = lib.mrc_roi_align_multilevel_forward_cpu(
         _DTYPE_CODE[maps[0].dtype], len(maps), ptrs, heights, widths, scl, _ptr(rois),
         _ptr(levels, "int64_t*"), _ptr(out), N, C, K, pooled_h, pooled_w, int(sampling_ratio),
-        int(aligned), torch.get_num_threads())
+        int(aligned), int(channels_last), torch.get_num_threads())
     _loader.check(lib, "cpu", rc, "roi_align_multilevel forward")
     return out
+
+
+def _one_layout(features: List[Tensor]) -> tuple:
+    """(maps, channels_last): the maps as they are when all are channels-last (the fused
+    inference convs produce that; copying P2 to NCHW would cost as much as pooling it),
+    else all NCHW-contiguous."""
+    if all(f.is_contiguous(memory_format=torch.channels_last) for f in features) and \
+            not all(f.is_contiguous() for f in features):
+        return list(features), True
+    return [f.contiguous() for f in features], False
 
 
 def _multilevel_loop(features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio,

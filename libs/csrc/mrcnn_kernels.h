@@ -46,7 +46,8 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
                                int64_t sampling_ratio, int aligned, int num_threads);
 
 /* Multi-level (FPN) RoIAlign in one call. inputs[l]: level l, [N, C, heights[l],
- * widths[l]] NCHW-contiguous, sampled at scales[l]; RoI k is pooled from level levels[k]
+ * widths[l]] NCHW-contiguous (every level NHWC when channels_last != 0: the forward
+ * only), sampled at scales[l]; RoI k is pooled from level levels[k]
  * (int64[K]; a level outside [0, L) gives a zero row). output: [K, C, PH, PW], rows in
  * RoI order. The backward accumulates into the caller's zero-filled grad_inputs[l]. */
 int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
@@ -55,7 +56,7 @@ int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
                                          const int64_t* levels, void* output, int64_t N,
                                          int64_t C, int64_t K, int64_t PH, int64_t PW,
                                          int64_t sampling_ratio, int aligned,
-                                         int num_threads);
+                                         int channels_last, int num_threads);
 
 int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inputs,
                                           const int64_t* heights, const int64_t* widths,

@@ -1168,7 +1168,7 @@ int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
                                          const int64_t* levels, void* output, int64_t N,
                                          int64_t C, int64_t K, int64_t PH, int64_t PW,
                                          int64_t sampling_ratio, int aligned,
-                                         int num_threads) {
+                                         int channels_last, int num_threads) {
   static const char* fn = "mrc_roi_align_multilevel_forward_cpu";
   int rc = check_levels(fn, dtype, L, inputs, heights, widths, scales, rois, levels, output,
                         N, C, K, PH, PW);
@@ -1180,11 +1180,11 @@ int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
     if (dtype == MRC_F32)
       multilevel_forward<float>(L, inputs, heights, widths, scales, (const float*)rois, levels,
                                 (float*)output, N, C, K, PH, PW, sampling_ratio, aligned != 0,
-                                false, nt);
+                                channels_last != 0, nt);
     else
       multilevel_forward<double>(L, inputs, heights, widths, scales, (const double*)rois,
                                  levels, (double*)output, N, C, K, PH, PW, sampling_ratio,
-                                 aligned != 0, false, nt);
+                                 aligned != 0, channels_last != 0, nt);
   });
   return MRC_OK;
 }

@@ -277,13 +277,20 @@ def test_multilevel_rows_levels_and_orphans(api):
     sc = ffi.new("double[]", scales)
     assert lib.mrc_roi_align_multilevel_forward_cpu(1, 2, ptrs, hs, ws, sc, P(rois),
                                                     P(levels, "int64_t *"), P(out), 2, 3, 4,
-                                                    2, 2, 2, 0, 2) == 0, err(api)
+                                                    2, 2, 2, 0, 0, 2) == 0, err(api)
     for k, lvl in enumerate(levels.tolist()):
         if lvl > 1:
             assert torch.equal(out[k], torch.zeros(3, 2, 2)), k
         else:
             exp = tvops.roi_align(maps[lvl], rois[k:k + 1], 2, scales[lvl], 2)
             assert torch.equal(out[k:k + 1], exp), k
+    # channels_last = 1: the same maps stored NHWC give the same rows.
+    nhwc = [m.permute(0, 2, 3, 1).contiguous() for m in maps]
+    out_cl = torch.full_like(out, float("nan"))
+    assert lib.mrc_roi_align_multilevel_forward_cpu(
+        1, 2, ffi.new("void*[]", [P(m) for m in nhwc]), hs, ws, sc, P(rois),
+        P(levels, "int64_t *"), P(out_cl), 2, 3, 4, 2, 2, 2, 0, 1, 2) == 0, err(api)
+    assert torch.equal(out_cl, out)
     grad = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
     grads = [torch.zeros_like(m) for m in maps]
     gptrs = ffi.new("void*[]", [P(t) for t in grads])
@@ -297,7 +304,7 @@ def test_multilevel_rows_levels_and_orphans(api):
         assert torch.equal(grads[lvl], x.grad), lvl
     assert lib.mrc_roi_align_multilevel_forward_cpu(1, 0, ptrs, hs, ws, sc, P(rois),
                                                     P(levels, "int64_t *"), P(out), 2, 3, 4,
-                                                    2, 2, 2, 0, 2) != 0
+                                                    2, 2, 2, 0, 0, 2) != 0
     assert "L >= 1" in err(api)
 
 

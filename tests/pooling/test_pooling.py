@@ -233,6 +233,27 @@ def test_roi_align_module_matches_torchvision(kernel_backend, device, aligned):
     assert "spatial_scale=0.25" in repr(ours)
 
 
+@pytest.mark.parametrize("channels", [8, 48])
+def test_multiscale_channels_last_features(kernel_backend, device, channels):
+    """Channels-last pyramids (what the fused inference convs produce) are pooled as they
+    are, on the blocked (C >= 32) and the plain path: same values as torchvision's on the
+    NCHW maps, and gradients reach the channels-last features."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    sizes = [(256, 320), (240, 300)]
+    features = pyramid(g, sizes, channels, torch.float32, device)
+    boxes = [random_boxes(g, n, h, w, torch.float32).to(device)
+             for n, (h, w) in zip((300, 200), sizes)]
+    weight = torch.randn((500, channels, 7, 7), generator=g).to(device)
+    expected, eg = grads(lambda f: torchvision_pool(f, boxes, sizes, (7, 7), 2), features,
+                         weight)
+    cl = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    assert not cl[0].is_contiguous()
+    got, gg = grads(lambda f: MultiScaleRoIAlign(7, 2)(f, boxes, sizes), cl, weight)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+    for a, b in zip(gg, eg):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_multiscale_fused_cpu_kernel_bit_identical(monkeypatch, dtype):
     """C >= 32 and enough RoIs: the native CPU kernel pools all levels in one parallel
