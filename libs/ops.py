@@ -113,9 +113,12 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                                             sampling_ratio, aligned, *shape)
     grad = grad.contiguous()
     rois = rois.to(grad.dtype).contiguous()
-    grad_input = grad.new_zeros(shape)  # the kernels accumulate into it
-    if grad.numel() == 0 or grad_input.numel() == 0:
+    # The CPU kernel overwrites every element; the CUDA one accumulates.
+    grad_input = grad.new_empty(shape) if grad.device.type == "cpu" else grad.new_zeros(shape)
+    if grad_input.numel() == 0:
         return grad_input
+    if grad.numel() == 0:
+        return grad_input.zero_()
     args = (_DTYPE_CODE[grad.dtype], _ptr(grad), _ptr(rois), _ptr(grad_input), *shape,
             rois.shape[0], pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio),
             int(aligned))
@@ -205,12 +208,17 @@ def roi_align_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor,
     return out
 
 
+def _channels_last(features: List[Tensor]) -> bool:
+    """All maps channels-last (what the CPU convs produce; copying P2 to NCHW would cost
+    as much as pooling it), and not all of them plain NCHW as well."""
+    return all(f.is_contiguous(memory_format=torch.channels_last) for f in features) and \
+        not all(f.is_contiguous() for f in features)
+
+
 def _one_layout(features: List[Tensor]) -> tuple:
-    """(maps, channels_last): the maps as they are when all are channels-last (the fused
-    inference convs produce that; copying P2 to NCHW would cost as much as pooling it),
-    else all NCHW-contiguous."""
-    if all(f.is_contiguous(memory_format=torch.channels_last) for f in features) and \
-            not all(f.is_contiguous() for f in features):
+    """(maps, channels_last): the maps as they are when all are channels-last, else all
+    NCHW-contiguous."""
+    if _channels_last(features):
         return list(features), True
     return [f.contiguous() for f in features], False
 
@@ -238,10 +246,11 @@ def _(features, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligne
 def roi_align_multilevel_backward(grad: Tensor, rois: Tensor, levels: Tensor,
                                   scales: List[float], pooled_h: int, pooled_w: int,
                                   sampling_ratio: int, aligned: bool, batch_size: int,
-                                  channels: int, heights: List[int],
-                                  widths: List[int]) -> List[Tensor]:
+                                  channels: int, heights: List[int], widths: List[int],
+                                  channels_last: bool = False) -> List[Tensor]:
     """Gradient of roi_align_multilevel: grad Tensor[K, C, PH, PW] -> one Tensor[N, C, H_l,
-    W_l] per level."""
+    W_l] per level (channels-last memory when ``channels_last``: the layout of the
+    forward's maps, so the convolutions' backward gets its own layout)."""
     shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
     lib = _native(grad)
     if lib is None or grad.device.type != "cpu":
@@ -254,9 +263,9 @@ def roi_align_multilevel_backward(grad: Tensor, rois: Tensor, levels: Tensor,
     grad = grad.contiguous()
     rois = rois.to(grad.dtype).contiguous()
     levels = levels.to(torch.int64).contiguous()
-    grads = [grad.new_zeros(shape) for shape in shapes]  # the kernel accumulates
-    if grad.numel() == 0:
-        return grads
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # The kernel overwrites every element (zero where no RoI samples).
+    grads = [torch.empty(shape, dtype=grad.dtype, memory_format=fmt) for shape in shapes]
     ptrs = _loader.ffi.new("void*[]", [_ptr(g) for g in grads])
     hs = _loader.ffi.new("int64_t[]", list(heights))
     ws = _loader.ffi.new("int64_t[]", list(widths))
@@ -264,15 +273,18 @@ def roi_align_multilevel_backward(grad: Tensor, rois: Tensor, levels: Tensor,
     rc = lib.mrc_roi_align_multilevel_backward_cpu(
         _DTYPE_CODE[grad.dtype], len(grads), ptrs, hs, ws, scl, _ptr(grad), _ptr(rois),
         _ptr(levels, "int64_t*"), batch_size, channels, rois.shape[0], pooled_h, pooled_w,
-        int(sampling_ratio), int(aligned), torch.get_num_threads())
+        int(sampling_ratio), int(aligned), int(channels_last), torch.get_num_threads())
     _loader.check(lib, "cpu", rc, "roi_align_multilevel backward")
     return grads
 
 
 @roi_align_multilevel_backward.register_fake
 def _(grad, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned, batch_size,
-      channels, heights, widths):
-    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+      channels, heights, widths, channels_last=False):
+    cpu_cl = channels_last and grad.device.type == "cpu"
+    fmt = torch.channels_last if cpu_cl else torch.contiguous_format
+    return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=fmt)
+            for h, w in zip(heights, widths)]
 
 
 def _setup_multilevel(ctx, inputs, output):
@@ -280,7 +292,8 @@ def _setup_multilevel(ctx, inputs, output):
     ctx.save_for_backward(rois, levels)
     ctx.params = (scales, pooled_h, pooled_w, sampling_ratio, aligned)
     ctx.shape = (features[0].shape[0], features[0].shape[1],
-                 [f.shape[2] for f in features], [f.shape[3] for f in features])
+                 [f.shape[2] for f in features], [f.shape[3] for f in features],
+                 _channels_last(features))
 
 
 def _multilevel_grad(ctx, grad):
@@ -294,7 +307,7 @@ roi_align_multilevel.register_autograd(_multilevel_grad, setup_context=_setup_mu
 
 def _setup_multilevel_backward(ctx, inputs, output):
     grad, rois, levels, scales, pooled_h, pooled_w, sampling_ratio, aligned = inputs[:8]
-    batch_size, channels, heights, widths = inputs[8:]
+    batch_size, channels, heights, widths = inputs[8:12]
     ctx.save_for_backward(rois, levels)
     ctx.params = (scales, pooled_h, pooled_w, sampling_ratio, aligned)
     ctx.shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
@@ -306,7 +319,7 @@ def _multilevel_backward_grad(ctx, grad_grads):
     rois, levels = ctx.saved_tensors
     grad_grads = [g if g is not None else ctx.like.new_zeros(shape)
                   for g, shape in zip(grad_grads, ctx.shapes)]
-    return (roi_align_multilevel(grad_grads, rois, levels, *ctx.params),) + (None,) * 11
+    return (roi_align_multilevel(grad_grads, rois, levels, *ctx.params),) + (None,) * 12
 
 
 roi_align_multilevel_backward.register_autograd(_multilevel_backward_grad,

@@ -13,8 +13,9 @@
  *     input:  [N, C, H, W] NCHW-contiguous, or NHWC-contiguous when channels_last != 0.
  *     rois:   [K, 5] rows (batch_index, x1, y1, x2, y2), same dtype as input.
  *     output: [K, C, PH, PW] contiguous (always NCHW).
- *     grad_input (backward) is [N, C, H, W] NCHW-contiguous and must be zero-filled by
- *     the caller; the kernel accumulates into it.
+ *     grad_input (backward) is [N, C, H, W] NCHW-contiguous. The CPU backward
+ *     overwrites it (no zero-fill needed); the CUDA backward accumulates into it, so the
+ *     caller zero-fills it there.
  *   - CPU functions take num_threads (<= 0 means the OpenMP default).
  *   - CUDA functions take the cudaStream_t as void* (the current torch stream) and
  *     never synchronise the device unless documented; all pointers are device pointers
@@ -46,10 +47,10 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
                                int64_t sampling_ratio, int aligned, int num_threads);
 
 /* Multi-level (FPN) RoIAlign in one call. inputs[l]: level l, [N, C, heights[l],
- * widths[l]] NCHW-contiguous (every level NHWC when channels_last != 0: the forward
- * only), sampled at scales[l]; RoI k is pooled from level levels[k]
- * (int64[K]; a level outside [0, L) gives a zero row). output: [K, C, PH, PW], rows in
- * RoI order. The backward accumulates into the caller's zero-filled grad_inputs[l]. */
+ * widths[l]] NCHW-contiguous (every level NHWC when channels_last != 0), sampled at
+ * scales[l]; RoI k is pooled from level levels[k] (int64[K]; a level outside [0, L)
+ * gives a zero row). output: [K, C, PH, PW], rows in RoI order. The backward overwrites
+ * every grad_inputs[l] (same layouts as the inputs; zero where no RoI samples). */
 int mrc_roi_align_multilevel_forward_cpu(int dtype, int64_t L, void** inputs,
                                          const int64_t* heights, const int64_t* widths,
                                          const double* scales, const void* rois,
@@ -64,7 +65,7 @@ int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inpu
                                           const void* rois, const int64_t* levels, int64_t N,
                                           int64_t C, int64_t K, int64_t PH, int64_t PW,
                                           int64_t sampling_ratio, int aligned,
-                                          int num_threads);
+                                          int channels_last, int num_threads);
 
 /* boxes: [n, 4] (x1, y1, x2, y2) in input order; scores: float64[n]. The CPU kernel sorts
  * itself (stable, descending, NaN first) and writes the INPUT indices of the kept boxes,

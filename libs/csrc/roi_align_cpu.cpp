@@ -906,11 +906,11 @@ bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_l
 /* Backward work item (image n, channel block cb) of one map: its gradient planes are
  * disjoint from every other item's and its RoIs are visited in input order, so the sums
  * do not depend on the thread count and follow torchvision's order (RoI, bin, sample,
- * tap). plane: the calling thread's scratch (H*W*L values); the result is added to the
- * NCHW gradient. */
+ * tap). plane: the calling thread's scratch (H*W*L values); the result overwrites the
+ * item's channels of the NCHW (NHWC when channels_last) gradient. */
 template <typename T, typename I>
 void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
-                   const T* grad_out, int64_t C, int64_t PHW, bool avx2) {
+                   const T* grad_out, int64_t C, int64_t PHW, bool channels_last, bool avx2) {
   const int64_t HW = p.H * p.W;
   const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
   memset(plane, 0, sizeof(T) * HW * kLanes);
@@ -924,15 +924,20 @@ void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
     else
       bwd_block_generic<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
   }
+  T* grad_in = static_cast<T*>(p.data);
+  if (channels_last) {
+    for (int64_t q = 0; q < HW; ++q)
+      memcpy(grad_in + (n * HW + q) * C + c0, plane + q * kLanes, sizeof(T) * cn);
+    return;
+  }
   /* unpack, in tiles of kTile pixels so a tile of the blocked plane stays in L1 while its
    * cn channels are read out */
-  T* grad_in = static_cast<T*>(p.data);
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
     const int64_t pn = std::min(kTile, HW - p0);
     for (int64_t c = 0; c < cn; ++c) {
       T* dst = grad_in + (n * C + c0 + c) * HW + p0;
       const T* src = plane + p0 * kLanes + c;
-      for (int64_t q = 0; q < pn; ++q) dst[q] += src[q * kLanes];
+      for (int64_t q = 0; q < pn; ++q) dst[q] = src[q * kLanes];
     }
   }
 }
@@ -942,7 +947,8 @@ void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
  * per thread). Returns false (nothing written) when the scratch cannot be allocated. */
 template <typename T, typename I>
 bool backward_blocked(const std::vector<LevelPlan<T, I>*>& plans, const T* grad_out,
-                      int64_t N, int64_t C, int64_t PH, int64_t PW, int nt) {
+                      int64_t N, int64_t C, int64_t PH, int64_t PW, bool channels_last,
+                      int nt) {
   const int64_t PHW = PH * PW, nb = (C + kLanes - 1) / kLanes;
   std::vector<int64_t> hw, item0(1, 0);
   for (const LevelPlan<T, I>* p : plans) {
@@ -962,7 +968,8 @@ bool backward_blocked(const std::vector<LevelPlan<T, I>*>& plans, const T* grad_
     for (int64_t it = 0; it < item0.back(); ++it) {
       const int64_t u = std::upper_bound(item0.begin(), item0.end(), it) - item0.begin() - 1;
       const int64_t local = it - item0[u];
-      backward_item(*plans[u], local / nb, local % nb, mine, grad_out, C, PHW, avx2);
+      backward_item(*plans[u], local / nb, local % nb, mine, grad_out, C, PHW,
+                    channels_last, avx2);
     }
   }
   return true;
@@ -1052,18 +1059,45 @@ void multilevel_forward(int64_t L, void** maps, const int64_t* Hs, const int64_t
                          PW, scales[l], sr, aln, nt);
 }
 
+/* One level's gradient on the unblocked path, overwriting grad (NCHW, or NHWC through
+ * an NCHW temporary: a rare path, small C or few samples). */
+template <typename T>
+void level_backward_unblocked(const T* go, const LevelSplit<T>& split, int64_t l, T* grad,
+                              int64_t N, int64_t C, int64_t H, int64_t W, int64_t PH,
+                              int64_t PW, double scale, int64_t sr, bool aln, bool cl,
+                              int nt) {
+  const int64_t HW = H * W;
+  std::vector<T> tmp(cl ? N * C * HW : 0);
+  T* dst = cl ? tmp.data() : grad;
+  if (!cl) memset(grad, 0, sizeof(T) * N * C * HW);
+  backward_unblocked<T>(go, split.rois[l].data(), split.rows[l].data(), dst, N, C, H, W,
+                        split.count(l), PH, PW, scale, sr, aln, nt);
+  if (cl)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t q = 0; q < HW; ++q) grad[(n * HW + q) * C + c] = dst[(n * C + c) * HW + q];
+}
+
+/* Overwrites every grads[l] (NCHW, or NHWC when channels_last): levels whose RoIs sample
+ * enough pixels take the blocked path (all in one parallel region), the others the
+ * unblocked one; a level without RoIs is zero. */
 template <typename T>
 void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64_t* Ws,
                          const double* scales, const T* go, const T* r, const int64_t* levels,
                          int64_t N, int64_t C, int64_t K, int64_t PH, int64_t PW, int64_t sr,
-                         bool aln, int nt) {
+                         bool aln, bool channels_last, int nt) {
   const LevelSplit<T> split(r, levels, K, L);
   nt = threads_for(K, C, PH, PW, nt);
   std::vector<LevelPlan<T, int32_t>> plans(L);
   std::vector<LevelPlan<T, int32_t>*> blocked;
   std::vector<int64_t> pending;
   for (int64_t l = 0; l < L; ++l) {
-    if (split.count(l) == 0 || Hs[l] == 0 || Ws[l] == 0 || N == 0) continue;
+    const size_t bytes = sizeof(T) * static_cast<size_t>(N * C * Hs[l] * Ws[l]);
+    hint_huge_pages(grads[l], bytes);
+    if (split.count(l) == 0 || bytes == 0) {
+      if (bytes) memset(grads[l], 0, bytes);
+      continue;
+    }
     if (C >= kLanes && plans[l].prepare(grads[l], split.rois[l].data(), split.rows[l].data(),
                                         N, Hs[l], Ws[l], split.count(l), PH, PW, scales[l],
                                         sr, aln, false))
@@ -1071,12 +1105,11 @@ void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64
     else
       pending.push_back(l);
   }
-  if (!blocked.empty() && !backward_blocked(blocked, go, N, C, PH, PW, nt))
+  if (!blocked.empty() && !backward_blocked(blocked, go, N, C, PH, PW, channels_last, nt))
     for (LevelPlan<T, int32_t>* p : blocked) pending.push_back(p - plans.data());
   for (int64_t l : pending)
-    backward_unblocked<T>(go, split.rois[l].data(), split.rows[l].data(),
-                          static_cast<T*>(grads[l]), N, C, Hs[l], Ws[l], split.count(l), PH,
-                          PW, scales[l], sr, aln, nt);
+    level_backward_unblocked<T>(go, split, l, static_cast<T*>(grads[l]), N, C, Hs[l], Ws[l],
+                                PH, PW, scales[l], sr, aln, channels_last, nt);
 }
 
 int check_levels(const char* fn, int dtype, int64_t L, void** maps, const int64_t* heights,
@@ -1145,7 +1178,7 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
   int rc = mrc::check_roi_align_args(fn, dtype, false, grad_input, rois, grad_output, N, C, H,
                                      W, K, PH, PW, spatial_scale);
   if (rc) return rc;
-  if (K == 0 || C == 0 || N == 0 || H == 0 || W == 0) return MRC_OK;
+  if (C == 0 || N == 0 || H == 0 || W == 0) return MRC_OK;  /* nothing to write */
   const int nt = resolve_threads(num_threads);
   const bool aln = aligned != 0;
   MRC_GUARD(fn, {
@@ -1153,11 +1186,11 @@ int mrc_roi_align_backward_cpu(int dtype, const void* grad_output, const void* r
     if (dtype == MRC_F32)
       multilevel_backward<float>(1, grads, &H, &W, &spatial_scale, (const float*)grad_output,
                                  (const float*)rois, nullptr, N, C, K, PH, PW,
-                                 sampling_ratio, aln, nt);
+                                 sampling_ratio, aln, false, nt);
     else
       multilevel_backward<double>(1, grads, &H, &W, &spatial_scale,
                                   (const double*)grad_output, (const double*)rois, nullptr,
-                                  N, C, K, PH, PW, sampling_ratio, aln, nt);
+                                  N, C, K, PH, PW, sampling_ratio, aln, false, nt);
   });
   return MRC_OK;
 }
@@ -1195,22 +1228,24 @@ int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inpu
                                           const void* rois, const int64_t* levels, int64_t N,
                                           int64_t C, int64_t K, int64_t PH, int64_t PW,
                                           int64_t sampling_ratio, int aligned,
-                                          int num_threads) {
+                                          int channels_last, int num_threads) {
   static const char* fn = "mrc_roi_align_multilevel_backward_cpu";
   int rc = check_levels(fn, dtype, L, grad_inputs, heights, widths, scales, rois, levels,
                         grad_output, N, C, K, PH, PW);
   if (rc) return rc;
-  if (K == 0 || C == 0 || N == 0) return MRC_OK;
+  if (C == 0 || N == 0) return MRC_OK;  /* nothing to write */
   const int nt = resolve_threads(num_threads);
   MRC_GUARD(fn, {
     if (dtype == MRC_F32)
       multilevel_backward<float>(L, grad_inputs, heights, widths, scales,
                                  (const float*)grad_output, (const float*)rois, levels, N, C,
-                                 K, PH, PW, sampling_ratio, aligned != 0, nt);
+                                 K, PH, PW, sampling_ratio, aligned != 0, channels_last != 0,
+                                 nt);
     else
       multilevel_backward<double>(L, grad_inputs, heights, widths, scales,
                                   (const double*)grad_output, (const double*)rois, levels, N,
-                                  C, K, PH, PW, sampling_ratio, aligned != 0, nt);
+                                  C, K, PH, PW, sampling_ratio, aligned != 0,
+                                  channels_last != 0, nt);
   });
   return MRC_OK;
 }

@@ -292,11 +292,11 @@ def test_multilevel_rows_levels_and_orphans(api):
         P(levels, "int64_t *"), P(out_cl), 2, 3, 4, 2, 2, 2, 0, 1, 2) == 0, err(api)
     assert torch.equal(out_cl, out)
     grad = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64)
-    grads = [torch.zeros_like(m) for m in maps]
+    grads = [torch.full_like(m, float("nan")) for m in maps]  # overwritten
     gptrs = ffi.new("void*[]", [P(t) for t in grads])
     assert lib.mrc_roi_align_multilevel_backward_cpu(1, 2, gptrs, hs, ws, sc, P(grad),
                                                      P(rois), P(levels, "int64_t *"), 2, 3,
-                                                     4, 2, 2, 2, 0, 2) == 0, err(api)
+                                                     4, 2, 2, 2, 0, 0, 2) == 0, err(api)
     for lvl in (0, 1):
         sel = (levels == lvl).nonzero().flatten()
         x = maps[lvl].clone().requires_grad_()
