@@ -4,6 +4,7 @@ Shapes: R RoIs, M GT instances, K object classes (K + 1 channels with background
 S mask size (28), D detections, H/W image size.
 """
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +67,24 @@ class MaskPredictor(nn.Sequential):
             if "weight" in name:
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: Tensor[R, C, P, P] -> mask logits Tensor[R, K+1, 2P, 2P]."""
+    def forward(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """x: Tensor[R, C, P, P] -> mask logits Tensor[R, K+1, 2P, 2P]; with labels
+        (Tensor[R] int64, training) only each RoI's own class: Tensor[R, 2P, 2P]."""
+        if labels is not None:
+            return self._forward_selected(x, labels)
         if not (self.fuse_inference and fast_path(x)):
             return super().forward(x)
         x = F.relu(self.conv5_mask(x), inplace=True)
         return conv2d(x, self.mask_fcn_logits)
+
+    def _forward_selected(self, x: Tensor, labels: Tensor) -> Tensor:
+        # The loss reads one channel per RoI: computing the other K costs K times the
+        # 1x1 conv (and its backward) for logits whose gradient is zero anyway.
+        x = F.relu(self.conv5_mask(x), inplace=True)
+        conv = self.mask_fcn_logits
+        weight = conv.weight[labels, :, 0, 0]
+        out = torch.einsum("rdhw,rd->rhw", x, weight)
+        return out + conv.bias[labels][:, None, None] if conv.bias is not None else out
 
 
 def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor,
@@ -88,6 +101,30 @@ def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor
     return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
 
 
+def mask_target_labels(gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """Tensor[R] int64: the class of each positive RoI's matched GT, images concatenated."""
+    return torch.cat([lab[idx] for lab, idx in zip(gt_labels, mask_matched_idxs)], dim=0)
+
+
+def mask_loss(pred_mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+              mask_matched_idxs: list[Tensor]) -> Tensor:
+    """BCE-with-logits between each positive RoI's own-class logits and its projected GT
+    mask.
+
+    Args:
+        pred_mask_logits: Tensor[R, S, S], the GT class's channel of each positive RoI.
+        proposals, gt_masks, mask_matched_idxs: as for maskrcnn_loss.
+    Returns:
+        scalar; zero but graph-connected when there are no positive RoIs.
+    """
+    if pred_mask_logits.shape[0] == 0:
+        return pred_mask_logits.sum() * 0
+    size = pred_mask_logits.shape[-1]
+    targets = torch.cat([project_masks_on_boxes(m, p, i, size)
+                         for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0)
+    return F.binary_cross_entropy_with_logits(pred_mask_logits, targets)
+
+
 def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
                   gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
     """BCE-with-logits between the GT class's mask channel and the projected GT mask.
@@ -100,14 +137,11 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     Returns:
         scalar; zero but graph-connected when there are no positive RoIs.
     """
-    size = mask_logits.shape[-1]
-    labels = torch.cat([lab[idx] for lab, idx in zip(gt_labels, mask_matched_idxs)], dim=0)
+    labels = mask_target_labels(gt_labels, mask_matched_idxs)
     if labels.numel() == 0:
         return mask_logits.sum() * 0
-    targets = torch.cat([project_masks_on_boxes(m, p, i, size)
-                         for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0)
     pred = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(pred, targets)
+    return mask_loss(pred, proposals, gt_masks, mask_matched_idxs)
 
 
 def mask_inference(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:

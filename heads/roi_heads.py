@@ -12,7 +12,7 @@ from pooling import MultiScaleRoIAlign
 from tools.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
 from .box_head import BoxPredictor, TwoMLPHead, box_inference, fastrcnn_loss
-from .mask_head import MaskHead, MaskPredictor, mask_inference, maskrcnn_loss
+from .mask_head import MaskHead, MaskPredictor, mask_inference, mask_loss, mask_target_labels
 from .targets import RoITargets, select_training_samples
 
 
@@ -126,9 +126,10 @@ class RoIHeads(nn.Module):
         pos = [torch.where(lab > 0)[0] for lab in samples.labels]
         boxes = [p[i] for p, i in zip(samples.proposals, pos)]
         matched = [m[i] for m, i in zip(samples.matched_idxs, pos)]
-        mask_logits = self._forward_mask(features, boxes, image_sizes)
-        return maskrcnn_loss(mask_logits, boxes, [t["masks"] for t in targets],
-                             [t["labels"] for t in targets], matched)
+        labels = mask_target_labels([t["labels"] for t in targets], matched)
+        pooled = self.mask_roi_pool(features, boxes, image_sizes)
+        pred = self.mask_predictor(self.mask_head(pooled), labels)
+        return mask_loss(pred, boxes, [t["masks"] for t in targets], matched)
 
     def _detect(self, features, proposals, image_sizes) -> list[dict]:
         class_logits, box_regression = self._forward_box(features, proposals, image_sizes)

@@ -94,6 +94,36 @@ def test_maskrcnn_loss_matches_torchvision():
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_mask_predictor_selected_class_equals_full_logits(layout):
+    """Training computes only each RoI's own-class logits: the same values, loss and
+    parameter gradients as selecting them from torchvision's full K + 1 channels."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    predictor = MaskPredictor(16, 8, K + 1)
+    with torch.no_grad():
+        predictor.mask_fcn_logits.bias.normal_(generator=g)
+    x = torch.randn(9, 16, 14, 14, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, K + 1, (9,), generator=g)
+    weights = torch.rand(9, 28, 28, generator=g)
+    results = []
+    for selected in (True, False):
+        predictor.zero_grad()
+        with torch.enable_grad():
+            if selected:
+                pred = predictor(x, labels)
+            else:
+                pred = predictor(x)[torch.arange(9), labels]
+            (pred * weights).sum().backward()
+        results.append((pred.detach(), [p.grad.clone() for p in predictor.parameters()]))
+    (got, got_grads), (exp, exp_grads) = results
+    assert got.shape == (9, 28, 28)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, exp_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_maskrcnn_loss_no_positives_is_zero_and_connected():
     logits = torch.randn(0, K + 1, 28, 28, requires_grad=True)
     loss = maskrcnn_loss(logits, [torch.zeros(0, 4)], [torch.zeros(0, 20, 20)],
