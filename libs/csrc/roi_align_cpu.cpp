@@ -752,40 +752,60 @@ MRC_AVX2 void fwd_block_avx2<float, int32_t>(const float* plane,
 }
 #endif
 
-/* One RoI's samples of one bin scattered into a block of gradient planes, taps 1..4 in
- * torchvision's order: g_i = grad * w_i / count. */
-template <typename T, typename I>
-MRC_INLINE void bwd_block_body(T* __restrict plane, const TapRec<T, I>* __restrict taps,
-                               const int64_t* bins, int64_t PHW, T count,
-                               const T* __restrict go, int64_t cn) {
+/* One RoI's samples scattered into a block of gradient pixels, taps 1..4 in
+ * torchvision's order: g_i = grad * w_i / count. Pixel q's lanes are at
+ * plane + q * stride: the packed scratch (stride kLanes, padded lanes: all kLanes are
+ * written) or an NHWC gradient itself (stride C: only the cn real lanes, the next ones
+ * belong to another thread's block). */
+template <typename T, typename I, bool kAllLanes>
+MRC_INLINE void bwd_block_body(T* __restrict plane, int64_t stride,
+                               const TapRec<T, I>* __restrict taps, const int64_t* bins,
+                               int64_t PHW, T count, const T* __restrict go, int64_t cn) {
+  const int64_t lanes = kAllLanes ? kLanes : cn;
   for (int64_t b = 0; b < PHW; ++b) {
     if (bins[b] == bins[b + 1]) continue;
     T gv[kLanes];
     for (int64_t c = 0; c < kLanes; ++c) gv[c] = c < cn ? go[c * PHW + b] : static_cast<T>(0);
     for (int64_t s = bins[b]; s < bins[b + 1]; ++s) {
       const TapRec<T, I> t = taps[s];
-      T* __restrict v1 = plane + static_cast<int64_t>(t.p1) * kLanes;
-      for (int64_t c = 0; c < kLanes; ++c) v1[c] += gv[c] * t.w1 / count;
-      T* __restrict v2 = plane + static_cast<int64_t>(t.p2) * kLanes;
-      for (int64_t c = 0; c < kLanes; ++c) v2[c] += gv[c] * t.w2 / count;
-      T* __restrict v3 = plane + static_cast<int64_t>(t.p3) * kLanes;
-      for (int64_t c = 0; c < kLanes; ++c) v3[c] += gv[c] * t.w3 / count;
-      T* __restrict v4 = plane + static_cast<int64_t>(t.p4) * kLanes;
-      for (int64_t c = 0; c < kLanes; ++c) v4[c] += gv[c] * t.w4 / count;
+      T* __restrict v1 = plane + static_cast<int64_t>(t.p1) * stride;
+      for (int64_t c = 0; c < lanes; ++c) v1[c] += gv[c] * t.w1 / count;
+      T* __restrict v2 = plane + static_cast<int64_t>(t.p2) * stride;
+      for (int64_t c = 0; c < lanes; ++c) v2[c] += gv[c] * t.w2 / count;
+      T* __restrict v3 = plane + static_cast<int64_t>(t.p3) * stride;
+      for (int64_t c = 0; c < lanes; ++c) v3[c] += gv[c] * t.w3 / count;
+      T* __restrict v4 = plane + static_cast<int64_t>(t.p4) * stride;
+      for (int64_t c = 0; c < lanes; ++c) v4[c] += gv[c] * t.w4 / count;
     }
   }
 }
 
-template <typename T, typename I>
-MRC_AVX2 void bwd_block_avx2(T* plane, const TapRec<T, I>* taps, const int64_t* bins,
-                             int64_t PHW, T count, const T* go, int64_t cn) {
-  bwd_block_body<T, I>(plane, taps, bins, PHW, count, go, cn);
+template <typename T, typename I, bool kAllLanes>
+MRC_AVX2 void bwd_block_avx2(T* plane, int64_t stride, const TapRec<T, I>* taps,
+                             const int64_t* bins, int64_t PHW, T count, const T* go,
+                             int64_t cn) {
+  bwd_block_body<T, I, kAllLanes>(plane, stride, taps, bins, PHW, count, go, cn);
 }
 
+template <typename T, typename I, bool kAllLanes>
+void bwd_block_generic(T* plane, int64_t stride, const TapRec<T, I>* taps,
+                       const int64_t* bins, int64_t PHW, T count, const T* go, int64_t cn) {
+  bwd_block_body<T, I, kAllLanes>(plane, stride, taps, bins, PHW, count, go, cn);
+}
+
+/* The block of one RoI: all lanes when they exist (scratch, or cn == kLanes). */
 template <typename T, typename I>
-void bwd_block_generic(T* plane, const TapRec<T, I>* taps, const int64_t* bins, int64_t PHW,
-                       T count, const T* go, int64_t cn) {
-  bwd_block_body<T, I>(plane, taps, bins, PHW, count, go, cn);
+void bwd_block(bool avx2, T* plane, int64_t stride, const TapRec<T, I>* taps,
+               const int64_t* bins, int64_t PHW, T count, const T* go, int64_t cn) {
+  const bool all = stride == kLanes || cn == kLanes;
+  if (avx2 && all)
+    bwd_block_avx2<T, I, true>(plane, stride, taps, bins, PHW, count, go, cn);
+  else if (avx2)
+    bwd_block_avx2<T, I, false>(plane, stride, taps, bins, PHW, count, go, cn);
+  else if (all)
+    bwd_block_generic<T, I, true>(plane, stride, taps, bins, PHW, count, go, cn);
+  else
+    bwd_block_generic<T, I, false>(plane, stride, taps, bins, PHW, count, go, cn);
 }
 
 /* One map (FPN level) of the blocked path: tap tables of its RoIs and, per image, the
@@ -800,14 +820,15 @@ struct LevelPlan {
   AllTaps<T, I> all;
   std::vector<int64_t> start, order; /* RoIs of image n: order[start[n] .. start[n+1]) */
 
-  /* Serial part; false when the taps do not fit or packing does not pay off (it reads
-   * every pixel once: not worth it for a few samples on a large map). */
+  /* Serial part; false when the taps do not fit or, with dense_only, packing does not
+   * pay off (it reads every pixel once: not worth it for a few samples on a large
+   * map). */
   bool prepare(void* data_, const T* rois, const int64_t* rows_, int64_t N, int64_t H_,
                int64_t W_, int64_t K, int64_t PH, int64_t PW, double scale, int64_t sr,
-               bool aligned, bool spatial) {
+               bool aligned, bool spatial, bool dense_only = true) {
     if (N <= 0 || H_ <= 0 || W_ <= 0 || H_ * W_ >= (int64_t(1) << 31)) return false;
     all.prepare(rois, N, H_, W_, K, PH, PW, scale, sr, aligned, 256u << 20);
-    if (!all.ok || 4 * all.roi_off[K] < N * H_ * W_) return false;
+    if (!all.ok || (dense_only && 4 * all.roi_off[K] < N * H_ * W_)) return false;
     data = data_, H = H_, W = W_, rows = rows_;
     start.assign(N + 1, 0);
     for (int64_t k = 0; k < K; ++k)
@@ -903,33 +924,34 @@ bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_l
   return true;
 }
 
-/* Backward work item (image n, channel block cb) of one map: its gradient planes are
+/* Backward work item (image n, channel block cb) of one map: its gradient elements are
  * disjoint from every other item's and its RoIs are visited in input order, so the sums
  * do not depend on the thread count and follow torchvision's order (RoI, bin, sample,
- * tap). plane: the calling thread's scratch (H*W*L values); the result overwrites the
- * item's channels of the NCHW (NHWC when channels_last) gradient. */
+ * tap). The item overwrites its channels of the gradient. NHWC: it accumulates in place
+ * (pixel stride C). NCHW: in plane, the calling thread's packed scratch (H*W*L values),
+ * then unpacks. */
 template <typename T, typename I>
 void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
                    const T* grad_out, int64_t C, int64_t PHW, bool channels_last, bool avx2) {
   const int64_t HW = p.H * p.W;
   const int64_t c0 = cb * kLanes, cn = std::min(kLanes, C - c0);
-  memset(plane, 0, sizeof(T) * HW * kLanes);
+  T* grad_in = static_cast<T*>(p.data);
+  int64_t stride = kLanes;
+  if (channels_last) {
+    plane = grad_in + n * HW * C + c0;
+    stride = C;
+    for (int64_t q = 0; q < HW; ++q) memset(plane + q * C, 0, sizeof(T) * cn);
+  } else {
+    memset(plane, 0, sizeof(T) * HW * kLanes);
+  }
   for (int64_t oi = p.start[n]; oi < p.start[n + 1]; ++oi) {
     const int64_t k = p.order[oi];
     const TapRec<T, I>* taps = p.all.taps.data() + p.all.roi_off[k];
     const int64_t* bins = p.all.bin_start.data() + k * (PHW + 1);
     const T* go = grad_out + (p.row(k) * C + c0) * PHW;
-    if (avx2)
-      bwd_block_avx2<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
-    else
-      bwd_block_generic<T, I>(plane, taps, bins, PHW, p.all.geom[k].count, go, cn);
+    bwd_block<T, I>(avx2, plane, stride, taps, bins, PHW, p.all.geom[k].count, go, cn);
   }
-  T* grad_in = static_cast<T*>(p.data);
-  if (channels_last) {
-    for (int64_t q = 0; q < HW; ++q)
-      memcpy(grad_in + (n * HW + q) * C + c0, plane + q * kLanes, sizeof(T) * cn);
-    return;
-  }
+  if (channels_last) return;
   /* unpack, in tiles of kTile pixels so a tile of the blocked plane stays in L1 while its
    * cn channels are read out */
   for (int64_t p0 = 0; p0 < HW; p0 += kTile) {
@@ -943,8 +965,9 @@ void backward_item(const LevelPlan<T, I>& p, int64_t n, int64_t cb, T* plane,
 }
 
 /* Blocked backward over several maps: items (map, image, channel block) run
- * independently, each in its thread's own scratch plane (one block of the largest map
- * per thread). Returns false (nothing written) when the scratch cannot be allocated. */
+ * independently, each (NCHW) in its thread's own scratch plane (one block of the largest
+ * map per thread). Returns false (nothing written) when the scratch cannot be
+ * allocated. */
 template <typename T, typename I>
 bool backward_blocked(const std::vector<LevelPlan<T, I>*>& plans, const T* grad_out,
                       int64_t N, int64_t C, int64_t PH, int64_t PW, bool channels_last,
@@ -957,13 +980,13 @@ bool backward_blocked(const std::vector<LevelPlan<T, I>*>& plans, const T* grad_
   }
   const int64_t plane = largest_plane(hw) * kLanes;
   nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, item0.back())));
-  T* planes = try_scratch<T>(static_cast<size_t>(plane * nt));
-  if (!planes) return false;
+  T* planes = channels_last ? nullptr : try_scratch<T>(static_cast<size_t>(plane * nt));
+  if (!channels_last && !planes) return false;
   const bool avx2 = cpu_has_avx2();
 #pragma omp parallel num_threads(nt)
   {
     fill_all_taps(plans);
-    T* mine = planes + omp_get_thread_num() * plane;
+    T* mine = planes ? planes + omp_get_thread_num() * plane : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < item0.back(); ++it) {
       const int64_t u = std::upper_bound(item0.begin(), item0.end(), it) - item0.begin() - 1;
@@ -1098,9 +1121,11 @@ void multilevel_backward(int64_t L, void** grads, const int64_t* Hs, const int64
       if (bytes) memset(grads[l], 0, bytes);
       continue;
     }
-    if (C >= kLanes && plans[l].prepare(grads[l], split.rois[l].data(), split.rows[l].data(),
-                                        N, Hs[l], Ws[l], split.count(l), PH, PW, scales[l],
-                                        sr, aln, false))
+    /* NHWC: any C, any density (the items accumulate in place: no pack, no unpack) */
+    const bool direct = channels_last;
+    if ((C >= kLanes || direct) &&
+        plans[l].prepare(grads[l], split.rois[l].data(), split.rows[l].data(), N, Hs[l],
+                         Ws[l], split.count(l), PH, PW, scales[l], sr, aln, false, !direct))
       blocked.push_back(&plans[l]);
     else
       pending.push_back(l);
