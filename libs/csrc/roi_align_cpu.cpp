@@ -540,8 +540,10 @@ void pack_row_nchw_scalar(const T* src, int64_t plane, int64_t W, int64_t cn, T*
 MRC_AVX2 void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t W, int64_t cn,
                                  float* o) {
   const int64_t W8 = W - W % 8, C8 = cn - cn % 8;
-  for (int64_t x0 = 0; x0 < W8; x0 += 8) {
-    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+  /* channel groups outer: 8 source rows stream at a time (the prefetchers track that
+   * many; 32 at once they do not) */
+  for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+    for (int64_t x0 = 0; x0 < W8; x0 += 8) {
       __m256 r[8], t[8], u[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (c0 + i) * plane + x0);
       for (int i = 0; i < 8; i += 2) {
@@ -561,9 +563,9 @@ MRC_AVX2 void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t W, int
                          _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
       }
     }
-    for (int64_t c = C8; c < cn; ++c)
-      for (int64_t x = x0; x < x0 + 8; ++x) o[x * kLanes + c] = src[c * plane + x];
   }
+  for (int64_t c = C8; c < cn; ++c)
+    for (int64_t x = 0; x < W8; ++x) o[x * kLanes + c] = src[c * plane + x];
   pack_row_nchw_scalar(src, plane, W, cn, o, W8);
 }
 #endif
