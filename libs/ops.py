@@ -253,19 +253,24 @@ def roi_align_multilevel_backward(grad: Tensor, rois: Tensor, levels: Tensor,
     forward's maps, so the convolutions' backward gets its own layout)."""
     shapes = [(batch_size, channels, h, w) for h, w in zip(heights, widths)]
     lib = _native(grad)
+    # channels-last results on the CPU only (what the fake kernel promises)
+    fmt = torch.channels_last if channels_last and grad.device.type == "cpu" \
+        else torch.contiguous_format
     if lib is None or grad.device.type != "cpu":
         grads = []
         for level, (scale, shape) in enumerate(zip(scales, shapes)):
             idx = torch.nonzero(levels == level).flatten()
             grads.append(roi_align_backward(grad[idx], rois[idx], scale, pooled_h, pooled_w,
-                                            sampling_ratio, aligned, *shape))
+                                            sampling_ratio, aligned, *shape)
+                         .contiguous(memory_format=fmt))
         return grads
     grad = grad.contiguous()
     rois = rois.to(grad.dtype).contiguous()
     levels = levels.to(torch.int64).contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     # The kernel overwrites every element (zero where no RoI samples).
     grads = [torch.empty(shape, dtype=grad.dtype, memory_format=fmt) for shape in shapes]
+    if grad.numel() == 0:
+        return [g.zero_() for g in grads]
     ptrs = _loader.ffi.new("void*[]", [_ptr(g) for g in grads])
     hs = _loader.ffi.new("int64_t[]", list(heights))
     ws = _loader.ffi.new("int64_t[]", list(widths))
