@@ -63,6 +63,30 @@ def reset_peak_rss() -> float:
         return rss_mb()
 
 
+def peak_memory(device, run, calls: int) -> dict:
+    """Calls run() `calls` times; returns the process's peak RSS (MB), its rise over the
+    RSS before the first call ("rise_mb") and, on CUDA, the peak allocated memory."""
+    import torch
+
+    base = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(calls):
+        run()
+    result = dict(peak_rss_mb=rss_mb(), rise_mb=rss_mb() - base)
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return result
+
+
+def memory_columns(mem: dict, rise_width: int) -> str:
+    """Table cells: peak RSS, the rise during the measured calls, CUDA peak ("-" if none)."""
+    rss = f"{mem['peak_rss_mb']:12.0f} {mem['rise_mb']:{rise_width}.0f}" if mem else \
+        f"{'-':>12} {'-':>{rise_width}}"
+    cuda = f"{mem['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in mem else f"{'-':>13}"
+    return f"{rss} {cuda}"
+
+
 def build_torchvision(depth: int, num_classes: int, seed: int = 0):
     """torchvision's Mask R-CNN, ResNet-{depth}-FPN, frozen BatchNorm, random weights
     (seeded), K + 1 outputs; damped so the features stay O(100) at any depth."""
@@ -252,16 +276,8 @@ def memory_child(args) -> dict:
     model = load_model(args.model, args.depth, args.num_classes, args.weights, args.ablate)
     model = model.eval().to(device)
     images = [image.to(device)] * args.batch
-    base = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
-        for _ in range(args.warmup + 2):
-            model(images)
-    result = dict(peak_rss_mb=rss_mb(), inference_rss_mb=rss_mb() - base)
-    if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return result
+        return peak_memory(device, lambda: model(images), args.warmup + 2)
 
 
 def main(argv=None) -> None:
@@ -326,12 +342,9 @@ def main(argv=None) -> None:
     tv_ms = median_ms(times["torchvision"])
     for name in ("torchvision", "ours"):
         ms = median_ms(times[name])
-        mem = memory.get(name, {})
-        rss = f"{mem['peak_rss_mb']:12.0f} {mem['inference_rss_mb']:10.0f}" if mem else \
-            f"{'-':>12} {'-':>10}"
-        cuda = f"{mem['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in mem else f"{'-':>13}"
         dets = sum(len(o["boxes"]) for o in outputs[name]) // args.batch
-        print(f"{name:12} {ms:9.1f} {ms / tv_ms:8.3f} {tv_ms / ms:8.2f} {dets:5d} {rss} {cuda}")
+        print(f"{name:12} {ms:9.1f} {ms / tv_ms:8.3f} {tv_ms / ms:8.2f} {dets:5d} "
+              f"{memory_columns(memory.get(name, {}), 10)}")
     print(f"parity: labels equal {check['labels_equal']}, max |diff| boxes "
           f"{check['boxes']:.2e} px, scores {check['scores']:.2e}, masks {check['masks']:.2e}")
     print("all times (ms):", {k: [round(1000 * t) for t in v] for k, v in times.items()})

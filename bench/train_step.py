@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from inference import (build_torchvision, calibrate, convert, interleaved_times,  # noqa: E402
-                       load_model, median_ms, reset_peak_rss, rss_mb,
+                       load_model, median_ms, memory_columns, peak_memory,
                        run_memory_children)
 
 
@@ -115,15 +115,7 @@ def memory_child(args) -> dict:
     model = load_model(args.model, args.depth, args.num_classes, args.weights)
     model = model.train().to(device)
     step = Stepper(model, *_to(images, targets, device), device, device.type == "cuda")
-    base = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup + 2):
-        step()
-    result = dict(peak_rss_mb=rss_mb(), step_rss_mb=rss_mb() - base)
-    if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return result
+    return peak_memory(device, step, args.warmup + 2)
 
 
 def main(argv=None) -> None:
@@ -171,11 +163,8 @@ def main(argv=None) -> None:
     tv_ms = median_ms(times["torchvision"])
     for name in ("torchvision", "ours"):
         ms = median_ms(times[name])
-        mem = memory.get(name, {})
-        rss = f"{mem['peak_rss_mb']:12.0f} {mem['step_rss_mb']:9.0f}" if mem else \
-            f"{'-':>12} {'-':>9}"
-        cuda = f"{mem['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in mem else f"{'-':>13}"
-        print(f"{name:12} {ms:9.1f} {ms / tv_ms:8.3f} {tv_ms / ms:8.2f} {rss} {cuda}")
+        print(f"{name:12} {ms:9.1f} {ms / tv_ms:8.3f} {tv_ms / ms:8.2f} "
+              f"{memory_columns(memory.get(name, {}), 9)}")
     a, b = steps["ours"].last_losses, steps["torchvision"].last_losses
     b = {TV_LOSS_NAMES.get(k, k): v for k, v in b.items()}
     diffs = {k: abs(a[k] - b[k]) for k in b}
