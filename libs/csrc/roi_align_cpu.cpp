@@ -8,19 +8,23 @@
  *     (PH * gh entries) and one of x taps (PW * gw entries); each sample's four offsets
  *     and weights (w1 = hy * hx, ... as torchvision computes them) are formed once and
  *     reused for every channel;
- *   - C >= 32 with enough samples per map pixel: the map is packed once into
- *     [N][C/32][H][W][32] (a per-thread scratch buffer, reused across calls); one tap then
- *     reads 32 contiguous channels, the lane loops vectorise (AVX2 chosen at run time),
- *     and a 32-channel block of the map stays in the last-level cache while all RoIs
- *     read it (work items: block-major, RoIs in a spatial order);
+ *   - C >= 32 with enough samples per map pixel: for each (level, image, 32-channel
+ *     block) the threads pack the pixels the RoIs read into one [H][W][32] scratch plane
+ *     (kept per calling thread in huge pages), then pool every RoI of that image from it
+ *     while it sits in the last-level cache (RoIs in a spatial order); one tap reads 32
+ *     contiguous channels (AVX2 intrinsics chosen at run time) and each RoI's result is
+ *     written with streaming stores;
  *   - otherwise NCHW: work items are (channel block, RoI), channel-block major, so all
  *     threads stream the same few feature planes; NHWC: one tap reads a run of C values;
  *   - backward: items are (image, channel block): the gradient planes of different items
  *     are disjoint and RoIs are visited in order inside each, so the result does not
- *     depend on the number of threads and equals torchvision's summation order;
+ *     depend on the number of threads and equals torchvision's summation order; NHWC
+ *     gradients are accumulated in place, NCHW ones in a packed plane then unpacked; the
+ *     gradient is overwritten, never accumulated into;
  *   - multi-level (FPN): one call takes every level and each RoI's level and pools each
- *     RoI straight into its output row (no gather / concatenation / scatter); with the
- *     blocked path, all levels share one parallel region (taps + packs, then pooling);
+ *     RoI straight into its output row (no gather / concatenation / scatter); a single
+ *     map is one level, so both entry points share the same code; on the blocked path
+ *     all levels share one parallel region;
  *   - calls with little work (K*C*PH*PW < 2^18) run on the calling thread.
  */
 #include <omp.h>
@@ -880,9 +884,8 @@ int64_t largest_plane(const std::vector<int64_t>& hw) {
 /* Blocked forward over several maps. For each (map, image, channel block) in turn the
  * threads pack the block into ONE shared scratch plane ([H][W][L]; it stays in the
  * last-level cache; only the pixels the image's RoIs read) and then pool all its RoIs
- * from it. The scratch is one block of the
- * largest map, not a packed copy of every map. Returns false (nothing written) when the
- * scratch cannot be allocated. */
+ * from it. The scratch is one block of the largest map, not a packed copy of every map.
+ * Returns false (nothing written) when the scratch cannot be allocated. */
 template <typename T, typename I>
 bool forward_blocked(const std::vector<LevelPlan<T, I>*>& plans, bool channels_last, T* out,
                      int64_t N, int64_t C, int64_t PH, int64_t PW, int nt) {
