@@ -529,10 +529,10 @@ static const int64_t kTile = 32;
  * in tiles of kTile pixels so the written tile stays in L1. */
 template <typename T>
 void pack_row_nchw_scalar(const T* src, int64_t plane, int64_t W, int64_t cn, T* o,
-                          int64_t x_begin = 0, int64_t c_begin = 0) {
+                          int64_t x_begin = 0) {
   for (int64_t x0 = x_begin; x0 < W; x0 += kTile) {
     const int64_t xn = std::min(kTile, W - x0);
-    for (int64_t c = c_begin; c < cn; ++c) {
+    for (int64_t c = 0; c < cn; ++c) {
       const T* row = src + c * plane + x0;
       T* dst = o + x0 * kLanes + c;
       for (int64_t x = 0; x < xn; ++x) dst[x * kLanes] = row[x];
