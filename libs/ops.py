@@ -1,5 +1,6 @@
 """torch.library custom ops ``maskrcnn::roi_align``, ``maskrcnn::roi_align_backward``,
-``maskrcnn::roi_align_multilevel`` (+ backward) and ``maskrcnn::nms``.
+``maskrcnn::roi_align_multilevel`` (+ backward), ``maskrcnn::nms`` and
+``maskrcnn::conv3x3_winograd`` (+ backward; CPU float32, with F.conv2d as its fallback).
 
 Each op has one schema, a fake (meta) kernel for torch.compile / export, an autograd
 formula, and device kernels that call the compiled library of the tensor's device through
@@ -19,7 +20,8 @@ from torch import Tensor
 from . import _loader, reference
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_multilevel",
-           "roi_align_multilevel_backward", "nms"]
+           "roi_align_multilevel_backward", "nms", "conv3x3_winograd",
+           "conv3x3_winograd_backward"]
 
 # dtype codes of the C ABI; CPU kernels take the first two.
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -379,3 +381,160 @@ def _(boxes, scores, iou_threshold):
     ctx = torch.library.get_ctx()
     k = ctx.new_dynamic_size()
     return boxes.new_empty((k,), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------ conv3x3 (Winograd)
+
+# Lavin & Gray's F(4x4, 3x3): U = G g G^T turns a 3x3 filter g into a 6x6 one (the input
+# and output transforms B^T, A^T live in libs/csrc/winograd_cpu.cpp).
+_WINOGRAD_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+# Tiles per band: V and M stay a few MB (in cache, and no big temporaries), and the
+# GEMMs keep ~170 GFLOP/s on 2 cores (256 tiles: ~160).
+_WINOGRAD_BAND_TILES = 512
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """weight Tensor[K, C, 3, 3] -> U Tensor[36, C, K], U[6 a + b] = (G g G^T)[a, b]
+    (readable reference of mrc_winograd_weight_cpu)."""
+    g = weight.new_tensor(_WINOGRAD_G)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight, g)
+    return u.reshape(36, weight.shape[1], weight.shape[0])
+
+
+def winograd_weight_grad(grad_u: Tensor) -> Tensor:
+    """The adjoint of winograd_weight: Tensor[36, C, K] -> Tensor[K, C, 3, 3]."""
+    g = grad_u.new_tensor(_WINOGRAD_G)
+    return torch.einsum("ak,abio,bl->oikl", g, grad_u.reshape(6, 6, *grad_u.shape[1:]), g)
+
+
+def _weight_u(lib, weight: Tensor) -> Tensor:
+    """winograd_weight in one pass (the einsum costs 6 ms for 256x256 filters)."""
+    K, C = weight.shape[:2]
+    weight_ckk = weight.permute(1, 2, 3, 0).contiguous()   # output channels innermost
+    u = weight.new_empty((36, C, K))
+    _loader.check(lib, "cpu", lib.mrc_winograd_weight_cpu(
+        _ptr(weight_ckk, "float*"), _ptr(u, "float*"), K, C, torch.get_num_threads()),
+        "winograd weight transform")
+    return u
+
+
+def _bands(batch: int, height: int, width: int):
+    """(tiles_w, [(first tile row, tile rows)]) covering the batch's tile rows (numbered
+    through the batch, so a band may span several small maps)."""
+    tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
+    total = batch * tiles_h
+    rows = max(1, _WINOGRAD_BAND_TILES // tiles_w)
+    return tiles_w, [(r, min(rows, total - r)) for r in range(0, total, rows)]
+
+
+def _scratch(like: Tensor, tiles_w: int, bands, channels: int) -> Tensor:
+    return like.new_empty(36 * bands[0][1] * tiles_w * channels)
+
+
+def _plane(buf: Tensor, tiles: int, channels: int) -> Tensor:
+    """The first 36 * tiles * channels elements of buf as a contiguous [36, tiles, C]."""
+    return buf[:36 * tiles * channels].view(36, tiles, channels)
+
+
+@torch.library.custom_op("maskrcnn::conv3x3_winograd", mutates_args=())
+def conv3x3_winograd(input: Tensor, weight: Tensor, bias: Tensor, relu: bool) -> Tensor:
+    """relu?(conv2d(input, weight, bias, padding=1)) by Winograd F(4x4, 3x3), CPU float32.
+
+    input Tensor[N, C, H, W], weight Tensor[K, C, 3, 3], bias Tensor[K] ->
+    Tensor[N, K, H, W] channels-last. C and K multiples of 8 (libs.conv3x3 checks).
+    """
+    lib = _native(input)
+    if lib is None:
+        y = torch.nn.functional.conv2d(input, weight, bias, padding=1)
+        return (y.relu_() if relu else y).contiguous(memory_format=torch.channels_last)
+    N, C, H, W = input.shape
+    K = weight.shape[0]
+    x = input.contiguous(memory_format=torch.channels_last)
+    u = _weight_u(lib, weight)
+    bias = bias.contiguous()
+    y = torch.empty((N, K, H, W), dtype=x.dtype, memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
+    tiles_w, bands = _bands(N, H, W)
+    v_buf, m_buf = _scratch(x, tiles_w, bands, C), _scratch(x, tiles_w, bands, K)
+    nt = torch.get_num_threads()
+    for row0, rows in bands:
+        tiles = rows * tiles_w
+        v, m = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
+        _loader.check(lib, "cpu", lib.mrc_winograd_input_cpu(
+            _ptr(x, "float*"), _ptr(v, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            "winograd input transform")
+        torch.bmm(v, u, out=m)
+        _loader.check(lib, "cpu", lib.mrc_winograd_output_cpu(
+            _ptr(m, "float*"), _ptr(bias, "float*"), _ptr(y, "float*"), N, H, W, K, row0,
+            rows, tiles_w, int(relu), nt), "winograd output transform")
+    return y
+
+
+@conv3x3_winograd.register_fake
+def _(input, weight, bias, relu):
+    return input.new_empty((input.shape[0], weight.shape[0], *input.shape[2:])).contiguous(
+        memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("maskrcnn::conv3x3_winograd_backward", mutates_args=())
+def conv3x3_winograd_backward(grad: Tensor, input: Tensor, weight: Tensor) -> List[Tensor]:
+    """Gradients of conv3x3_winograd (before its ReLU): grad Tensor[N, K, H, W] ->
+    [grad_input Tensor[N, C, H, W] channels-last, grad_weight Tensor[K, C, 3, 3],
+    grad_bias Tensor[K]]. The GEMMs run in the Winograd domain too (4x fewer FLOPs)."""
+    lib = _native(input)
+    if lib is None:
+        gi = torch.nn.grad.conv2d_input(input.shape, weight, grad, padding=1)
+        gw = torch.nn.grad.conv2d_weight(input, weight.shape, grad, padding=1)
+        return [gi.contiguous(memory_format=torch.channels_last), gw, grad.sum((0, 2, 3))]
+    N, C, H, W = input.shape
+    K = weight.shape[0]
+    x = input.contiguous(memory_format=torch.channels_last)
+    dy = grad.contiguous(memory_format=torch.channels_last)
+    u_t = _weight_u(lib, weight).transpose(1, 2).contiguous()     # [36, K, C]
+    dx = torch.zeros_like(x, memory_format=torch.channels_last)  # the adjoint adds into it
+    du = x.new_zeros((36, C, K))
+    if x.numel() == 0 or dy.numel() == 0:
+        return [dx, winograd_weight_grad(du), dy.sum((0, 2, 3))]
+    tiles_w, bands = _bands(N, H, W)
+    v_buf, m_buf = _scratch(x, tiles_w, bands, C), _scratch(x, tiles_w, bands, K)
+    nt = torch.get_num_threads()
+    for row0, rows in bands:
+        tiles = rows * tiles_w
+        v, dm = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
+        _loader.check(lib, "cpu", lib.mrc_winograd_output_adjoint_cpu(
+            _ptr(dy, "float*"), _ptr(dm, "float*"), N, H, W, K, row0, rows, tiles_w, nt),
+            "winograd output adjoint")
+        # V is recomputed rather than saved (it is 2.25x the input's size).
+        _loader.check(lib, "cpu", lib.mrc_winograd_input_cpu(
+            _ptr(x, "float*"), _ptr(v, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            "winograd input transform")
+        du.baddbmm_(v.transpose(1, 2), dm)
+        torch.bmm(dm, u_t, out=v)                                  # dV, in V's buffer
+        _loader.check(lib, "cpu", lib.mrc_winograd_input_adjoint_cpu(
+            _ptr(v, "float*"), _ptr(dx, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            "winograd input adjoint")
+    return [dx, winograd_weight_grad(du), dy.sum((0, 2, 3))]
+
+
+@conv3x3_winograd_backward.register_fake
+def _(grad, input, weight):
+    return [torch.empty_like(input, memory_format=torch.channels_last),
+            torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+
+
+def _setup_winograd(ctx, inputs, output):
+    input, weight, bias, relu = inputs
+    ctx.save_for_backward(input, weight, output if relu else None)
+
+
+def _winograd_grad(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    if output is not None:
+        grad = grad * (output > 0)
+    gi, gw, gb = conv3x3_winograd_backward(grad, input, weight)
+    return gi, gw, gb, None
+
+
+conv3x3_winograd.register_autograd(_winograd_grad, setup_context=_setup_winograd)

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#define MRC_ABI_VERSION 3
+#define MRC_ABI_VERSION 4
 
 /* Error codes returned by every mrc_* function. */
 enum {

@@ -74,6 +74,40 @@ int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inpu
 int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
                 double iou_threshold, int64_t* keep, int64_t* num_kept, int num_threads);
 
+/* Winograd F(4x4, 3x3) transforms for 3x3, stride 1, padding 1 convolutions (float32;
+ * the caller runs the 36 GEMMs in between). x / y / dy / dx are NHWC-contiguous
+ * [N, H, W, C] (or K) maps. The transforms work on a band of tile rows
+ * [tile_row0, tile_row0 + tile_rows) numbered through the batch (N * ceil(H / 4) rows;
+ * row g is row g % ceil(H / 4) of image g / ceil(H / 4)), tiles_w = ceil(W / 4),
+ * P = tile_rows * tiles_w, and V / M / dM / dV are [36, P, C] (or K) contiguous. C and K
+ * must be multiples of 8.
+ *   weight:         U[36, C, K] = G g G^T of each filter g = weight[k, c], read from
+ *                   weight_ckk: the weight permuted to [C, 3, 3, K] (contiguous)
+ *   input:          V = B^T d B of each 6x6 input tile (zero padding outside the map)
+ *   output:         y = A^T M A (+ bias[K] unless NULL, then max(., 0) if relu) of each
+ *                   4x4 output tile, clipped to the map
+ *   output_adjoint: dM = A dy A^T (the transpose of output, without bias and ReLU)
+ *   input_adjoint:  dx += B dV B^T (the transpose of input; ADDS into dx)
+ */
+int mrc_winograd_weight_cpu(const float* weight_ckk, float* U, int64_t K, int64_t C,
+                            int num_threads);
+
+int mrc_winograd_input_cpu(const float* x, float* V, int64_t N, int64_t H, int64_t W,
+                           int64_t C, int64_t tile_row0, int64_t tile_rows, int64_t tiles_w,
+                           int num_threads);
+
+int mrc_winograd_output_cpu(const float* M, const float* bias, float* y, int64_t N, int64_t H,
+                            int64_t W, int64_t K, int64_t tile_row0, int64_t tile_rows,
+                            int64_t tiles_w, int relu, int num_threads);
+
+int mrc_winograd_output_adjoint_cpu(const float* dy, float* dM, int64_t N, int64_t H,
+                                    int64_t W, int64_t K, int64_t tile_row0,
+                                    int64_t tile_rows, int64_t tiles_w, int num_threads);
+
+int mrc_winograd_input_adjoint_cpu(const float* dV, float* dx, int64_t N, int64_t H,
+                                   int64_t W, int64_t C, int64_t tile_row0, int64_t tile_rows,
+                                   int64_t tiles_w, int num_threads);
+
 /* ---------------- CUDA (libmrcnn_cuda.so) ---------------- */
 int mrc_cuda_abi_version(void);
 const char* mrc_cuda_last_error(void);
