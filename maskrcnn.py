@@ -375,10 +375,13 @@ def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> "Ma
         image_std=t.image_std, size_divisible=t.size_divisible,
         train_min_size=t.train_min_size, mask_paste_padding=mh.mask_paste_padding)
     model = MaskRCNN.from_parts(backbone, rpn, roi_heads, transform, m.num_classes, cfg)
-    # One switch for every fused inference path (trunk, FPN, mask head).
+    # One switch for every fused inference path (trunk, FPN, mask head), and one for
+    # the Winograd convs (trunk, FPN, RPN head, mask head), which need the first.
     for module in model.modules():
         if hasattr(module, "fuse_inference"):
             module.fuse_inference = b.fuse_bn
+        if hasattr(module, "winograd"):
+            module.winograd = b.fuse_bn and b.winograd
     return model
 
 

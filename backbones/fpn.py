@@ -14,6 +14,8 @@ class FPN(nn.Module):
     # Fused oneDNN convs at inference (set by build_model from backbone.fuse_bn); False
     # keeps torchvision's exact arithmetic.
     fuse_inference = True
+    # Output convs by Winograd (libs.ops.conv3x3_winograd; set by build_model).
+    winograd = False
 
     """Top-down pyramid with lateral connections, plus a max-pooled extra level.
 
@@ -51,13 +53,15 @@ class FPN(nn.Module):
         # conv2d: one oneDNN call with the top-down add fused at inference on CPU.
         fast = self.fuse_inference
         last_inner = conv2d(features[-1], self.lateral_convs[-1], fast=fast)
-        results = [conv2d(last_inner, self.output_convs[-1], fast=fast)]
+        wino = self.winograd
+        results = [conv2d(last_inner, self.output_convs[-1], fast=fast, winograd=wino)]
         for idx in range(len(features) - 2, -1, -1):
             top_down = F.interpolate(last_inner, size=features[idx].shape[-2:],
                                      mode="nearest")
             last_inner = conv2d(features[idx], self.lateral_convs[idx], residual=top_down,
                                 fast=fast)
-            results.insert(0, conv2d(last_inner, self.output_convs[idx], fast=fast))
+            results.insert(0, conv2d(last_inner, self.output_convs[idx], fast=fast,
+                                     winograd=wino))
         if self.extra_pool:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return results

@@ -67,6 +67,8 @@ class ResNetTrunk(nn.Module):
         self._freeze(trainable_layers)
         # Inference fast path (backbones/fused.py): BN folded into the convs.
         self.fuse_inference = fuse_inference
+        # 3x3 stride-1 convs by Winograd on the fused paths (set by build_model).
+        self.winograd = False
         self._foldable = trunk_is_foldable(self)
         self._all_frozen_bn = trunk_all_frozen_bn(self)
 
@@ -118,7 +120,7 @@ class ResNetTrunk(nn.Module):
                 x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             else:
                 for block in layer:
-                    x = block_forward_live(x, block)
+                    x = block_forward_live(x, block, self.winograd)
             if layer is not None:
                 outs.append(x)
         return outs
@@ -129,7 +131,7 @@ class ResNetTrunk(nn.Module):
         if layer is None:
             return self.maxpool(conv_act(x, fold_conv_norm(self.conv1, self.bn1), relu=True))
         for block in layer:
-            x = block_forward(x, fold_block(block))
+            x = block_forward(x, fold_block(block), self.winograd)
         return x
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -143,7 +145,7 @@ class ResNetTrunk(nn.Module):
         if self.uses_fused_path():
             # Folded on every call, block by block, not cached: a cache would hold a
             # second copy of the trunk's weights (~95 MB for ResNet-50) to save ~1%.
-            return fused_trunk_forward(self, x)
+            return fused_trunk_forward(self, x, self.winograd)
         if self.fuse_inference and self._all_frozen_bn:
             return self._forward_folded_train(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

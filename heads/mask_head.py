@@ -25,6 +25,7 @@ class MaskHead(nn.Sequential):
     """
 
     fuse_inference = True  # see FPN.fuse_inference
+    winograd = False       # see FPN.winograd
 
     def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1):
         blocks = []
@@ -41,11 +42,13 @@ class MaskHead(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[R, C, P, P] pooled RoI features -> Tensor[R, layers[-1], P, P]."""
-        if not (self.fuse_inference and fast_path(x)):
+        if not (self.winograd or (self.fuse_inference and fast_path(x))):
             return super().forward(x)
-        # Inference on CPU: each conv + ReLU is one oneDNN call on channels-last tensors.
+        # Each conv + ReLU is one Winograd call, or at inference on CPU one oneDNN call,
+        # on channels-last tensors.
         for block in self:
-            x = conv2d(x, block[0], relu=True)
+            x = conv2d(x, block[0], relu=True, fast=self.fuse_inference,
+                       winograd=self.winograd)
         return x
 
 

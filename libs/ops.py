@@ -21,7 +21,7 @@ from . import _loader, reference
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_multilevel",
            "roi_align_multilevel_backward", "nms", "conv3x3_winograd",
-           "conv3x3_winograd_backward"]
+           "conv3x3_winograd_backward", "winograd_available"]
 
 # dtype codes of the C ABI; CPU kernels take the first two.
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -417,6 +417,11 @@ def _weight_u(lib, weight: Tensor) -> Tensor:
         _ptr(weight_ckk, "float*"), _ptr(u, "float*"), K, C, torch.get_num_threads()),
         "winograd weight transform")
     return u
+
+
+def winograd_available() -> bool:
+    """The CPU library (with the Winograd transforms) is built and loaded."""
+    return _loader.get_lib("cpu") is not None
 
 
 def _bands(batch: int, height: int, width: int):

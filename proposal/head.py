@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.fused import conv2d
+
 
 class RPNHead(nn.Module):
     """A 3x3 conv + ReLU shared by all levels, then 1x1 convs to A logits and 4A deltas.
@@ -15,6 +17,9 @@ class RPNHead(nn.Module):
         in_channels: C of the features (256 for the FPN).
         num_anchors: A, anchors per location (3: one size x three ratios).
     """
+
+    # The shared 3x3 conv by Winograd (libs.ops.conv3x3_winograd; set by build_model).
+    winograd = False
 
     def __init__(self, in_channels: int = 256, num_anchors: int = 3):
         super().__init__()
@@ -35,7 +40,9 @@ class RPNHead(nn.Module):
         """
         objectness, deltas = [], []
         for feature in features:
-            t = F.relu(self.conv(feature))
+            # fast=False: the oneDNN conv+ReLU is not used here (it reorders near-tied
+            # proposals against torchvision's without any gain).
+            t = conv2d(feature, self.conv, relu=True, fast=False, winograd=self.winograd)
             objectness.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return objectness, deltas

@@ -85,6 +85,22 @@ def _close(a, b, atol, stage):
     assert diff <= atol, f"{stage}: max abs diff {diff} > {atol}"
 
 
+def _close_any_order(a, b, atol, stage):
+    """Rows of a and b pair up one to one within atol, in whatever order. The fused path's
+    Winograd convs round differently (~1e-5 on the logits): proposals whose scores are
+    that close may swap places in the score order, which changes nothing downstream."""
+    assert a.shape == b.shape, f"{stage}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if not a.numel():
+        return
+    dist = (a[:, None, :] - b[None, :, :]).abs().amax(-1)
+    nearest = dist.argmin(1)
+    assert nearest.unique().numel() == len(nearest), f"{stage}: rows pair up twice"
+    diff = dist.min(1).values.max().item()
+    assert diff <= atol, f"{stage}: max abs diff {diff} > {atol}"
+    moved = (nearest != torch.arange(len(nearest))).sum().item()
+    assert moved <= max(2, len(nearest) // 20), f"{stage}: {moved} rows out of order"
+
+
 def _compare_detections(ours, ref):
     assert len(ours) == len(ref)
     labels = torch.cat([r["labels"] for r in ref])
@@ -118,7 +134,7 @@ def test_parity_stages_resnet50(r50_pair, images, batch):
         proposals, _ = ours.rpn(ours_list, list(tv_feats.values()))
         tv_proposals, _ = tv.rpn(tv_list, tv_feats)
         for a, b in zip(proposals, tv_proposals):
-            _close(a, b, 1e-3, "RPN proposals")
+            _close_any_order(a, b, 1e-3, "RPN proposals")
         # RoI pooling, box head, box predictor (same proposals)
         levels = list(tv_feats.values())[:4]
         sizes = tv_list.image_sizes
