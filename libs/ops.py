@@ -411,10 +411,11 @@ def winograd_weight_grad(grad_u: Tensor) -> Tensor:
 def _weight_u(lib, weight: Tensor) -> Tensor:
     """winograd_weight in one pass (the einsum costs 6 ms for 256x256 filters)."""
     K, C = weight.shape[:2]
+    code = _DTYPE_CODE[weight.dtype]
     weight_ckk = weight.permute(1, 2, 3, 0).contiguous()   # output channels innermost
     u = weight.new_empty((36, C, K))
     _loader.check(lib, "cpu", lib.mrc_winograd_weight_cpu(
-        _ptr(weight_ckk, "float*"), _ptr(u, "float*"), K, C, torch.get_num_threads()),
+        code, _ptr(weight_ckk, "void*"), _ptr(u, "void*"), K, C, torch.get_num_threads()),
         "winograd weight transform")
     return u
 
@@ -422,6 +423,18 @@ def _weight_u(lib, weight: Tensor) -> Tensor:
 def winograd_available() -> bool:
     """The CPU library (with the Winograd transforms) is built and loaded."""
     return _loader.get_lib("cpu") is not None
+
+
+def _winograd_lib(input: Tensor, weight: Tensor):
+    """The CPU library when the transforms take these tensors (CPU float32 / float64, one
+    dtype, channel counts positive multiples of 8), else None: F.conv2d computes it."""
+    if input.device.type != "cpu" or input.dtype not in _CPU_DTYPES or \
+            weight.dtype != input.dtype:
+        return None
+    C, K = input.shape[1], weight.shape[0]
+    if C == 0 or K == 0 or C % 8 or K % 8:
+        return None
+    return _loader.get_lib("cpu")
 
 
 def _bands(batch: int, height: int, width: int):
@@ -444,17 +457,18 @@ def _plane(buf: Tensor, tiles: int, channels: int) -> Tensor:
 
 @torch.library.custom_op("maskrcnn::conv3x3_winograd", mutates_args=())
 def conv3x3_winograd(input: Tensor, weight: Tensor, bias: Tensor, relu: bool) -> Tensor:
-    """relu?(conv2d(input, weight, bias, padding=1)) by Winograd F(4x4, 3x3), CPU float32.
+    """relu?(conv2d(input, weight, bias, padding=1)) by Winograd F(4x4, 3x3).
 
     input Tensor[N, C, H, W], weight Tensor[K, C, 3, 3], bias Tensor[K] ->
-    Tensor[N, K, H, W] channels-last. C and K multiples of 8 (libs.conv3x3 checks).
+    Tensor[N, K, H, W] channels-last. The transforms take CPU float32 / float64 with C and
+    K multiples of 8; anything else (and a missing library) runs F.conv2d.
     """
-    lib = _native(input)
+    lib = _winograd_lib(input, weight)
     if lib is None:
         y = torch.nn.functional.conv2d(input, weight, bias, padding=1)
         return (y.relu_() if relu else y).contiguous(memory_format=torch.channels_last)
     N, C, H, W = input.shape
-    K = weight.shape[0]
+    K, code = weight.shape[0], _DTYPE_CODE[input.dtype]
     x = input.contiguous(memory_format=torch.channels_last)
     u = _weight_u(lib, weight)
     bias = bias.contiguous()
@@ -468,11 +482,11 @@ def conv3x3_winograd(input: Tensor, weight: Tensor, bias: Tensor, relu: bool) ->
         tiles = rows * tiles_w
         v, m = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
         _loader.check(lib, "cpu", lib.mrc_winograd_input_cpu(
-            _ptr(x, "float*"), _ptr(v, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            code, _ptr(x, "void*"), _ptr(v, "void*"), N, H, W, C, row0, rows, tiles_w, nt),
             "winograd input transform")
         torch.bmm(v, u, out=m)
         _loader.check(lib, "cpu", lib.mrc_winograd_output_cpu(
-            _ptr(m, "float*"), _ptr(bias, "float*"), _ptr(y, "float*"), N, H, W, K, row0,
+            code, _ptr(m, "void*"), _ptr(bias, "void*"), _ptr(y, "void*"), N, H, W, K, row0,
             rows, tiles_w, int(relu), nt), "winograd output transform")
     return y
 
@@ -488,13 +502,13 @@ def conv3x3_winograd_backward(grad: Tensor, input: Tensor, weight: Tensor) -> Li
     """Gradients of conv3x3_winograd (before its ReLU): grad Tensor[N, K, H, W] ->
     [grad_input Tensor[N, C, H, W] channels-last, grad_weight Tensor[K, C, 3, 3],
     grad_bias Tensor[K]]. The GEMMs run in the Winograd domain too (4x fewer FLOPs)."""
-    lib = _native(input)
+    lib = _winograd_lib(input, weight)
     if lib is None:
         gi = torch.nn.grad.conv2d_input(input.shape, weight, grad, padding=1)
         gw = torch.nn.grad.conv2d_weight(input, weight.shape, grad, padding=1)
         return [gi.contiguous(memory_format=torch.channels_last), gw, grad.sum((0, 2, 3))]
     N, C, H, W = input.shape
-    K = weight.shape[0]
+    K, code = weight.shape[0], _DTYPE_CODE[input.dtype]
     x = input.contiguous(memory_format=torch.channels_last)
     dy = grad.contiguous(memory_format=torch.channels_last)
     u_t = _weight_u(lib, weight).transpose(1, 2).contiguous()     # [36, K, C]
@@ -509,16 +523,16 @@ def conv3x3_winograd_backward(grad: Tensor, input: Tensor, weight: Tensor) -> Li
         tiles = rows * tiles_w
         v, dm = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
         _loader.check(lib, "cpu", lib.mrc_winograd_output_adjoint_cpu(
-            _ptr(dy, "float*"), _ptr(dm, "float*"), N, H, W, K, row0, rows, tiles_w, nt),
+            code, _ptr(dy, "void*"), _ptr(dm, "void*"), N, H, W, K, row0, rows, tiles_w, nt),
             "winograd output adjoint")
         # V is recomputed rather than saved (it is 2.25x the input's size).
         _loader.check(lib, "cpu", lib.mrc_winograd_input_cpu(
-            _ptr(x, "float*"), _ptr(v, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            code, _ptr(x, "void*"), _ptr(v, "void*"), N, H, W, C, row0, rows, tiles_w, nt),
             "winograd input transform")
         du.baddbmm_(v.transpose(1, 2), dm)
         torch.bmm(dm, u_t, out=v)                                  # dV, in V's buffer
         _loader.check(lib, "cpu", lib.mrc_winograd_input_adjoint_cpu(
-            _ptr(v, "float*"), _ptr(dx, "float*"), N, H, W, C, row0, rows, tiles_w, nt),
+            code, _ptr(v, "void*"), _ptr(dx, "void*"), N, H, W, C, row0, rows, tiles_w, nt),
             "winograd input adjoint")
     return [dx, winograd_weight_grad(du), dy.sum((0, 2, 3))]
 

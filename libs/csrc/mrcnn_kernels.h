@@ -74,9 +74,9 @@ int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inpu
 int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
                 double iou_threshold, int64_t* keep, int64_t* num_kept, int num_threads);
 
-/* Winograd F(4x4, 3x3) transforms for 3x3, stride 1, padding 1 convolutions (float32;
- * the caller runs the 36 GEMMs in between). x / y / dy / dx are NHWC-contiguous
- * [N, H, W, C] (or K) maps. The transforms work on a band of tile rows
+/* Winograd F(4x4, 3x3) transforms for 3x3, stride 1, padding 1 convolutions (dtype
+ * float32 or float64; the caller runs the 36 GEMMs in between). x / y / dy / dx are
+ * NHWC-contiguous [N, H, W, C] (or K) maps. The transforms work on a band of tile rows
  * [tile_row0, tile_row0 + tile_rows) numbered through the batch (N * ceil(H / 4) rows;
  * row g is row g % ceil(H / 4) of image g / ceil(H / 4)), tiles_w = ceil(W / 4),
  * P = tile_rows * tiles_w, and V / M / dM / dV are [36, P, C] (or K) contiguous. C and K
@@ -89,22 +89,22 @@ int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
  *   output_adjoint: dM = A dy A^T (the transpose of output, without bias and ReLU)
  *   input_adjoint:  dx += B dV B^T (the transpose of input; ADDS into dx)
  */
-int mrc_winograd_weight_cpu(const float* weight_ckk, float* U, int64_t K, int64_t C,
+int mrc_winograd_weight_cpu(int dtype, const void* weight_ckk, void* U, int64_t K, int64_t C,
                             int num_threads);
 
-int mrc_winograd_input_cpu(const float* x, float* V, int64_t N, int64_t H, int64_t W,
+int mrc_winograd_input_cpu(int dtype, const void* x, void* V, int64_t N, int64_t H, int64_t W,
                            int64_t C, int64_t tile_row0, int64_t tile_rows, int64_t tiles_w,
                            int num_threads);
 
-int mrc_winograd_output_cpu(const float* M, const float* bias, float* y, int64_t N, int64_t H,
-                            int64_t W, int64_t K, int64_t tile_row0, int64_t tile_rows,
-                            int64_t tiles_w, int relu, int num_threads);
+int mrc_winograd_output_cpu(int dtype, const void* M, const void* bias, void* y, int64_t N,
+                            int64_t H, int64_t W, int64_t K, int64_t tile_row0,
+                            int64_t tile_rows, int64_t tiles_w, int relu, int num_threads);
 
-int mrc_winograd_output_adjoint_cpu(const float* dy, float* dM, int64_t N, int64_t H,
+int mrc_winograd_output_adjoint_cpu(int dtype, const void* dy, void* dM, int64_t N, int64_t H,
                                     int64_t W, int64_t K, int64_t tile_row0,
                                     int64_t tile_rows, int64_t tiles_w, int num_threads);
 
-int mrc_winograd_input_adjoint_cpu(const float* dV, float* dx, int64_t N, int64_t H,
+int mrc_winograd_input_adjoint_cpu(int dtype, const void* dV, void* dx, int64_t N, int64_t H,
                                    int64_t W, int64_t C, int64_t tile_row0, int64_t tile_rows,
                                    int64_t tiles_w, int num_threads);
 

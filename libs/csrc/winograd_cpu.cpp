@@ -22,13 +22,13 @@
  * head RoIs) into one GEMM. P = tile_rows * tiles_w; tile p covers output rows
  * 4 tr .. 4 tr + 3 and columns 4 tc .. 4 tc + 3 of its image (clipped); its input tile
  * starts one pixel up and left (the padding). Channels are processed 8 at a time: C and
- * K must be multiples of 8. float32 only.
+ * K must be multiples of 8. float32 (the fast path) and float64 (for gradcheck).
  */
 #include <omp.h>
 #include <stdint.h>
 
-/* v8 values cross only always-inline functions, so the baseline build's note that AVX
- * vectors change the calling convention does not apply. */
+/* Vector values cross only always-inline functions, so the baseline build's note that
+ * AVX vectors change the calling convention does not apply. */
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common.h"
@@ -56,17 +56,31 @@ bool has_avx2() {
 
 int threads(int num_threads) { return num_threads > 0 ? num_threads : omp_get_max_threads(); }
 
-/* Eight channels: one AVX2 register, or two SSE ones in the generic build. */
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
+/* Eight channels: one AVX2 register of floats (two of doubles), or SSE ones in the
+ * generic build. `u` is the unaligned variant for loads and stores. */
+template <typename T> struct Lanes;
+template <> struct Lanes<float> {
+  typedef float v __attribute__((vector_size(32)));
+  typedef float u __attribute__((vector_size(32), aligned(4)));
+};
+template <> struct Lanes<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef double u __attribute__((vector_size(64), aligned(8)));
+};
+template <typename T> using Vec = typename Lanes<T>::v;
 
-MRC_INLINE v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
-MRC_INLINE void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
-MRC_INLINE v8 zero() { return v8{0, 0, 0, 0, 0, 0, 0, 0}; }
+template <typename T> MRC_INLINE Vec<T> load(const T* p) {
+  return *reinterpret_cast<const typename Lanes<T>::u*>(p);
+}
+template <typename T> MRC_INLINE void store(T* p, Vec<T> v) {
+  *reinterpret_cast<typename Lanes<T>::u*>(p) = v;
+}
+template <typename T> MRC_INLINE Vec<T> zero() { return Vec<T>{} ; }
 
 /* The 1-D transforms on six (or four) values spaced `s` apart. */
-MRC_INLINE void bt6(const v8* d, int s, v8* o, int os) {  // o = B^T d
-  const v8 d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
+template <typename V>
+MRC_INLINE void bt6(const V* d, int s, V* o, int os) {  // o = B^T d
+  const V d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
   o[0] = 4.0f * d0 - 5.0f * d2 + d4;
   o[os] = d3 + d4 - 4.0f * (d1 + d2);
   o[2 * os] = 4.0f * (d1 - d2) + d4 - d3;
@@ -75,8 +89,9 @@ MRC_INLINE void bt6(const v8* d, int s, v8* o, int os) {  // o = B^T d
   o[5 * os] = 4.0f * d1 - 5.0f * d3 + d5;
 }
 
-MRC_INLINE void b6(const v8* g, int s, v8* o, int os) {  // o = B g (transpose of bt6)
-  const v8 g0 = g[0], g1 = g[s], g2 = g[2 * s], g3 = g[3 * s], g4 = g[4 * s], g5 = g[5 * s];
+template <typename V>
+MRC_INLINE void b6(const V* g, int s, V* o, int os) {  // o = B g (transpose of bt6)
+  const V g0 = g[0], g1 = g[s], g2 = g[2 * s], g3 = g[3 * s], g4 = g[4 * s], g5 = g[5 * s];
   o[0] = 4.0f * g0;
   o[os] = 4.0f * (g2 - g1) + 2.0f * (g4 - g3) + 4.0f * g5;
   o[2 * os] = g0 * -5.0f - 4.0f * (g1 + g2) - g3 - g4;
@@ -85,18 +100,20 @@ MRC_INLINE void b6(const v8* g, int s, v8* o, int os) {  // o = B g (transpose o
   o[5 * os] = g5;
 }
 
-MRC_INLINE void at6(const v8* m, int s, v8* o, int os) {  // o = A^T m: 6 -> 4
-  const v8 m0 = m[0], m1 = m[s], m2 = m[2 * s], m3 = m[3 * s], m4 = m[4 * s], m5 = m[5 * s];
-  const v8 p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
+template <typename V>
+MRC_INLINE void at6(const V* m, int s, V* o, int os) {  // o = A^T m: 6 -> 4
+  const V m0 = m[0], m1 = m[s], m2 = m[2 * s], m3 = m[3 * s], m4 = m[4 * s], m5 = m[5 * s];
+  const V p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
   o[0] = m0 + p12 + p34;
   o[os] = n12 + 2.0f * n34;
   o[2 * os] = p12 + 4.0f * p34;
   o[3 * os] = n12 + 8.0f * n34 + m5;
 }
 
-MRC_INLINE void a6(const v8* y, int s, v8* o, int os) {  // o = A y: 4 -> 6 (transpose of at6)
-  const v8 y0 = y[0], y1 = y[s], y2 = y[2 * s], y3 = y[3 * s];
-  const v8 p02 = y0 + y2, n13 = y1 + y3, q02 = y0 + 4.0f * y2, q13 = 2.0f * y1 + 8.0f * y3;
+template <typename V>
+MRC_INLINE void a6(const V* y, int s, V* o, int os) {  // o = A y: 4 -> 6 (transpose of at6)
+  const V y0 = y[0], y1 = y[s], y2 = y[2 * s], y3 = y[3 * s];
+  const V p02 = y0 + y2, n13 = y1 + y3, q02 = y0 + 4.0f * y2, q13 = 2.0f * y1 + 8.0f * y3;
   o[0] = y0;
   o[os] = p02 + n13;
   o[2 * os] = p02 - n13;
@@ -123,19 +140,20 @@ struct Band {
 
 /* ------------------------------------------------------------------------ the kernels */
 
-MRC_INLINE void input_tile(const float* x, float* V, const Band& b, int64_t p) {
+template <typename T>
+MRC_INLINE void input_tile(const T* x, T* V, const Band& b, int64_t p) {
   int64_t n, tr, tc;
   b.locate(p, &n, &tr, &tc);
   x += n * b.image_size();
   const int64_t y0 = 4 * tr - 1, x0 = 4 * tc - 1, P = b.P(), C = b.C;
   const bool inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= b.H && x0 + 6 <= b.W;
   for (int64_t c = 0; c < C; c += 8) {
-    v8 d[36], t[36], v[36];
+    Vec<T> d[36], t[36], v[36];
     for (int i = 0; i < 6; ++i)
       for (int j = 0; j < 6; ++j) {
         const int64_t yy = y0 + i, xx = x0 + j;
         d[i * 6 + j] = (inside || (yy >= 0 && yy < b.H && xx >= 0 && xx < b.W))
-                           ? load(x + (yy * b.W + xx) * C + c) : zero();
+                           ? load(x + (yy * b.W + xx) * C + c) : zero<T>();
       }
     for (int j = 0; j < 6; ++j) bt6(d + j, 6, t + j, 6);
     for (int i = 0; i < 6; ++i) bt6(t + 6 * i, 1, v + 6 * i, 1);
@@ -143,7 +161,8 @@ MRC_INLINE void input_tile(const float* x, float* V, const Band& b, int64_t p) {
   }
 }
 
-MRC_INLINE void output_tile(const float* M, const float* bias, float* y, const Band& b,
+template <typename T>
+MRC_INLINE void output_tile(const T* M, const T* bias, T* y, const Band& b,
                             int64_t p, bool relu) {
   int64_t n, tr, tc;
   b.locate(p, &n, &tr, &tc);
@@ -152,31 +171,32 @@ MRC_INLINE void output_tile(const float* M, const float* bias, float* y, const B
   const int64_t rows = b.H - 4 * tr < 4 ? b.H - 4 * tr : 4;
   const int64_t cols = b.W - 4 * tc < 4 ? b.W - 4 * tc : 4;
   for (int64_t k = 0; k < K; k += 8) {
-    v8 m[36], s[24], o[16];
+    Vec<T> m[36], s[24], o[16];
     for (int e = 0; e < 36; ++e) m[e] = load(M + (e * P + p) * K + k);
     for (int j = 0; j < 6; ++j) at6(m + j, 6, s + j, 6);
     for (int i = 0; i < 4; ++i) at6(s + 6 * i, 1, o + 4 * i, 1);
-    const v8 bk = bias ? load(bias + k) : zero();
+    const Vec<T> bk = bias ? load(bias + k) : zero<T>();
     for (int i = 0; i < rows; ++i)
       for (int j = 0; j < cols; ++j) {
-        v8 r = o[i * 4 + j] + bk;
-        if (relu) r = r > 0.0f ? r : zero();
+        Vec<T> r = o[i * 4 + j] + bk;
+        if (relu) r = r < 0 ? zero<T>() : r;  // keeps NaN, as torch's ReLU
         store(y + ((4 * tr + i) * b.W + 4 * tc + j) * K + k, r);
       }
   }
 }
 
-MRC_INLINE void output_adjoint_tile(const float* dy, float* dM, const Band& b, int64_t p) {
+template <typename T>
+MRC_INLINE void output_adjoint_tile(const T* dy, T* dM, const Band& b, int64_t p) {
   int64_t n, tr, tc;
   b.locate(p, &n, &tr, &tc);
   dy += n * b.image_size();
   const int64_t P = b.P(), K = b.C;
   for (int64_t k = 0; k < K; k += 8) {
-    v8 g[16], s[24], m[36];
+    Vec<T> g[16], s[24], m[36];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
         const int64_t yy = 4 * tr + i, xx = 4 * tc + j;
-        g[i * 4 + j] = (yy < b.H && xx < b.W) ? load(dy + (yy * b.W + xx) * K + k) : zero();
+        g[i * 4 + j] = (yy < b.H && xx < b.W) ? load(dy + (yy * b.W + xx) * K + k) : zero<T>();
       }
     for (int j = 0; j < 4; ++j) a6(g + j, 4, s + j, 4);      // s[6][4]
     for (int i = 0; i < 6; ++i) a6(s + 4 * i, 1, m + 6 * i, 1);
@@ -184,13 +204,14 @@ MRC_INLINE void output_adjoint_tile(const float* dy, float* dM, const Band& b, i
   }
 }
 
-MRC_INLINE void input_adjoint_tile(const float* dV, float* dx, const Band& b, int64_t p) {
+template <typename T>
+MRC_INLINE void input_adjoint_tile(const T* dV, T* dx, const Band& b, int64_t p) {
   int64_t n, tr, tc;
   b.locate(p, &n, &tr, &tc);
   dx += n * b.image_size();
   const int64_t y0 = 4 * tr - 1, x0 = 4 * tc - 1, P = b.P(), C = b.C;
   for (int64_t c = 0; c < C; c += 8) {
-    v8 g[36], t[36], d[36];
+    Vec<T> g[36], t[36], d[36];
     for (int e = 0; e < 36; ++e) g[e] = load(dV + (e * P + p) * C + c);
     for (int j = 0; j < 6; ++j) b6(g + j, 6, t + j, 6);
     for (int i = 0; i < 6; ++i) b6(t + 6 * i, 1, d + 6 * i, 1);
@@ -198,7 +219,7 @@ MRC_INLINE void input_adjoint_tile(const float* dV, float* dx, const Band& b, in
       for (int j = 0; j < 6; ++j) {
         const int64_t yy = y0 + i, xx = x0 + j;
         if (yy < 0 || yy >= b.H || xx < 0 || xx >= b.W) continue;
-        float* q = dx + (yy * b.W + xx) * C + c;
+        T* q = dx + (yy * b.W + xx) * C + c;
         store(q, load(q) + d[i * 6 + j]);
       }
   }
@@ -206,68 +227,87 @@ MRC_INLINE void input_adjoint_tile(const float* dV, float* dx, const Band& b, in
 
 /* U[e][c][k..k+8] for e = 6a + b: (G g G^T)[a][b] of the filters g = weight[k..k+8][c],
  * read from the filters laid out [C, 3, 3, K] (wt), eight output channels at a time. */
-MRC_INLINE void weight_transform(const float* wt, float* U, int64_t K, int64_t C, int64_t c,
+template <typename T>
+MRC_INLINE void weight_transform(const T* wt, T* U, int64_t K, int64_t C, int64_t c,
                                  int64_t k) {
-  v8 g[9], t[18], u[36];
+  const T quarter = T(1) / 4, sixth = T(-1) / 6, k24 = T(1) / 24, k12 = T(1) / 12,
+          k6 = T(1) / 6;
+  Vec<T> g[9], t[18], u[36];
   for (int i = 0; i < 9; ++i) g[i] = load(wt + (c * 9 + i) * K + k);
   for (int j = 0; j < 3; ++j) {  // t = G g: 3 -> 6 rows
-    const v8 g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
-    t[j] = g0 * 0.25f;
-    t[3 + j] = (g0 + g1 + g2) * (-1.0f / 6.0f);
-    t[6 + j] = (g0 - g1 + g2) * (-1.0f / 6.0f);
-    t[9 + j] = g0 * (1.0f / 24.0f) + g1 * (1.0f / 12.0f) + g2 * (1.0f / 6.0f);
-    t[12 + j] = g0 * (1.0f / 24.0f) - g1 * (1.0f / 12.0f) + g2 * (1.0f / 6.0f);
+    const Vec<T> g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+    t[j] = g0 * quarter;
+    t[3 + j] = (g0 + g1 + g2) * sixth;
+    t[6 + j] = (g0 - g1 + g2) * sixth;
+    t[9 + j] = g0 * k24 + g1 * k12 + g2 * k6;
+    t[12 + j] = g0 * k24 - g1 * k12 + g2 * k6;
     t[15 + j] = g2;
   }
   for (int a = 0; a < 6; ++a) {  // u = t G^T: 3 -> 6 columns
-    const v8 t0 = t[3 * a], t1 = t[3 * a + 1], t2 = t[3 * a + 2];
-    u[6 * a] = t0 * 0.25f;
-    u[6 * a + 1] = (t0 + t1 + t2) * (-1.0f / 6.0f);
-    u[6 * a + 2] = (t0 - t1 + t2) * (-1.0f / 6.0f);
-    u[6 * a + 3] = t0 * (1.0f / 24.0f) + t1 * (1.0f / 12.0f) + t2 * (1.0f / 6.0f);
-    u[6 * a + 4] = t0 * (1.0f / 24.0f) - t1 * (1.0f / 12.0f) + t2 * (1.0f / 6.0f);
+    const Vec<T> t0 = t[3 * a], t1 = t[3 * a + 1], t2 = t[3 * a + 2];
+    u[6 * a] = t0 * quarter;
+    u[6 * a + 1] = (t0 + t1 + t2) * sixth;
+    u[6 * a + 2] = (t0 - t1 + t2) * sixth;
+    u[6 * a + 3] = t0 * k24 + t1 * k12 + t2 * k6;
+    u[6 * a + 4] = t0 * k24 - t1 * k12 + t2 * k6;
     u[6 * a + 5] = t2;
   }
   for (int e = 0; e < 36; ++e) store(U + (e * C + c) * K + k, u[e]);
 }
 
-/* Each tile kernel is compiled twice, for AVX2 and for the baseline, and picked at run
- * time; the parallel loops stay outside the target-specific code. */
-MRC_AVX2 void weight_avx2(const float* wt, float* U, int64_t K, int64_t C, int64_t c) {
-  for (int64_t k = 0; k < K; k += 8) weight_transform(wt, U, K, C, c, k);
-}
-void weight_base(const float* wt, float* U, int64_t K, int64_t C, int64_t c) {
-  for (int64_t k = 0; k < K; k += 8) weight_transform(wt, U, K, C, c, k);
-}
-MRC_AVX2 void input_tile_avx2(const float* x, float* V, const Band& b, int64_t p) {
-  input_tile(x, V, b, p);
-}
-void input_tile_base(const float* x, float* V, const Band& b, int64_t p) {
-  input_tile(x, V, b, p);
-}
-MRC_AVX2 void output_tile_avx2(const float* M, const float* bias, float* y, const Band& b,
-                               int64_t p, bool relu) {
-  output_tile(M, bias, y, b, p, relu);
-}
-void output_tile_base(const float* M, const float* bias, float* y, const Band& b, int64_t p,
-                      bool relu) {
-  output_tile(M, bias, y, b, p, relu);
-}
-MRC_AVX2 void output_adjoint_tile_avx2(const float* dy, float* dM, const Band& b, int64_t p) {
-  output_adjoint_tile(dy, dM, b, p);
-}
-void output_adjoint_tile_base(const float* dy, float* dM, const Band& b, int64_t p) {
-  output_adjoint_tile(dy, dM, b, p);
-}
-MRC_AVX2 void input_adjoint_tile_avx2(const float* dV, float* dx, const Band& b, int64_t p) {
-  input_adjoint_tile(dV, dx, b, p);
-}
-void input_adjoint_tile_base(const float* dV, float* dx, const Band& b, int64_t p) {
-  input_adjoint_tile(dV, dx, b, p);
+/* Every kernel is compiled twice, for AVX2 and for the baseline, and picked at run time
+ * (Kernels<T>::get); the parallel loops stay outside the target-specific code. */
+template <typename T>
+struct Kernels {
+  void (*weight)(const T*, T*, int64_t, int64_t, int64_t);
+  void (*input)(const T*, T*, const Band&, int64_t);
+  void (*output)(const T*, const T*, T*, const Band&, int64_t, bool);
+  void (*output_adjoint)(const T*, T*, const Band&, int64_t);
+  void (*input_adjoint)(const T*, T*, const Band&, int64_t);
+  static Kernels get();
+};
+
+#define MRC_KERNEL_SET(ATTR, SUFFIX)                                                      \
+  template <typename T>                                                                   \
+  ATTR void weight_##SUFFIX(const T* wt, T* U, int64_t K, int64_t C, int64_t c) {         \
+    for (int64_t k = 0; k < K; k += 8) weight_transform(wt, U, K, C, c, k);               \
+  }                                                                                       \
+  template <typename T>                                                                   \
+  ATTR void input_##SUFFIX(const T* x, T* V, const Band& b, int64_t p) {                  \
+    input_tile(x, V, b, p);                                                               \
+  }                                                                                       \
+  template <typename T>                                                                   \
+  ATTR void output_##SUFFIX(const T* M, const T* bias, T* y, const Band& b, int64_t p,    \
+                            bool relu) {                                                  \
+    output_tile(M, bias, y, b, p, relu);                                                  \
+  }                                                                                       \
+  template <typename T>                                                                   \
+  ATTR void output_adjoint_##SUFFIX(const T* dy, T* dM, const Band& b, int64_t p) {       \
+    output_adjoint_tile(dy, dM, b, p);                                                    \
+  }                                                                                       \
+  template <typename T>                                                                   \
+  ATTR void input_adjoint_##SUFFIX(const T* dV, T* dx, const Band& b, int64_t p) {        \
+    input_adjoint_tile(dV, dx, b, p);                                                     \
+  }
+
+MRC_KERNEL_SET(MRC_AVX2, avx2)
+MRC_KERNEL_SET(, base)
+#undef MRC_KERNEL_SET
+
+template <typename T>
+Kernels<T> Kernels<T>::get() {
+  if (has_avx2())
+    return {weight_avx2<T>, input_avx2<T>, output_avx2<T>, output_adjoint_avx2<T>,
+            input_adjoint_avx2<T>};
+  return {weight_base<T>, input_base<T>, output_base<T>, output_adjoint_base<T>,
+          input_adjoint_base<T>};
 }
 
-int check(const char* fn, const void* a, const void* out, const Band& b) {
+int check(const char* fn, int dtype, const void* a, const void* out, const Band& b) {
   mrc::clear_error();
+  if (dtype != MRC_F32 && dtype != MRC_F64)
+    return mrc::set_error(MRC_ERR_INVALID, "%s: dtype %s is not supported (float32, float64)",
+                          fn, mrc::dtype_name(dtype));
   if (!a || !out)
     return mrc::set_error(MRC_ERR_INVALID, "%s: null pointer", fn);
   if (b.N <= 0 || b.H <= 0 || b.W <= 0 || b.C <= 0 || b.C % 8 != 0)
@@ -286,73 +326,116 @@ int check(const char* fn, const void* a, const void* out, const Band& b) {
   return MRC_OK;
 }
 
-}  // namespace
-
-extern "C" {
-
-int mrc_winograd_input_cpu(const float* x, float* V, int64_t N, int64_t H, int64_t W,
-                           int64_t C, int64_t tile_row0, int64_t tile_rows, int64_t tiles_w,
-                           int num_threads) {
-  const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
-  if (int rc = check("winograd input", x, V, b)) return rc;
-  const auto tile = has_avx2() ? input_tile_avx2 : input_tile_base;
+template <typename T>
+void run_tiles(const Band& b, int num_threads, void (*tile)(const T*, T*, const Band&, int64_t),
+               const void* in, void* out) {
 #pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
-  for (int64_t p = 0; p < b.P(); ++p) tile(x, V, b, p);
-  return MRC_OK;
+  for (int64_t p = 0; p < b.P(); ++p)
+    tile(static_cast<const T*>(in), static_cast<T*>(out), b, p);
 }
 
-int mrc_winograd_output_cpu(const float* M, const float* bias, float* y, int64_t N, int64_t H,
-                            int64_t W, int64_t K, int64_t tile_row0, int64_t tile_rows,
-                            int64_t tiles_w, int relu, int num_threads) {
-  const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
-  if (int rc = check("winograd output", M, y, b)) return rc;
-  const auto tile = has_avx2() ? output_tile_avx2 : output_tile_base;
+template <typename T>
+void run_output(const Band& b, int num_threads, const void* M, const void* bias, void* y,
+                bool relu) {
+  const auto tile = Kernels<T>::get().output;
 #pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
-  for (int64_t p = 0; p < b.P(); ++p) tile(M, bias, y, b, p, relu != 0);
-  return MRC_OK;
+  for (int64_t p = 0; p < b.P(); ++p)
+    tile(static_cast<const T*>(M), static_cast<const T*>(bias), static_cast<T*>(y), b, p,
+         relu);
 }
 
-int mrc_winograd_output_adjoint_cpu(const float* dy, float* dM, int64_t N, int64_t H,
-                                    int64_t W, int64_t K, int64_t tile_row0,
-                                    int64_t tile_rows, int64_t tiles_w, int num_threads) {
-  const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
-  if (int rc = check("winograd output adjoint", dy, dM, b)) return rc;
-  const auto tile = has_avx2() ? output_adjoint_tile_avx2 : output_adjoint_tile_base;
-#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
-  for (int64_t p = 0; p < b.P(); ++p) tile(dy, dM, b, p);
-  return MRC_OK;
-}
-
-int mrc_winograd_input_adjoint_cpu(const float* dV, float* dx, int64_t N, int64_t H,
-                                   int64_t W, int64_t C, int64_t tile_row0, int64_t tile_rows,
-                                   int64_t tiles_w, int num_threads) {
-  const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
-  if (int rc = check("winograd input adjoint", dV, dx, b)) return rc;
-  /* Input tiles overlap their neighbours by two pixels: a thread owns whole tile rows,
-   * and rows of one parity at a time (tiles two rows apart do not overlap, nor do tiles
-   * of two images), so no two threads add to the same pixel. */
-  const auto tile = has_avx2() ? input_adjoint_tile_avx2 : input_adjoint_tile_base;
+/* Input tiles overlap their neighbours by two pixels: a thread owns whole tile rows, and
+ * rows of one parity at a time (tiles two rows apart do not overlap, nor do tiles of two
+ * images), so no two threads add to the same pixel. */
+template <typename T>
+void run_input_adjoint(const Band& b, int num_threads, const void* dV, void* dx) {
+  const auto tile = Kernels<T>::get().input_adjoint;
   const int nt = threads(num_threads);
   for (int64_t parity = 0; parity < 2; ++parity) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = parity; r < b.rows; r += 2)
-      for (int64_t tc = 0; tc < b.tiles_w; ++tc) tile(dV, dx, b, r * b.tiles_w + tc);
+      for (int64_t tc = 0; tc < b.tiles_w; ++tc)
+        tile(static_cast<const T*>(dV), static_cast<T*>(dx), b, r * b.tiles_w + tc);
   }
+}
+
+template <typename T>
+void run_weight(const void* weight_ckk, void* U, int64_t K, int64_t C, int num_threads) {
+  const auto rows = Kernels<T>::get().weight;
+#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
+  for (int64_t c = 0; c < C; ++c)
+    rows(static_cast<const T*>(weight_ckk), static_cast<T*>(U), K, C, c);
+}
+
+}  // namespace
+
+extern "C" {
+
+int mrc_winograd_input_cpu(int dtype, const void* x, void* V, int64_t N, int64_t H, int64_t W,
+                           int64_t C, int64_t tile_row0, int64_t tile_rows, int64_t tiles_w,
+                           int num_threads) {
+  const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
+  if (int rc = check("winograd input", dtype, x, V, b)) return rc;
+  if (dtype == MRC_F32)
+    run_tiles<float>(b, num_threads, Kernels<float>::get().input, x, V);
+  else
+    run_tiles<double>(b, num_threads, Kernels<double>::get().input, x, V);
   return MRC_OK;
 }
 
-int mrc_winograd_weight_cpu(const float* weight_ckk, float* U, int64_t K, int64_t C,
+int mrc_winograd_output_cpu(int dtype, const void* M, const void* bias, void* y, int64_t N,
+                            int64_t H, int64_t W, int64_t K, int64_t tile_row0,
+                            int64_t tile_rows, int64_t tiles_w, int relu, int num_threads) {
+  const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
+  if (int rc = check("winograd output", dtype, M, y, b)) return rc;
+  if (dtype == MRC_F32)
+    run_output<float>(b, num_threads, M, bias, y, relu != 0);
+  else
+    run_output<double>(b, num_threads, M, bias, y, relu != 0);
+  return MRC_OK;
+}
+
+int mrc_winograd_output_adjoint_cpu(int dtype, const void* dy, void* dM, int64_t N, int64_t H,
+                                    int64_t W, int64_t K, int64_t tile_row0,
+                                    int64_t tile_rows, int64_t tiles_w, int num_threads) {
+  const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
+  if (int rc = check("winograd output adjoint", dtype, dy, dM, b)) return rc;
+  if (dtype == MRC_F32)
+    run_tiles<float>(b, num_threads, Kernels<float>::get().output_adjoint, dy, dM);
+  else
+    run_tiles<double>(b, num_threads, Kernels<double>::get().output_adjoint, dy, dM);
+  return MRC_OK;
+}
+
+int mrc_winograd_input_adjoint_cpu(int dtype, const void* dV, void* dx, int64_t N, int64_t H,
+                                   int64_t W, int64_t C, int64_t tile_row0, int64_t tile_rows,
+                                   int64_t tiles_w, int num_threads) {
+  const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
+  if (int rc = check("winograd input adjoint", dtype, dV, dx, b)) return rc;
+  if (dtype == MRC_F32)
+    run_input_adjoint<float>(b, num_threads, dV, dx);
+  else
+    run_input_adjoint<double>(b, num_threads, dV, dx);
+  return MRC_OK;
+}
+
+int mrc_winograd_weight_cpu(int dtype, const void* weight_ckk, void* U, int64_t K, int64_t C,
                             int num_threads) {
   mrc::clear_error();
+  if (dtype != MRC_F32 && dtype != MRC_F64)
+    return mrc::set_error(MRC_ERR_INVALID,
+                          "winograd weight: dtype %s is not supported (float32, float64)",
+                          mrc::dtype_name(dtype));
   if (!weight_ckk || !U)
     return mrc::set_error(MRC_ERR_INVALID, "winograd weight: null pointer");
   if (K <= 0 || C <= 0 || K % 8 != 0)
     return mrc::set_error(MRC_ERR_INVALID,
                           "winograd weight: need C > 0 and K a positive multiple of 8, got "
                           "K=%lld C=%lld", (long long)K, (long long)C);
-  const auto rows = has_avx2() ? weight_avx2 : weight_base;
-#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
-  for (int64_t c = 0; c < C; ++c) rows(weight_ckk, U, K, C, c);
+  if (dtype == MRC_F32)
+    run_weight<float>(weight_ckk, U, K, C, num_threads);
+  else
+    run_weight<double>(weight_ckk, U, K, C, num_threads);
   return MRC_OK;
 }
 
