@@ -34,6 +34,7 @@ demo: libs
 
 bench: libs
 	$(PY) bench/kernels.py
+	$(PY) bench/winograd.py
 
 clean:
 	rm -rf libs/build build *.egg-info

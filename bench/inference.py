@@ -190,19 +190,33 @@ def median_ms(values: list[float]) -> float:
 
 # ------------------------------------------------------------------------- inference
 
-def build_pair(depth: int, num_classes: int, image, device, ablate: str = "none"):
-    """(torchvision model, ours), eval mode, on `device`, same calibrated weights.
+ABLATIONS = ("none", "trunk", "heads", "winograd", "all")
 
-    ablate: "trunk" (no BatchNorm folding), "heads" (no fused FPN / RPN / mask head
-    convs), "all" (both off) or "none" (ours as shipped)."""
-    tv = build_torchvision(depth, num_classes)
-    calibrate(tv, image)
-    ours = convert(tv)
+
+def apply_ablation(ours, ablate: str):
+    """Turns one optimisation of ours off: "trunk" (no BatchNorm folding), "heads" (no
+    fused FPN / mask head convs), "winograd" (direct 3x3 convs instead of Winograd), "all"
+    (all three) or "none" (ours as shipped). Returns ours."""
+    if ablate not in ABLATIONS:
+        raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     if ablate in ("trunk", "all"):
         ours.backbone.body.fuse_inference = False
     if ablate in ("heads", "all"):
         import backbones.fused
         backbones.fused.HEADS_FAST_PATH = False
+    if ablate in ("winograd", "all"):
+        for module in ours.modules():
+            if hasattr(module, "winograd"):
+                module.winograd = False
+    return ours
+
+
+def build_pair(depth: int, num_classes: int, image, device, ablate: str = "none"):
+    """(torchvision model, ours), eval mode, on `device`, same calibrated weights; ablate:
+    see apply_ablation."""
+    tv = build_torchvision(depth, num_classes)
+    calibrate(tv, image)
+    ours = apply_ablation(convert(tv), ablate)
     return tv.eval().to(device), ours.eval().to(device)
 
 
@@ -214,13 +228,7 @@ def load_model(which: str, depth: int, num_classes: int, weights: str, ablate: s
     tv.load_state_dict(torch.load(weights, weights_only=True))
     if which == "torchvision":
         return tv
-    ours = convert(tv)
-    if ablate in ("trunk", "all"):
-        ours.backbone.body.fuse_inference = False
-    if ablate in ("heads", "all"):
-        import backbones.fused
-        backbones.fused.HEADS_FAST_PATH = False
-    return ours
+    return apply_ablation(convert(tv), ablate)
 
 
 def run_memory_children(script: str, args, tv, extra: list[str]) -> dict:
@@ -291,7 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS children")
-    parser.add_argument("--ablate", default="none", choices=("none", "trunk", "heads", "all"),
+    parser.add_argument("--ablate", default="none", choices=ABLATIONS,
                         help="turn an optimisation of ours off (see build_pair)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="ours", help=argparse.SUPPRESS)

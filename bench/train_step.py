@@ -25,9 +25,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inference import (build_torchvision, calibrate, convert, interleaved_times,  # noqa: E402
-                       load_model, median_ms, memory_columns, peak_memory,
-                       run_memory_children)
+from inference import (apply_ablation, build_torchvision, calibrate,  # noqa: E402
+                       convert, interleaved_times, load_model, median_ms, memory_columns,
+                       peak_memory, run_memory_children)
 
 
 # torchvision's loss names -> ours.
@@ -66,11 +66,12 @@ def _to(images, targets, device):
             [{k: v.to(device) for k, v in t.items()} for t in targets])
 
 
-def build_pair(depth: int, num_classes: int, image, device):
-    """(torchvision, ours) in train mode with the same calibrated weights."""
+def build_pair(depth: int, num_classes: int, image, device, ablate: str = "none"):
+    """(torchvision, ours) in train mode with the same calibrated weights; ablate:
+    "winograd" (direct 3x3 convs) or "none"."""
     tv = build_torchvision(depth, num_classes)
     calibrate(tv, image)
-    ours = convert(tv)
+    ours = apply_ablation(convert(tv), ablate)
     return tv.train().to(device), ours.train().to(device)
 
 
@@ -112,7 +113,7 @@ def memory_child(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
-    model = load_model(args.model, args.depth, args.num_classes, args.weights)
+    model = load_model(args.model, args.depth, args.num_classes, args.weights, args.ablate)
     model = model.train().to(device)
     step = Stepper(model, *_to(images, targets, device), device, device.type == "cuda")
     return peak_memory(device, step, args.warmup + 2)
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("H", "W"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (AMP)")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS children")
+    parser.add_argument("--ablate", default="none", choices=("none", "winograd"),
+                        help="turn an optimisation of ours off")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--weights", default="", help=argparse.SUPPRESS)
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
-    tv, ours = build_pair(args.depth, args.num_classes, images[0], device)
+    tv, ours = build_pair(args.depth, args.num_classes, images[0], device, args.ablate)
     images, targets = _to(images, targets, device)
     amp = device.type == "cuda"
     steps = {"torchvision": Stepper(tv, images, targets, device, amp),
@@ -150,12 +153,13 @@ def main(argv=None) -> None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = interleaved_times(steps, args.warmup, args.runs, sync)
     memory = {} if args.no_memory else run_memory_children(
-        os.path.abspath(__file__), args, tv, ["--objects", str(args.objects)])
+        os.path.abspath(__file__), args, tv,
+        ["--objects", str(args.objects), "--ablate", args.ablate])
 
     print(f"Mask R-CNN ResNet-{args.depth}-FPN training step, {args.device}"
           f"{' AMP' if amp else ''}, batch {args.batch} x {args.size[0]}x{args.size[1]}, "
           f"{args.objects} objects per image, median of {args.runs} interleaved steps after "
-          f"{args.warmup} warm-up, CPU threads {args.threads}")
+          f"{args.warmup} warm-up, CPU threads {args.threads}, ablate {args.ablate}")
     header = (f"{'model':12} {'ms/step':>9} {'ours/tv':>8} {'speed-up':>8} "
               f"{'peak RSS MB':>12} {'+step MB':>9} {'CUDA peak MB':>13}")
     print(header)

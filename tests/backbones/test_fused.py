@@ -170,3 +170,119 @@ def test_fpn_and_mask_head_fast_path_equal_plain_modules(monkeypatch):
         _rel_close(a, b, 1e-5, "FPN")
     assert got[1].shape == (5, 4, 28, 28)
     _rel_close(got[1], expected[1], 1e-5, "mask logits")
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+def _count_winograd(monkeypatch):
+    """Counts conv3x3_winograd calls made through backbones.fused."""
+    calls = []
+    real = fused.kernel_ops.conv3x3_winograd
+
+    def counting(*args):
+        calls.append(tuple(args[1].shape))
+        return real(*args)
+    monkeypatch.setattr(fused.kernel_ops, "conv3x3_winograd", counting)
+    return calls
+
+
+def _set_winograd(module, on):
+    for m in module.modules():
+        if hasattr(m, "winograd"):
+            m.winograd = on
+
+
+def test_winograd_applies_only_to_3x3_stride1_pad1_convs():
+    x = torch.randn(1, 16, 9, 9)
+    conv = lambda **kw: fused._live_conv_of(nn.Conv2d(16, 16, **{"kernel_size": 3,  # noqa
+                                                                  "padding": 1, **kw}))
+    assert fused.winograd_applies(x, conv())
+    assert not fused.winograd_applies(x, conv(stride=2))
+    assert not fused.winograd_applies(x, conv(kernel_size=1, padding=0))
+    assert not fused.winograd_applies(x, conv(dilation=2, padding=2))
+    assert not fused.winograd_applies(x, conv(groups=2))
+    assert not fused.winograd_applies(x.double(), conv())          # float32 only
+    assert not fused.winograd_applies(torch.randn(1, 12, 9, 9),
+                                      fused._live_conv_of(nn.Conv2d(12, 16, 3, padding=1)))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_winograd_inference_close_to_plain_modules(depth, monkeypatch):
+    """Trunk (frozen-BN folded) and FPN with Winograd 3x3 convs against the plain
+    modules: equal up to the transforms' float32 rounding."""
+    torch.manual_seed(depth)
+    backbone = build_resnet_fpn_backbone(depth=depth).eval()
+    _randomise(backbone)
+    x = torch.randn(2, 3, 96, 128)
+    calls = _count_winograd(monkeypatch)
+    with torch.no_grad():
+        _set_winograd(backbone, True)
+        got = backbone(x)
+        assert len(calls) > 0 and (256, 256, 3, 3) in calls   # the FPN output convs
+        _set_winograd(backbone, False)
+        backbone.body.fuse_inference = False
+        expected = backbone(x)
+    for level, (a, b) in enumerate(zip(got, expected)):
+        _rel_close(a, b, 2e-4, f"P{level + 2}")
+
+
+def test_winograd_training_forward_and_grads_close_to_plain(monkeypatch):
+    torch.manual_seed(3)
+    backbone = build_resnet_fpn_backbone(depth=18, trainable_layers=3).train()
+    _randomise(backbone)
+    x = torch.randn(2, 3, 64, 96)
+    calls = _count_winograd(monkeypatch)
+    results = []
+    for on in (True, False):
+        backbone.zero_grad(set_to_none=True)
+        _set_winograd(backbone, on)
+        backbone.body.fuse_inference = on
+        out = backbone(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in out) \
+            .backward()
+        results.append(([o.detach() for o in out],
+                        {n: p.grad.clone() for n, p in backbone.named_parameters()
+                         if p.grad is not None}))
+        if on:
+            assert len(calls) > 0
+    (out_w, grads_w), (out_p, grads_p) = results
+    for a, b in zip(out_w, out_p):
+        _rel_close(a, b, 2e-4, "training forward")
+    assert grads_w.keys() == grads_p.keys()
+    for name in grads_p:
+        _rel_close(grads_w[name], grads_p[name], 1e-3, f"grad {name}")
+
+
+def test_winograd_rpn_head_and_mask_head_close_to_plain(monkeypatch):
+    from heads import MaskHead
+    from proposal import RPNHead
+    torch.manual_seed(0)
+    rpn_head, mask_head = RPNHead(16, 3), MaskHead(16, (16, 8))
+    features = [torch.randn(2, 16, 20, 28), torch.randn(2, 16, 10, 14)]
+    rois = torch.randn(6, 16, 14, 14, requires_grad=True)
+    calls = _count_winograd(monkeypatch)
+    results = []
+    for on in (True, False):
+        _set_winograd(rpn_head, on)
+        _set_winograd(mask_head, on)
+        objectness, deltas = rpn_head(features)
+        masks = mask_head(rois)
+        loss = sum(o.sum() for o in objectness) + sum((d ** 2).sum() for d in deltas) + \
+            (masks * torch.linspace(-1, 1, masks.numel()).reshape(masks.shape)).sum()
+        params = list(rpn_head.parameters()) + list(mask_head.parameters()) + [rois]
+        results.append(([t.detach() for t in objectness + deltas + [masks]],
+                        torch.autograd.grad(loss, params)))
+    assert len(calls) == 2 + 2                  # 2 RPN levels + 2 mask head convs
+    for a, b in zip(results[0][0], results[1][0]):
+        _rel_close(a, b, 2e-4, "heads forward")
+    for a, b in zip(results[0][1], results[1][1]):
+        _rel_close(a, b, 1e-3, "heads grads")
+
+
+@pytest.mark.parametrize("kwargs,expected", [({}, True), ({"winograd": False}, False),
+                                             ({"fuse_bn": False}, False)])
+def test_config_key_winograd_switches_every_winograd_conv(kwargs, expected):
+    from maskrcnn import MaskRCNN
+    model = MaskRCNN(num_classes=2, backbone="resnet18", **kwargs)
+    flags = [m.winograd for m in model.modules() if hasattr(m, "winograd")]
+    assert len(flags) == 4 and all(f is expected for f in flags)  # trunk, FPN, RPN, mask
