@@ -91,15 +91,25 @@ def use_onednn(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
+def winograd_pays(x: Tensor, in_channels: int) -> bool:
+    """Enough 4x4 output tiles to amortise the filter transform (36 C K values written,
+    and in the backward read and transformed back): bench/winograd.py-style timings on
+    2 cores, forward + backward, lost below ~120 tiles at 256 channels (63 tiles: 0.84x)
+    and below ~250 at 512 (117 tiles: 0.93x; ResNet layer4 at 800 px has 63)."""
+    n, _, h, w = x.shape
+    return n * ((h + 3) // 4) * ((w + 3) // 4) >= max(128, in_channels // 2)
+
+
 def winograd_applies(x: Tensor, conv: FoldedConv) -> bool:
-    """conv3x3_winograd computes this conv: CPU float32, 3x3 kernel, stride 1, padding 1,
-    no dilation or groups, channel counts multiples of 8, and the kernels are built."""
+    """conv3x3_winograd computes this conv, and faster: CPU float32, 3x3 kernel, stride
+    1, padding 1, no dilation or groups, channel counts multiples of 8, a map large
+    enough (winograd_pays), and the kernels are built."""
     w = conv.weight
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and tuple(w.shape[2:]) == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0
-            and kernel_ops.winograd_available())
+            and winograd_pays(x, w.shape[1]) and kernel_ops.winograd_available())
 
 
 def winograd_conv(x: Tensor, conv: FoldedConv, relu: bool) -> Tensor:

@@ -25,9 +25,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inference import (apply_ablation, build_torchvision, calibrate,  # noqa: E402
-                       convert, interleaved_times, load_model, median_ms, memory_columns,
-                       peak_memory, run_memory_children)
+from inference import (build_torchvision, calibrate, convert,  # noqa: E402
+                       interleaved_times, load_model, median_ms, memory_columns,
+                       peak_memory, run_memory_children, variant, variant_args)
 
 
 # torchvision's loss names -> ours.
@@ -66,13 +66,11 @@ def _to(images, targets, device):
             [{k: v.to(device) for k, v in t.items()} for t in targets])
 
 
-def build_pair(depth: int, num_classes: int, image, device, ablate: str = "none"):
-    """(torchvision, ours) in train mode with the same calibrated weights; ablate:
-    "winograd" (direct 3x3 convs) or "none"."""
+def build_pair(depth: int, num_classes: int, image, device):
+    """(torchvision, ours) in train mode with the same calibrated weights."""
     tv = build_torchvision(depth, num_classes)
     calibrate(tv, image)
-    ours = apply_ablation(convert(tv), ablate)
-    return tv.train().to(device), ours.train().to(device)
+    return tv.train().to(device), convert(tv).train().to(device)
 
 
 class Stepper:
@@ -113,7 +111,9 @@ def memory_child(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
-    model = load_model(args.model, args.depth, args.num_classes, args.weights, args.ablate)
+    model = load_model(args.model, args.depth, args.num_classes, args.weights)
+    if args.model == "ours":
+        model = variant(model, args)
     model = model.train().to(device)
     step = Stepper(model, *_to(images, targets, device), device, device.type == "cuda")
     return peak_memory(device, step, args.warmup + 2)
@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS children")
     parser.add_argument("--ablate", default="none", choices=("none", "winograd"),
                         help="turn an optimisation of ours off")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print each model's top ops (torch.profiler)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--weights", default="", help=argparse.SUPPRESS)
@@ -145,7 +147,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
-    tv, ours = build_pair(args.depth, args.num_classes, images[0], device, args.ablate)
+    tv, ours = build_pair(args.depth, args.num_classes, images[0], device)
+    ours = variant(ours, args)
     images, targets = _to(images, targets, device)
     amp = device.type == "cuda"
     steps = {"torchvision": Stepper(tv, images, targets, device, amp),
@@ -154,7 +157,7 @@ def main(argv=None) -> None:
     times = interleaved_times(steps, args.warmup, args.runs, sync)
     memory = {} if args.no_memory else run_memory_children(
         os.path.abspath(__file__), args, tv,
-        ["--objects", str(args.objects), "--ablate", args.ablate])
+        ["--objects", str(args.objects)] + variant_args(args))
 
     print(f"Mask R-CNN ResNet-{args.depth}-FPN training step, {args.device}"
           f"{' AMP' if amp else ''}, batch {args.batch} x {args.size[0]}x{args.size[1]}, "
@@ -175,6 +178,25 @@ def main(argv=None) -> None:
     print("first-step losses (torchvision):", {k: round(v, 5) for k, v in b.items()})
     print("max |ours - torchvision| per loss:", {k: f"{v:.1e}" for k, v in diffs.items()})
     print("all times (ms):", {k: [round(1000 * t) for t in v] for k, v in times.items()})
+    if args.profile:
+        for name, step in steps.items():
+            print_profile(name, step, device)
+
+
+def print_profile(name: str, step, device, steps: int = 2, rows: int = 20) -> None:
+    """The ops taking the most time over `steps` steps (self time, device time on CUDA)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{name}: top ops over {steps} steps by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50))
 
 
 if __name__ == "__main__":

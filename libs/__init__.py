@@ -19,7 +19,8 @@ from torch import Tensor
 from . import ops
 from ._loader import backend_info
 
-__all__ = ["roi_align", "nms", "batched_nms", "conv3x3", "backend_info", "boxes_to_rois"]
+__all__ = ["roi_align", "nms", "batched_nms", "conv3x3", "backend_info", "boxes_to_rois",
+           "pooling_dtype"]
 
 # Above these many boxes batched_nms loops over classes instead of offsetting boxes
 # (the offset trick's single NMS is quadratic in the total; the loop in per-class sizes).
@@ -90,10 +91,20 @@ def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size,
     if rois.device != input.device:
         raise ValueError(f"roi_align: boxes are on {rois.device} but input is on "
                          f"{input.device}: move them with .to(input.device)")
-    if rois.dtype != input.dtype:
-        rois = rois.to(input.dtype)
-    return ops.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio),
-                         bool(aligned))
+    dtype = pooling_dtype(input.dtype, rois.dtype)
+    out = ops.roi_align(input.to(dtype), rois.to(dtype), float(spatial_scale), ph, pw,
+                        int(sampling_ratio), bool(aligned))
+    return out.to(input.dtype)
+
+
+def pooling_dtype(feature_dtype: torch.dtype, rois_dtype: torch.dtype) -> torch.dtype:
+    """The dtype RoIAlign computes in: the features' own, except half-precision features
+    with float32/float64 boxes (autocast), pooled in float32 as torchvision's autocast rule
+    does, because box coordinates rounded to float16 are up to half a pixel off at 1000 px."""
+    if feature_dtype in (torch.float16, torch.bfloat16) and \
+            rois_dtype in (torch.float32, torch.float64):
+        return torch.float32
+    return feature_dtype
 
 
 def _check_per_box(op: str, name: str, t: Tensor, boxes: Tensor, what: str) -> None:

@@ -446,13 +446,16 @@ def _bands(batch: int, height: int, width: int):
     return tiles_w, [(r, min(rows, total - r)) for r in range(0, total, rows)]
 
 
-def _scratch(like: Tensor, tiles_w: int, bands, channels: int) -> Tensor:
-    return like.new_empty(36 * bands[0][1] * tiles_w * channels)
-
-
-def _plane(buf: Tensor, tiles: int, channels: int) -> Tensor:
-    """The first 36 * tiles * channels elements of buf as a contiguous [36, tiles, C]."""
-    return buf[:36 * tiles * channels].view(36, tiles, channels)
+def _band_planes(like: Tensor, N: int, H: int, W: int, C: int, K: int):
+    """For each band of tiles: (first tile row, tile rows, tiles_w, V Tensor[36, P, C],
+    M Tensor[36, P, K]), V and M views of two buffers reused by every band."""
+    tiles_w, bands = _bands(N, H, W)
+    most = 36 * bands[0][1] * tiles_w
+    v_buf, m_buf = like.new_empty(most * C), like.new_empty(most * K)
+    for row0, rows in bands:
+        tiles = rows * tiles_w
+        yield (row0, rows, tiles_w, v_buf[:36 * tiles * C].view(36, tiles, C),
+               m_buf[:36 * tiles * K].view(36, tiles, K))
 
 
 @torch.library.custom_op("maskrcnn::conv3x3_winograd", mutates_args=())
@@ -475,12 +478,8 @@ def conv3x3_winograd(input: Tensor, weight: Tensor, bias: Tensor, relu: bool) ->
     y = torch.empty((N, K, H, W), dtype=x.dtype, memory_format=torch.channels_last)
     if y.numel() == 0:
         return y
-    tiles_w, bands = _bands(N, H, W)
-    v_buf, m_buf = _scratch(x, tiles_w, bands, C), _scratch(x, tiles_w, bands, K)
     nt = torch.get_num_threads()
-    for row0, rows in bands:
-        tiles = rows * tiles_w
-        v, m = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
+    for row0, rows, tiles_w, v, m in _band_planes(x, N, H, W, C, K):
         _loader.check(lib, "cpu", lib.mrc_winograd_input_cpu(
             code, _ptr(x, "void*"), _ptr(v, "void*"), N, H, W, C, row0, rows, tiles_w, nt),
             "winograd input transform")
@@ -511,17 +510,13 @@ def conv3x3_winograd_backward(grad: Tensor, input: Tensor, weight: Tensor) -> Li
     K, code = weight.shape[0], _DTYPE_CODE[input.dtype]
     x = input.contiguous(memory_format=torch.channels_last)
     dy = grad.contiguous(memory_format=torch.channels_last)
-    u_t = _weight_u(lib, weight).transpose(1, 2).contiguous()     # [36, K, C]
+    u_t = _weight_u(lib, weight).transpose(1, 2)                  # [36, K, C] view
     dx = torch.zeros_like(x, memory_format=torch.channels_last)  # the adjoint adds into it
     du = x.new_zeros((36, C, K))
     if x.numel() == 0 or dy.numel() == 0:
         return [dx, winograd_weight_grad(du), dy.sum((0, 2, 3))]
-    tiles_w, bands = _bands(N, H, W)
-    v_buf, m_buf = _scratch(x, tiles_w, bands, C), _scratch(x, tiles_w, bands, K)
     nt = torch.get_num_threads()
-    for row0, rows in bands:
-        tiles = rows * tiles_w
-        v, dm = _plane(v_buf, tiles, C), _plane(m_buf, tiles, K)
+    for row0, rows, tiles_w, v, dm in _band_planes(x, N, H, W, C, K):
         _loader.check(lib, "cpu", lib.mrc_winograd_output_adjoint_cpu(
             code, _ptr(dy, "void*"), _ptr(dm, "void*"), N, H, W, K, row0, rows, tiles_w, nt),
             "winograd output adjoint")

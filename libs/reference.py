@@ -220,6 +220,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, block: int = 512) -
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True)[1]
     b = boxes[order]
+    if b.dtype in (torch.float16, torch.bfloat16):
+        # As the kernels do: areas of boxes over 256 px overflow float16.
+        b = b.float()
     areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     kept = torch.empty(0, dtype=torch.int64, device=boxes.device)
     for s in range(0, n, block):

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from libs import boxes_to_rois, ops, roi_align
+from libs import boxes_to_rois, ops, pooling_dtype, roi_align
 
 __all__ = ["MultiScaleRoIAlign", "level_scales", "map_levels"]
 
@@ -121,12 +121,13 @@ class MultiScaleRoIAlign(nn.Module):
         k_max = int(round(-math.log2(scales[-1])))
         levels = map_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level,
                             self.level_rule, self.eps)
-        dtype = features[0].dtype
+        dtype = pooling_dtype(features[0].dtype, rois.dtype)
         # One op for all levels: one fused kernel call on the CPU, per-level calls writing
         # into one result elsewhere; no host sync, so torch.compile traces it as is.
-        return ops.roi_align_multilevel([f.to(dtype) for f in features],
-                                        rois.to(dtype), levels, scales, *self.output_size,
-                                        self.sampling_ratio, self.aligned)
+        out = ops.roi_align_multilevel([f.to(dtype) for f in features],
+                                       rois.to(dtype), levels, scales, *self.output_size,
+                                       self.sampling_ratio, self.aligned)
+        return out.to(features[0].dtype)
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio,

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_common.h"
 #include "kernel_math.h"
 #include "mrcnn_kernels.h"
 
@@ -94,10 +95,8 @@ void hint_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-int resolve_threads(int num_threads) {
-  if (num_threads > 0) return num_threads;
-  return omp_get_max_threads();
-}
+using mrc::cpu_has_avx2;
+using mrc::resolve_threads;
 
 template <typename T>
 void zero_roi_block(T* out, int64_t k, int64_t c0, int64_t cn, int64_t C, int64_t PHW) {
@@ -503,25 +502,6 @@ void backward_cpu(const T* grad_out, const T* rois, const int64_t* rows, T* grad
 static const int64_t kLanes = 32;
 
 
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#include <immintrin.h>
-#define MRC_X86_DISPATCH 1
-#define MRC_AVX2 __attribute__((target("avx2")))
-#else
-#define MRC_X86_DISPATCH 0
-#define MRC_AVX2
-#endif
-#define MRC_INLINE inline __attribute__((always_inline))
-
-bool cpu_has_avx2() {
-#if MRC_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
 
 static const int64_t kTile = 32;
 

@@ -32,29 +32,12 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "common.h"
+#include "cpu_common.h"
 #include "mrcnn_kernels.h"
 
 namespace {
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define MRC_X86_DISPATCH 1
-#define MRC_AVX2 __attribute__((target("avx2")))
-#else
-#define MRC_X86_DISPATCH 0
-#define MRC_AVX2
-#endif
-#define MRC_INLINE inline __attribute__((always_inline))
-
-bool has_avx2() {
-#if MRC_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
-
-int threads(int num_threads) { return num_threads > 0 ? num_threads : omp_get_max_threads(); }
+using mrc::resolve_threads;
 
 /* Eight channels: one AVX2 register of floats (two of doubles), or SSE ones in the
  * generic build. `u` is the unaligned variant for loads and stores. */
@@ -296,7 +279,7 @@ MRC_KERNEL_SET(, base)
 
 template <typename T>
 Kernels<T> Kernels<T>::get() {
-  if (has_avx2())
+  if (mrc::cpu_has_avx2())
     return {weight_avx2<T>, input_avx2<T>, output_avx2<T>, output_adjoint_avx2<T>,
             input_adjoint_avx2<T>};
   return {weight_base<T>, input_base<T>, output_base<T>, output_adjoint_base<T>,
@@ -329,7 +312,7 @@ int check(const char* fn, int dtype, const void* a, const void* out, const Band&
 template <typename T>
 void run_tiles(const Band& b, int num_threads, void (*tile)(const T*, T*, const Band&, int64_t),
                const void* in, void* out) {
-#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
+#pragma omp parallel for num_threads(resolve_threads(num_threads)) schedule(static)
   for (int64_t p = 0; p < b.P(); ++p)
     tile(static_cast<const T*>(in), static_cast<T*>(out), b, p);
 }
@@ -338,7 +321,7 @@ template <typename T>
 void run_output(const Band& b, int num_threads, const void* M, const void* bias, void* y,
                 bool relu) {
   const auto tile = Kernels<T>::get().output;
-#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
+#pragma omp parallel for num_threads(resolve_threads(num_threads)) schedule(static)
   for (int64_t p = 0; p < b.P(); ++p)
     tile(static_cast<const T*>(M), static_cast<const T*>(bias), static_cast<T*>(y), b, p,
          relu);
@@ -350,7 +333,7 @@ void run_output(const Band& b, int num_threads, const void* M, const void* bias,
 template <typename T>
 void run_input_adjoint(const Band& b, int num_threads, const void* dV, void* dx) {
   const auto tile = Kernels<T>::get().input_adjoint;
-  const int nt = threads(num_threads);
+  const int nt = resolve_threads(num_threads);
   for (int64_t parity = 0; parity < 2; ++parity) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = parity; r < b.rows; r += 2)
@@ -362,9 +345,18 @@ void run_input_adjoint(const Band& b, int num_threads, const void* dV, void* dx)
 template <typename T>
 void run_weight(const void* weight_ckk, void* U, int64_t K, int64_t C, int num_threads) {
   const auto rows = Kernels<T>::get().weight;
-#pragma omp parallel for num_threads(threads(num_threads)) schedule(static)
+#pragma omp parallel for num_threads(resolve_threads(num_threads)) schedule(static)
   for (int64_t c = 0; c < C; ++c)
     rows(static_cast<const T*>(weight_ckk), static_cast<T*>(U), K, C, c);
+}
+
+/* f(float{}) or f(double{}): the extern functions' one switch on the dtype code. */
+template <typename F>
+void by_dtype(int dtype, F f) {
+  if (dtype == MRC_F32)
+    f(float{});
+  else
+    f(double{});
 }
 
 }  // namespace
@@ -376,10 +368,10 @@ int mrc_winograd_input_cpu(int dtype, const void* x, void* V, int64_t N, int64_t
                            int num_threads) {
   const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
   if (int rc = check("winograd input", dtype, x, V, b)) return rc;
-  if (dtype == MRC_F32)
-    run_tiles<float>(b, num_threads, Kernels<float>::get().input, x, V);
-  else
-    run_tiles<double>(b, num_threads, Kernels<double>::get().input, x, V);
+  by_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    run_tiles<T>(b, num_threads, Kernels<T>::get().input, x, V);
+  });
   return MRC_OK;
 }
 
@@ -388,10 +380,9 @@ int mrc_winograd_output_cpu(int dtype, const void* M, const void* bias, void* y,
                             int64_t tile_rows, int64_t tiles_w, int relu, int num_threads) {
   const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
   if (int rc = check("winograd output", dtype, M, y, b)) return rc;
-  if (dtype == MRC_F32)
-    run_output<float>(b, num_threads, M, bias, y, relu != 0);
-  else
-    run_output<double>(b, num_threads, M, bias, y, relu != 0);
+  by_dtype(dtype, [&](auto t) {
+    run_output<decltype(t)>(b, num_threads, M, bias, y, relu != 0);
+  });
   return MRC_OK;
 }
 
@@ -400,10 +391,10 @@ int mrc_winograd_output_adjoint_cpu(int dtype, const void* dy, void* dM, int64_t
                                     int64_t tile_rows, int64_t tiles_w, int num_threads) {
   const Band b{N, H, W, K, tile_row0, tile_rows, tiles_w};
   if (int rc = check("winograd output adjoint", dtype, dy, dM, b)) return rc;
-  if (dtype == MRC_F32)
-    run_tiles<float>(b, num_threads, Kernels<float>::get().output_adjoint, dy, dM);
-  else
-    run_tiles<double>(b, num_threads, Kernels<double>::get().output_adjoint, dy, dM);
+  by_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    run_tiles<T>(b, num_threads, Kernels<T>::get().output_adjoint, dy, dM);
+  });
   return MRC_OK;
 }
 
@@ -412,10 +403,7 @@ int mrc_winograd_input_adjoint_cpu(int dtype, const void* dV, void* dx, int64_t 
                                    int64_t tiles_w, int num_threads) {
   const Band b{N, H, W, C, tile_row0, tile_rows, tiles_w};
   if (int rc = check("winograd input adjoint", dtype, dV, dx, b)) return rc;
-  if (dtype == MRC_F32)
-    run_input_adjoint<float>(b, num_threads, dV, dx);
-  else
-    run_input_adjoint<double>(b, num_threads, dV, dx);
+  by_dtype(dtype, [&](auto t) { run_input_adjoint<decltype(t)>(b, num_threads, dV, dx); });
   return MRC_OK;
 }
 
@@ -432,10 +420,7 @@ int mrc_winograd_weight_cpu(int dtype, const void* weight_ckk, void* U, int64_t 
     return mrc::set_error(MRC_ERR_INVALID,
                           "winograd weight: need C > 0 and K a positive multiple of 8, got "
                           "K=%lld C=%lld", (long long)K, (long long)C);
-  if (dtype == MRC_F32)
-    run_weight<float>(weight_ckk, U, K, C, num_threads);
-  else
-    run_weight<double>(weight_ckk, U, K, C, num_threads);
+  by_dtype(dtype, [&](auto t) { run_weight<decltype(t)>(weight_ckk, U, K, C, num_threads); });
   return MRC_OK;
 }
 

@@ -193,7 +193,7 @@ def _set_winograd(module, on):
 
 
 def test_winograd_applies_only_to_3x3_stride1_pad1_convs():
-    x = torch.randn(1, 16, 9, 9)
+    x = torch.randn(1, 16, 48, 48)
     conv = lambda **kw: fused._live_conv_of(nn.Conv2d(16, 16, **{"kernel_size": 3,  # noqa
                                                                   "padding": 1, **kw}))
     assert fused.winograd_applies(x, conv())
@@ -202,8 +202,18 @@ def test_winograd_applies_only_to_3x3_stride1_pad1_convs():
     assert not fused.winograd_applies(x, conv(dilation=2, padding=2))
     assert not fused.winograd_applies(x, conv(groups=2))
     assert not fused.winograd_applies(x.double(), conv())          # float32 only
-    assert not fused.winograd_applies(torch.randn(1, 12, 9, 9),
+    assert not fused.winograd_applies(torch.randn(1, 12, 48, 48),
                                       fused._live_conv_of(nn.Conv2d(12, 16, 3, padding=1)))
+
+
+def test_winograd_only_for_maps_with_enough_tiles():
+    """Small maps (ResNet layer4: 63 tiles at 800 px) keep the direct conv."""
+    conv = fused._live_conv_of(nn.Conv2d(512, 512, 3, padding=1))
+    assert not fused.winograd_applies(torch.randn(1, 512, 25, 34), conv)     # 63 tiles
+    assert fused.winograd_applies(torch.randn(1, 512, 64, 64), conv)         # 256 tiles
+    small = fused._live_conv_of(nn.Conv2d(16, 16, 3, padding=1))
+    assert not fused.winograd_applies(torch.randn(1, 16, 40, 48), small)     # 120 tiles
+    assert fused.winograd_applies(torch.randn(2, 16, 32, 32), small)         # 128 tiles
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -213,7 +223,7 @@ def test_winograd_inference_close_to_plain_modules(depth, monkeypatch):
     torch.manual_seed(depth)
     backbone = build_resnet_fpn_backbone(depth=depth).eval()
     _randomise(backbone)
-    x = torch.randn(2, 3, 96, 128)
+    x = torch.randn(2, 3, 160, 192)      # P2 40x48: 240 tiles, enough for Winograd
     calls = _count_winograd(monkeypatch)
     with torch.no_grad():
         _set_winograd(backbone, True)
@@ -230,7 +240,7 @@ def test_winograd_training_forward_and_grads_close_to_plain(monkeypatch):
     torch.manual_seed(3)
     backbone = build_resnet_fpn_backbone(depth=18, trainable_layers=3).train()
     _randomise(backbone)
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 128, 160)      # P2 32x40: 160 tiles, enough for Winograd
     calls = _count_winograd(monkeypatch)
     results = []
     for on in (True, False):
@@ -258,8 +268,9 @@ def test_winograd_rpn_head_and_mask_head_close_to_plain(monkeypatch):
     from proposal import RPNHead
     torch.manual_seed(0)
     rpn_head, mask_head = RPNHead(16, 3), MaskHead(16, (16, 8))
-    features = [torch.randn(2, 16, 20, 28), torch.randn(2, 16, 10, 14)]
-    rois = torch.randn(6, 16, 14, 14, requires_grad=True)
+    # 280 and 128 tiles, 10 x 16 tiles: all large enough for Winograd
+    features = [torch.randn(2, 16, 40, 56), torch.randn(2, 16, 32, 32)]
+    rois = torch.randn(10, 16, 14, 14, requires_grad=True)
     calls = _count_winograd(monkeypatch)
     results = []
     for on in (True, False):

@@ -193,11 +193,12 @@ def check_batched(g, n, classes, device, dtype=torch.float32, ties=False, msg=""
     thr = [0.3, 0.5, 0.7][n % 3]
     expected = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
     got = libs.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), thr).cpu()
-    if not ties:
+    if not ties and scores.unique().numel() == n:
         assert_same(got, expected, f"{msg} n={n} classes={classes}")
         return
-    # torchvision's per-class loop orders ties with an unstable sort: compare the kept
-    # set, and check ours is ordered by (score desc, index asc).
+    # torchvision's per-class loop orders ties with an unstable sort (random float32
+    # scores of 25000 boxes hold some ties too): compare the kept set, and check ours is
+    # ordered by (score desc, index asc).
     assert sorted(got.tolist()) == sorted(expected.tolist()), f"{msg} n={n}"
     key = [(-float(scores[i]), i) for i in got.tolist()]
     assert key == sorted(key), f"{msg} n={n}: not by descending score, then index"
