@@ -268,16 +268,17 @@ def _image(args):
 
 
 def parity(ours_out: list[dict], tv_out: list[dict]) -> dict:
-    """Max abs differences over images when the labels are equal, in order; else (float
-    rounding reordering near-tied detections, as TF32 convolutions on a GPU do) the
-    detections are matched one to one (same label, box IoU >= 0.9, greedily by IoU) and
-    the differences taken over the matched pairs; "matched" counts them."""
-    result = dict(labels_equal=True, boxes=0.0, scores=0.0, masks=0.0, matched=0, total=0)
+    """Max abs differences over images when both give the same detections in the same
+    order (labels equal, each pair's box IoU >= 0.9); else (float rounding reordering
+    near-tied detections, as TF32 convolutions on a GPU do) the detections are matched
+    one to one (same label, box IoU >= 0.9, greedily by IoU) and the differences taken
+    over the matched pairs; "matched" counts them."""
+    result = dict(same_order=True, boxes=0.0, scores=0.0, masks=0.0, matched=0, total=0)
     for a, b in zip(ours_out, tv_out):
         result["total"] += max(len(a["labels"]), len(b["labels"]))
         pairs = _same_order(a, b)
         if pairs is None:
-            result["labels_equal"] = False
+            result["same_order"] = False
             pairs = _matched_pairs(a, b)
         result["matched"] += len(pairs[0])
         for key in ("boxes", "scores", "masks"):
@@ -287,10 +288,15 @@ def parity(ours_out: list[dict], tv_out: list[dict]) -> dict:
     return result
 
 
-def _same_order(a: dict, b: dict):
-    """(indices, indices) of all detections when the labels are equal in order, else None."""
+def _same_order(a: dict, b: dict, min_iou: float = 0.9):
+    """(indices, indices) of all detections when a and b list the same ones in the same
+    order (equal labels, pairwise box IoU >= min_iou), else None."""
     import torch
+    from torchvision.ops import box_iou
     if a["labels"].shape != b["labels"].shape or not bool((a["labels"] == b["labels"]).all()):
+        return None
+    if len(a["boxes"]) and bool((box_iou(a["boxes"].float(), b["boxes"].float())
+                                 .diagonal() < min_iou).any()):
         return None
     index = torch.arange(len(a["labels"]), device=a["labels"].device)
     return index, index
@@ -344,6 +350,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS children")
     parser.add_argument("--ablate", default="none", choices=ABLATIONS,
                         help="turn an optimisation of ours off (see apply_ablation)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="CUDA: float32 convolutions and matmuls without TF32 (the "
+                             "default rounds inputs to 10-bit mantissas; parity runs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--weights", default="", help=argparse.SUPPRESS)
@@ -364,6 +373,9 @@ def main(argv=None) -> None:
 
     import torch
     torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
     image = _image(args)
     tv, ours = build_pair(args.depth, args.num_classes, image, device)
@@ -386,7 +398,8 @@ def main(argv=None) -> None:
 
     print(f"Mask R-CNN ResNet-{args.depth}-FPN inference, {args.device}, batch {args.batch} "
           f"x {args.size[0]}x{args.size[1]}, median of {args.runs} interleaved runs after "
-          f"{args.warmup} warm-up, CPU threads {args.threads}, ablate {args.ablate}")
+          f"{args.warmup} warm-up, CPU threads {args.threads}, ablate {args.ablate}"
+          f"{', no TF32' if args.no_tf32 else ''}")
     header = (f"{'model':12} {'ms/call':>9} {'ours/tv':>8} {'speed-up':>8} {'dets':>5} "
               f"{'peak RSS MB':>12} {'+infer MB':>10} {'CUDA peak MB':>13}")
     print(header)
@@ -397,7 +410,7 @@ def main(argv=None) -> None:
         dets = sum(len(o["boxes"]) for o in outputs[name]) // args.batch
         print(f"{name:12} {ms:9.1f} {ms / tv_ms:8.3f} {tv_ms / ms:8.2f} {dets:5d} "
               f"{memory_columns(memory.get(name, {}), 10)}")
-    print(f"parity: labels equal in order {check['labels_equal']}, matched "
+    print(f"parity: same detections in the same order {check['same_order']}, matched "
           f"{check['matched']}/{check['total']} (same label, IoU >= 0.9), max |diff| boxes "
           f"{check['boxes']:.2e} px, scores {check['scores']:.2e}, masks {check['masks']:.2e}")
     print("all times (ms):", {k: [round(1000 * t) for t in v] for k, v in times.items()})
