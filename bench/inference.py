@@ -211,16 +211,6 @@ def apply_ablation(ours, ablate: str):
     return ours
 
 
-def variant(ours, args):
-    """Ours with the command line's --ablate applied; returns it."""
-    return apply_ablation(ours, args.ablate)
-
-
-def variant_args(args) -> list[str]:
-    """The command-line flags that select the same variant of ours in a child process."""
-    return ["--ablate", args.ablate]
-
-
 def build_pair(depth: int, num_classes: int, image, device):
     """(torchvision model, ours), eval mode, on `device`, same calibrated weights."""
     tv = build_torchvision(depth, num_classes)
@@ -330,7 +320,7 @@ def memory_child(args) -> dict:
     image = _image(args)
     model = load_model(args.model, args.depth, args.num_classes, args.weights)
     if args.model == "ours":
-        model = variant(model, args)
+        model = apply_ablation(model, args.ablate)
     model = model.eval().to(device)
     images = [image.to(device)] * args.batch
     with torch.no_grad():
@@ -366,7 +356,7 @@ def main(argv=None) -> None:
         import torch
         tv, _ = build_pair(args.depth, args.num_classes, _image(args), "cpu")
         memory = run_memory_children(os.path.abspath(__file__), args, tv,
-                                     variant_args(args))
+                                     ["--ablate", args.ablate])
         print(f"ResNet-{args.depth}-FPN inference memory, {args.device}, batch {args.batch}:",
               json.dumps(memory))
         return
@@ -379,7 +369,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     image = _image(args)
     tv, ours = build_pair(args.depth, args.num_classes, image, device)
-    ours = variant(ours, args)
+    ours = apply_ablation(ours, args.ablate)
     images = [image.to(device)] * args.batch
     outputs = {}
 
@@ -394,7 +384,7 @@ def main(argv=None) -> None:
                                    "ours": call("ours", ours)}, args.warmup, args.runs, sync)
     check = parity(outputs["ours"], outputs["torchvision"])
     memory = {} if args.no_memory else run_memory_children(
-        os.path.abspath(__file__), args, tv, variant_args(args))
+        os.path.abspath(__file__), args, tv, ["--ablate", args.ablate])
 
     print(f"Mask R-CNN ResNet-{args.depth}-FPN inference, {args.device}, batch {args.batch} "
           f"x {args.size[0]}x{args.size[1]}, median of {args.runs} interleaved runs after "

@@ -25,9 +25,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inference import (build_torchvision, calibrate, convert,  # noqa: E402
-                       interleaved_times, load_model, median_ms, memory_columns,
-                       peak_memory, run_memory_children, variant, variant_args)
+from inference import (apply_ablation, build_torchvision, calibrate,  # noqa: E402
+                       convert, interleaved_times, load_model, median_ms, memory_columns,
+                       peak_memory, run_memory_children)
 
 
 # torchvision's loss names -> ours.
@@ -113,7 +113,7 @@ def memory_child(args) -> dict:
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
     model = load_model(args.model, args.depth, args.num_classes, args.weights)
     if args.model == "ours":
-        model = variant(model, args)
+        model = apply_ablation(model, args.ablate)
     model = model.train().to(device)
     step = Stepper(model, *_to(images, targets, device), device, device.type == "cuda")
     return peak_memory(device, step, args.warmup + 2)
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     images, targets = make_batch(args.batch, args.objects, args.size, args.num_classes)
     tv, ours = build_pair(args.depth, args.num_classes, images[0], device)
-    ours = variant(ours, args)
+    ours = apply_ablation(ours, args.ablate)
     images, targets = _to(images, targets, device)
     amp = device.type == "cuda"
     steps = {"torchvision": Stepper(tv, images, targets, device, amp),
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     times = interleaved_times(steps, args.warmup, args.runs, sync)
     memory = {} if args.no_memory else run_memory_children(
         os.path.abspath(__file__), args, tv,
-        ["--objects", str(args.objects)] + variant_args(args))
+        ["--objects", str(args.objects), "--ablate", args.ablate])
 
     print(f"Mask R-CNN ResNet-{args.depth}-FPN training step, {args.device}"
           f"{' AMP' if amp else ''}, batch {args.batch} x {args.size[0]}x{args.size[1]}, "
