@@ -27,7 +27,10 @@ from easydict import EasyDict
 from torch import Tensor, nn
 
 from backbones import build_resnet_fpn_backbone, load_torchvision_backbone_state
-from heads import RoIHeads, paste_masks_in_image
+from backbones.resnet import FAMILY_WIDTHS
+from heads import (PASTE_MASKS, BoxPredictor, MaskHead, MaskPredictor, RoIHeads,
+                   build_box_head)
+from pooling import MultiScaleRoIAlign
 from proposal import RPN, AnchorGenerator, RPNHead, load_torchvision_rpn_state
 from tools.structures import ImageList
 
@@ -236,15 +239,30 @@ class ImageTransform(nn.Module):
     Args:
         min_size: shorter side at test time; train_min_size: choices at training time.
         max_size: cap on the longer side.
-        image_mean, image_std: RGB normalisation of images in [0, 1].
+        image_mean, image_std: normalisation, in input_format order and pixel_scale units.
         size_divisible: the padded batch's sides are multiples of this.
-        mask_paste_padding: zero border added to masks before pasting (1).
+        mask_paste_padding: zero border added to masks before pasting (1; torchvision).
+        input_format: "RGB" or "BGR", the channel order the weights expect (images are
+            always given RGB).
+        pixel_scale: 1.0 or 255.0, the pixel range the weights expect (images are
+            always given in [0, 1]).
+        mask_paste: "torchvision" or "detectron2" (heads.mask_head.PASTE_MASKS).
     """
 
     def __init__(self, min_size: int = 800, max_size: int = 1333,
                  image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
-                 size_divisible: int = 32, train_min_size=None, mask_paste_padding: int = 1):
+                 size_divisible: int = 32, train_min_size=None, mask_paste_padding: int = 1,
+                 input_format: str = "RGB", pixel_scale: float = 1.0,
+                 mask_paste: str = "torchvision"):
         super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if mask_paste not in PASTE_MASKS:
+            raise ValueError(f"mask_paste must be one of {sorted(PASTE_MASKS)}, "
+                             f"got {mask_paste!r}")
+        self.input_format = input_format
+        self.pixel_scale = float(pixel_scale)
+        self.mask_paste = mask_paste
         self.min_size = int(min_size)
         self.train_min_size = tuple(train_min_size or (min_size,))
         self.max_size = int(max_size)
@@ -274,6 +292,11 @@ class ImageTransform(nn.Module):
         return ImageList(self.batch_images(resized), sizes), new_targets
 
     def normalize(self, image: Tensor) -> Tensor:
+        """RGB [0, 1] -> the weights' channel order and pixel scale, normalised."""
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        if self.pixel_scale != 1.0:
+            image = image * self.pixel_scale
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
@@ -317,19 +340,86 @@ class ImageTransform(nn.Module):
             det = dict(det)
             det["boxes"] = resize_boxes(det["boxes"], size, original)
             if "masks" in det:
-                det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], original,
-                                                    self.mask_paste_padding)
+                det["masks"] = PASTE_MASKS[self.mask_paste](det["masks"], det["boxes"],
+                                                            original, self.mask_paste_padding)
             out.append(det)
         return out
 
 
 # ---------------------------------------------------------------------------- builder
 
-def _depth(backbone: str) -> int:
-    match = re.fullmatch(r"resnet(\d+)", backbone)
+def _trunk_arch(b: EasyDict) -> dict:
+    """ResNetTrunk's depth / groups / width_per_group from [backbone]: resnetNN or
+    resnextNN, groups and width_per_group 0 meaning the family's default."""
+    match = re.fullmatch(r"(resnet|resnext)(\d+)", b.backbone)
     if not match:
-        raise ValueError(f"backbone must look like 'resnet50', got {backbone!r}")
-    return int(match.group(1))
+        raise ValueError(f"[backbone] backbone must look like 'resnet50' or 'resnext101', "
+                         f"got {b.backbone!r}")
+    family, depth = match.group(1), int(match.group(2))
+    groups, width = FAMILY_WIDTHS[family]
+    return dict(depth=depth, groups=b.groups or groups,
+                width_per_group=b.width_per_group or width)
+
+
+def build_backbone(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> nn.Module:
+    b = cfg.backbone
+    return build_resnet_fpn_backbone(
+        **_trunk_arch(b), norm=b.norm, trainable_layers=b.trainable_layers,
+        out_channels=b.fpn_channels, pretrained=pretrained_backbone, fuse_bn=b.fuse_bn,
+        stride_in_1x1=b.stride_in_1x1, fpn_norm=b.fpn_norm)
+
+
+def build_rpn(cfg: EasyDict) -> RPN:
+    a, r = cfg.anchors, cfg.rpn
+    anchors = AnchorGenerator(sizes=a.anchor_sizes, aspect_ratios=a.aspect_ratios,
+                              rule=a.anchor_rule)
+    head = RPNHead(cfg.backbone.fpn_channels, anchors.num_anchors_per_location()[0],
+                   num_convs=r.rpn_head_convs)
+    return RPN(
+        anchor_generator=anchors, head=head,
+        fg_iou_thresh=r.rpn_fg_iou_thresh, bg_iou_thresh=r.rpn_bg_iou_thresh,
+        batch_size_per_image=r.rpn_batch_size_per_image,
+        positive_fraction=r.rpn_positive_fraction,
+        pre_nms_top_n_train=r.rpn_pre_nms_top_n_train,
+        pre_nms_top_n_test=r.rpn_pre_nms_top_n_test,
+        post_nms_top_n_train=r.rpn_post_nms_top_n_train,
+        post_nms_top_n_test=r.rpn_post_nms_top_n_test,
+        nms_thresh=r.rpn_nms_thresh, score_thresh=r.rpn_score_thresh, min_size=r.rpn_min_size,
+        box_filter=r.rpn_box_filter)
+
+
+def build_roi_heads(cfg: EasyDict) -> RoIHeads:
+    m, h, bh, mh = cfg.model, cfg.roi_heads, cfg.box_head, cfg.mask_head
+    channels = cfg.backbone.fpn_channels
+    pool_kw = dict(aligned=h.roi_aligned, canonical_scale=h.roi_canonical_scale,
+                   canonical_level=h.roi_canonical_level, level_rule=h.roi_level_rule)
+    box_head = build_box_head(bh.box_head, channels, bh.box_pool_size, bh.representation_size,
+                              bh.box_conv_dim, bh.box_norm)
+    mask_parts = ()
+    if m.mask_on:
+        mask_parts = (
+            MultiScaleRoIAlign(mh.mask_pool_size, mh.mask_sampling_ratio, **pool_kw),
+            MaskHead(channels, tuple(mh.mask_layers), mh.mask_dilation, mh.mask_norm),
+            MaskPredictor(mh.mask_layers[-1], mh.mask_dim_reduced, m.num_classes + 1))
+    return RoIHeads(
+        MultiScaleRoIAlign(bh.box_pool_size, bh.box_sampling_ratio, **pool_kw), box_head,
+        BoxPredictor(bh.representation_size, m.num_classes + 1), *mask_parts,
+        fg_iou_thresh=h.box_fg_iou_thresh, bg_iou_thresh=h.box_bg_iou_thresh,
+        batch_size_per_image=h.box_batch_size_per_image,
+        positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
+        box_loss=bh.box_loss, box_smooth_l1_beta=bh.box_smooth_l1_beta,
+        box_score_thresh=h.box_score_thresh, box_nms_thresh=h.box_nms_thresh,
+        box_detections_per_img=h.box_detections_per_img, box_min_size=h.box_min_size)
+
+
+def build_transform(cfg: EasyDict) -> ImageTransform:
+    t = cfg.transform
+    return ImageTransform(
+        min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean,
+        image_std=t.image_std, size_divisible=t.size_divisible,
+        train_min_size=t.train_min_size, mask_paste_padding=cfg.mask_head.mask_paste_padding,
+        input_format=t.input_format, pixel_scale=t.pixel_scale,
+        mask_paste=cfg.mask_head.mask_paste)
 
 
 def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> "MaskRCNN":
@@ -339,44 +429,13 @@ def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> "Ma
         cfg: a config from load_config (optionally with apply_overrides).
         pretrained_backbone: None, "imagenet" or a path of ImageNet ResNet weights.
     """
-    m, b, t, a = cfg.model, cfg.backbone, cfg.transform, cfg.anchors
-    r, h, bh, mh = cfg.rpn, cfg.roi_heads, cfg.box_head, cfg.mask_head
-    backbone = build_resnet_fpn_backbone(
-        depth=_depth(b.backbone), norm=b.norm, trainable_layers=b.trainable_layers,
-        out_channels=b.fpn_channels, pretrained=pretrained_backbone, fuse_bn=b.fuse_bn)
-    anchors = AnchorGenerator(sizes=a.anchor_sizes, aspect_ratios=a.aspect_ratios)
-    rpn = RPN(
-        anchor_generator=anchors,
-        head=RPNHead(b.fpn_channels, anchors.num_anchors_per_location()[0]),
-        fg_iou_thresh=r.rpn_fg_iou_thresh, bg_iou_thresh=r.rpn_bg_iou_thresh,
-        batch_size_per_image=r.rpn_batch_size_per_image,
-        positive_fraction=r.rpn_positive_fraction,
-        pre_nms_top_n_train=r.rpn_pre_nms_top_n_train,
-        pre_nms_top_n_test=r.rpn_pre_nms_top_n_test,
-        post_nms_top_n_train=r.rpn_post_nms_top_n_train,
-        post_nms_top_n_test=r.rpn_post_nms_top_n_test,
-        nms_thresh=r.rpn_nms_thresh, score_thresh=r.rpn_score_thresh, min_size=r.rpn_min_size)
-    roi_heads = RoIHeads(
-        num_classes=m.num_classes, mask_on=m.mask_on, in_channels=b.fpn_channels,
-        box_pool_size=bh.box_pool_size, box_sampling_ratio=bh.box_sampling_ratio,
-        mask_pool_size=mh.mask_pool_size, mask_sampling_ratio=mh.mask_sampling_ratio,
-        aligned=h.roi_aligned, canonical_scale=h.roi_canonical_scale,
-        canonical_level=h.roi_canonical_level, level_rule=h.roi_level_rule,
-        representation_size=bh.representation_size, mask_layers=mh.mask_layers,
-        mask_dilation=mh.mask_dilation, mask_dim_reduced=mh.mask_dim_reduced,
-        fg_iou_thresh=h.box_fg_iou_thresh, bg_iou_thresh=h.box_bg_iou_thresh,
-        batch_size_per_image=h.box_batch_size_per_image,
-        positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
-        box_loss=bh.box_loss, smooth_l1_beta=bh.box_smooth_l1_beta,
-        score_thresh=h.box_score_thresh, nms_thresh=h.box_nms_thresh,
-        detections_per_img=h.box_detections_per_img, min_box_size=h.box_min_size)
-    transform = ImageTransform(
-        min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean,
-        image_std=t.image_std, size_divisible=t.size_divisible,
-        train_min_size=t.train_min_size, mask_paste_padding=mh.mask_paste_padding)
-    model = MaskRCNN.from_parts(backbone, rpn, roi_heads, transform, m.num_classes, cfg)
-    # One switch for every fused inference path (trunk, FPN, mask head), and one for
-    # the Winograd convs (trunk, FPN, RPN head, mask head), which need the first.
+    b = cfg.backbone
+    model = MaskRCNN.from_parts(build_backbone(cfg, pretrained_backbone), build_rpn(cfg),
+                                build_roi_heads(cfg), build_transform(cfg),
+                                cfg.model.num_classes, cfg)
+    # One switch for every fused inference path (trunk, FPN, box and mask heads), and one
+    # for the Winograd convs (trunk, FPN, RPN head, box and mask heads), which need the
+    # first.
     for module in model.modules():
         if hasattr(module, "fuse_inference"):
             module.fuse_inference = b.fuse_bn

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import conv2d
+from .norm import optional_norm_layer
 
 
 class FPN(nn.Module):
@@ -26,21 +27,43 @@ class FPN(nn.Module):
         in_channels_list: channels of the inputs, finest first (C2..C5).
         out_channels: channels of every output level (256).
         extra_pool: append the P6 max-pool level (the RPN uses it; RoI heads do not).
+        norm: "none" (convs with bias: torchvision v1, detectron2 3x) or a norm after
+            every conv, "frozen_bn", "bn" or "gn" (convs without bias: torchvision v2,
+            detectron2 LSJ); the top-down sum adds the normalised laterals.
     """
 
     def __init__(self, in_channels_list: list[int], out_channels: int = 256,
-                 extra_pool: bool = True):
+                 extra_pool: bool = True, norm: str = "none"):
         super().__init__()
+        norm_layer = optional_norm_layer(norm)
+        bias = norm_layer is None
         self.lateral_convs = nn.ModuleList(
-            nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels_list)
+            nn.Conv2d(c, out_channels, kernel_size=1, bias=bias) for c in in_channels_list)
         self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=bias)
             for _ in in_channels_list)
+        if norm_layer is not None:
+            self.lateral_norms = nn.ModuleList(norm_layer(out_channels)
+                                               for _ in in_channels_list)
+            self.output_norms = nn.ModuleList(norm_layer(out_channels)
+                                              for _ in in_channels_list)
+        self.has_norm = norm_layer is not None
         self.extra_pool = extra_pool
         self.out_channels = out_channels
         for conv in [*self.lateral_convs, *self.output_convs]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.constant_(conv.bias, 0)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, 0)
+
+    def _lateral(self, i: int, x: Tensor, residual=None) -> Tensor:
+        norm = self.lateral_norms[i] if self.has_norm else None
+        return conv2d(x, self.lateral_convs[i], residual=residual, fast=self.fuse_inference,
+                      norm=norm)
+
+    def _output(self, i: int, x: Tensor) -> Tensor:
+        norm = self.output_norms[i] if self.has_norm else None
+        return conv2d(x, self.output_convs[i], fast=self.fuse_inference,
+                      winograd=self.winograd, norm=norm)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """
@@ -51,17 +74,14 @@ class FPN(nn.Module):
             extra_pool is set.
         """
         # conv2d: one oneDNN call with the top-down add fused at inference on CPU.
-        fast = self.fuse_inference
-        last_inner = conv2d(features[-1], self.lateral_convs[-1], fast=fast)
-        wino = self.winograd
-        results = [conv2d(last_inner, self.output_convs[-1], fast=fast, winograd=wino)]
+        last = len(features) - 1
+        last_inner = self._lateral(last, features[-1])
+        results = [self._output(last, last_inner)]
         for idx in range(len(features) - 2, -1, -1):
             top_down = F.interpolate(last_inner, size=features[idx].shape[-2:],
                                      mode="nearest")
-            last_inner = conv2d(features[idx], self.lateral_convs[idx], residual=top_down,
-                                fast=fast)
-            results.insert(0, conv2d(last_inner, self.output_convs[idx], fast=fast,
-                                     winograd=wino))
+            last_inner = self._lateral(idx, features[idx], residual=top_down)
+            results.insert(0, self._output(idx, last_inner))
         if self.extra_pool:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return results

@@ -219,22 +219,44 @@ def _conv_of(conv: nn.Conv2d) -> FoldedConv:
 
 def conv2d(x: Tensor, conv: nn.Conv2d, relu: bool = False,
            residual: Optional[Tensor] = None, fast: bool = True,
-           winograd: bool = False) -> Tensor:
-    """relu?(conv(x) + residual?): one oneDNN call on channels-last tensors on the fast
-    path (inference on CPU, `fast` set), else the module and plain ops (training, CUDA,
-    or torchvision's exact arithmetic when `fast` is False). With `winograd`, eligible
-    convs without a residual run as conv3x3_winograd, in inference and training."""
-    if winograd and residual is None and conv.padding_mode == "zeros":
-        live = _live_conv_of(conv)
-        if winograd_applies(x, live):
-            return winograd_conv(x, live, relu)
-    if fast and fast_path(x) and conv.padding_mode == "zeros":
-        return conv_act(x.contiguous(memory_format=torch.channels_last), _conv_of(conv),
-                        relu, residual)
+           winograd: bool = False, norm: Optional[nn.Module] = None) -> Tensor:
+    """relu?(norm?(conv(x)) + residual?): one oneDNN call on channels-last tensors on the
+    fast path (inference on CPU, `fast` set; the norm folded into the conv), else the
+    modules and plain ops (training, CUDA, or the source framework's exact arithmetic
+    when `fast` is False). With `winograd`, eligible convs without a residual run as
+    conv3x3_winograd, in inference and training."""
+    zeros = conv.padding_mode == "zeros"
+    grad = torch.is_grad_enabled()
+    if winograd and residual is None and zeros and _foldable_now(norm, grad):
+        folded = _fold(conv, norm, grad)
+        if winograd_applies(x, folded):
+            return winograd_conv(x, folded, relu)
+    if fast and fast_path(x) and zeros and _foldable_now(norm, grad):
+        return conv_act(x.contiguous(memory_format=torch.channels_last),
+                        _fold(conv, norm, False), relu, residual)
     y = conv(x)
+    if norm is not None:
+        y = norm(y)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
+
+
+def _foldable_now(norm: Optional[nn.Module], grad: bool) -> bool:
+    """The norm can be folded into the conv without changing what is computed: a
+    BatchNorm in training mode normalises by batch statistics, and with gradients only a
+    frozen norm (no parameters to train) folds inside the autograd graph."""
+    if norm is None:
+        return True
+    if grad:
+        return isinstance(norm, FrozenBatchNorm2d)
+    return is_foldable(norm) and not norm.training
+
+
+def _fold(conv: nn.Conv2d, norm: Optional[nn.Module], live: bool) -> FoldedConv:
+    if norm is None:
+        return _live_conv_of(conv) if live else _conv_of(conv)
+    return fold_conv_norm_live(conv, norm) if live else fold_conv_norm(conv, norm)
 
 
 def _live_conv_of(conv: nn.Conv2d) -> FoldedConv:

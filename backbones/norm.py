@@ -5,7 +5,7 @@ running_var) so torchvision and ImageNet state dicts load unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,11 @@ def _group_norm_32(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, num_channels)
 
 
+def optional_norm_layer(norm: Optional[str]) -> Optional[Callable[[int], nn.Module]]:
+    """norm_layer_factory, or None for "none" (a conv without normalisation, with bias)."""
+    return None if norm in (None, "none") else norm_layer_factory(norm)
+
+
 def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
     """The `norm_layer(num_channels)` callable for torchvision's ResNet.
 
@@ -70,4 +75,5 @@ def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
         return nn.BatchNorm2d
     if norm == "gn":
         return _group_norm_32
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    raise ValueError(f"norm must be one of {NORMS} (or 'none' where a layer may have no "
+                     f"norm), got {norm!r}")

@@ -18,6 +18,8 @@ from .fused import (block_forward, block_forward_live, conv_act, fold_block, fol
 from .norm import norm_layer_factory
 
 DEPTHS = (18, 34, 50, 101, 152)
+# (groups, width_per_group) of each family's 3x3 convs: ResNet, and ResNeXt's 32x8d.
+FAMILY_WIDTHS = {"resnet": (1, 64), "resnext": (32, 8)}
 # Stages from the input up; trainable_layers=k trains the last k (torchvision's rule).
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
@@ -40,6 +42,10 @@ class ResNetTrunk(nn.Module):
     Args:
         depth: 18, 34, 50, 101 or 152.
         norm: "frozen_bn", "bn" or "gn" (see backbones.norm.norm_layer_factory).
+        groups, width_per_group: the 3x3 convs of the bottlenecks (1, 64: ResNet;
+            32, 8: ResNeXt-32x8d). Basic blocks (18, 34) take only (1, 64).
+        stride_in_1x1: put each stage's stride in the first 1x1 conv of its first block
+            (MSRA weights, detectron2's STRIDE_IN_1X1) instead of the 3x3 conv.
         trainable_layers: 0..5, how many stages, counted from layer4 down to conv1, keep
             trainable parameters; the others are frozen (requires_grad False, and their
             BatchNorm layers stay in eval mode so their statistics do not drift).
@@ -51,13 +57,21 @@ class ResNetTrunk(nn.Module):
     """
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 fuse_inference: bool = True):
+                 fuse_inference: bool = True, groups: int = 1, width_per_group: int = 64,
+                 stride_in_1x1: bool = False):
         super().__init__()
         _check_depth(depth)
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+        if depth < 50 and (groups, width_per_group) != (1, 64):
+            raise ValueError(f"ResNet-{depth} has basic blocks: groups / width_per_group "
+                             f"must be 1 / 64, got {groups} / {width_per_group}")
+        # torchvision's resnetNN builders with ResNeXt widths (resnext101_32x8d is this).
         net = getattr(tv_resnet, f"resnet{depth}")(weights=None,
-                                                   norm_layer=norm_layer_factory(norm))
+                                                   norm_layer=norm_layer_factory(norm),
+                                                   groups=groups, width_per_group=width_per_group)
+        if stride_in_1x1:
+            _move_stride_to_1x1(net)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.layer4 = net.layer4
@@ -154,6 +168,15 @@ class ResNetTrunk(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+def _move_stride_to_1x1(net: nn.Module) -> None:
+    """MSRA-style bottlenecks: the first block of a stage strides in conv1, not conv2.
+    The weights keep their shapes; only where the subsampling happens changes."""
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(net, name)[0]
+        if isinstance(block, tv_resnet.Bottleneck) and block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
 def imagenet_weight_files(depth: int) -> list[str]:

@@ -37,7 +37,10 @@ class ResNetFPN(nn.Module):
 
 def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
                               trainable_layers: int = 3, out_channels: int = 256,
-                              pretrained: str | None = None, fuse_bn: bool = True) -> ResNetFPN:
+                              pretrained: str | None = None, fuse_bn: bool = True,
+                              groups: int = 1, width_per_group: int = 64,
+                              stride_in_1x1: bool = False,
+                              fpn_norm: str = "none") -> ResNetFPN:
     """Build a ResNet-FPN backbone.
 
     Args:
@@ -51,12 +54,15 @@ def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
             ResNet ImageNet state dict (.pth).
         fuse_bn: fold the norms into the trunk convs where possible (ResNetTrunk's
             fuse_inference; backbones/fused.py).
+        groups, width_per_group, stride_in_1x1: the trunk's block variant (ResNetTrunk).
+        fpn_norm: "none" or the norm after every FPN conv (FPN).
     """
-    body = ResNetTrunk(depth, norm, trainable_layers, fuse_inference=fuse_bn)
+    body = ResNetTrunk(depth, norm, trainable_layers, fuse_inference=fuse_bn, groups=groups,
+                       width_per_group=width_per_group, stride_in_1x1=stride_in_1x1)
     if pretrained is not None:
         path = imagenet_weights_path(depth) if pretrained == "imagenet" else pretrained
         load_imagenet_weights(body, path)
-    return ResNetFPN(body, FPN(body.out_channels_list, out_channels))
+    return ResNetFPN(body, FPN(body.out_channels_list, out_channels, norm=fpn_norm))
 
 
 def convert_torchvision_backbone_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -65,14 +71,18 @@ def convert_torchvision_backbone_state_dict(tv_state: dict[str, Tensor]) -> dict
     body.*                              -> body.*  (same ResNet module names)
     fpn.inner_blocks.{i}.0.{weight,bias} -> fpn.lateral_convs.{i}.{weight,bias}
     fpn.layer_blocks.{i}.0.{weight,bias} -> fpn.output_convs.{i}.{weight,bias}
+    fpn.inner_blocks.{i}.1.*             -> fpn.lateral_norms.{i}.*  (v2: conv + BatchNorm)
+    fpn.layer_blocks.{i}.1.*             -> fpn.output_norms.{i}.*
     (torchvision < 0.13 names without the ".0" are accepted too.)
     """
     out = {}
     for key, value in tv_state.items():
         if key.startswith("fpn."):
-            parts = key.split(".")  # fpn, block, i, [0,] param
-            block = {"inner_blocks": "lateral_convs", "layer_blocks": "output_convs"}[parts[1]]
-            key = f"fpn.{block}.{parts[2]}.{parts[-1]}"
+            parts = key.split(".")  # fpn, block, i, [0 | 1,] param
+            is_norm = len(parts) == 5 and parts[3] == "1"
+            names = {"inner_blocks": ("lateral_convs", "lateral_norms"),
+                     "layer_blocks": ("output_convs", "output_norms")}[parts[1]]
+            key = f"fpn.{names[is_norm]}.{parts[2]}.{parts[-1]}"
         out[key] = value
     return out
 

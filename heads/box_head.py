@@ -3,10 +3,14 @@
 Shapes: N images, R RoIs (summed over images unless per image), K object classes
 (K + 1 with background, class 0), C pooled channels, P pooled size (7).
 """
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.fused import conv2d
+from backbones.norm import optional_norm_layer
 from libs import batched_nms
 from tools.boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
 
@@ -28,6 +32,58 @@ class TwoMLPHead(nn.Module):
         """x: Tensor[R, C, P, P] -> Tensor[R, representation_size]."""
         x = F.relu(self.fc6(x.flatten(start_dim=1)))
         return F.relu(self.fc7(x))
+
+
+class ConvFCHead(nn.Module):
+    """N x (3x3 conv + norm? + ReLU), flatten, one fc + ReLU: the "Nconv1fc" head of
+    torchvision's v2 Mask R-CNN and detectron2's LSJ models (N = 4).
+
+    Args:
+        in_channels: C of the pooled features (256).
+        pool_size: P, the pooled side (7).
+        num_convs: N; conv_dim: channels of each conv (256).
+        representation_size: width of the fc (1024).
+        norm: "none" (convs with bias) or "frozen_bn", "bn", "gn" after each conv.
+    """
+
+    fuse_inference = True  # see FPN.fuse_inference
+    winograd = False       # see FPN.winograd
+
+    def __init__(self, in_channels: int, pool_size: int, num_convs: int = 4,
+                 conv_dim: int = 256, representation_size: int = 1024, norm: str = "none"):
+        super().__init__()
+        norm_layer = optional_norm_layer(norm)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1,
+                      bias=norm_layer is None) for i in range(num_convs))
+        if norm_layer is not None:
+            self.norms = nn.ModuleList(norm_layer(conv_dim) for _ in range(num_convs))
+        self.has_norm = norm_layer is not None
+        channels = conv_dim if num_convs else in_channels
+        self.fc6 = nn.Linear(channels * pool_size ** 2, representation_size)
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: Tensor[R, C, P, P] -> Tensor[R, representation_size]."""
+        for i, conv in enumerate(self.convs):
+            x = conv2d(x, conv, relu=True, fast=self.fuse_inference, winograd=self.winograd,
+                       norm=self.norms[i] if self.has_norm else None)
+        return F.relu(self.fc6(x.flatten(start_dim=1)))
+
+
+def build_box_head(kind: str, in_channels: int, pool_size: int, representation_size: int,
+                   conv_dim: int = 256, norm: str = "none") -> nn.Module:
+    """The box head named by the config key box_head: "2fc" or "Nconv1fc" (N >= 0)."""
+    match = re.fullmatch(r"(\d+)conv1fc", kind)
+    if kind == "2fc":
+        return TwoMLPHead(in_channels * pool_size ** 2, representation_size)
+    if match:
+        return ConvFCHead(in_channels, pool_size, int(match.group(1)), conv_dim,
+                          representation_size, norm)
+    raise ValueError(f"box_head must be '2fc' or 'Nconv1fc' (e.g. '4conv1fc'), got {kind!r}")
 
 
 class BoxPredictor(nn.Module):
@@ -117,9 +173,11 @@ def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_th
     boxes = boxes[:, 1:].reshape(-1, 4)
     scores = scores[:, 1:].reshape(-1)
     labels = labels[:, 1:].reshape(-1)
-    keep = torch.where(scores > score_thresh)[0]
+    # Non-finite candidates (diverged weights, NaN inputs) are never detections.
+    keep = torch.where((scores > score_thresh) & torch.isfinite(boxes).all(dim=1))[0]
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = remove_small_boxes(boxes, min_size)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if min_size > 0:
+        keep = remove_small_boxes(boxes, min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
     return boxes[keep], scores[keep], labels[keep]

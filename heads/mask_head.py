@@ -11,34 +11,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.fused import conv2d, fast_path
+from backbones.norm import optional_norm_layer
 from libs import roi_align
 
 
 class MaskHead(nn.Sequential):
-    """4 x (3x3 conv 256 + ReLU); a Sequential of (conv, relu) blocks, so parameter names
-    ("0.0.weight", ...) equal torchvision's MaskRCNNHeads.
+    """4 x (3x3 conv 256 + norm? + ReLU); a Sequential of (conv, [norm,] relu) blocks, so
+    parameter names ("0.0.weight", "0.1.running_mean", ...) equal torchvision's
+    MaskRCNNHeads (v1 without norm, v2 with BatchNorm).
 
     Args:
         in_channels: channels of the pooled features (256).
         layers: output channels of each conv.
         dilation: conv dilation (padding = dilation keeps the size).
+        norm: "none" (convs with bias) or "frozen_bn", "bn", "gn" after each conv.
     """
 
     fuse_inference = True  # see FPN.fuse_inference
     winograd = False       # see FPN.winograd
 
-    def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1):
+    def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1,
+                 norm: str = "none"):
+        norm_layer = optional_norm_layer(norm)
         blocks = []
         for channels in layers:
             conv = nn.Conv2d(in_channels, channels, 3, stride=1, padding=dilation,
-                             dilation=dilation)
-            blocks.append(nn.Sequential(conv, nn.ReLU(inplace=True)))
+                             dilation=dilation, bias=norm_layer is None)
+            norms = [] if norm_layer is None else [norm_layer(channels)]
+            blocks.append(nn.Sequential(conv, *norms, nn.ReLU(inplace=True)))
             in_channels = channels
         super().__init__(*blocks)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[R, C, P, P] pooled RoI features -> Tensor[R, layers[-1], P, P]."""
@@ -48,7 +55,7 @@ class MaskHead(nn.Sequential):
         # on channels-last tensors.
         for block in self:
             x = conv2d(x, block[0], relu=True, fast=self.fuse_inference,
-                       winograd=self.winograd)
+                       winograd=self.winograd, norm=block[1] if len(block) == 3 else None)
         return x
 
 
@@ -234,3 +241,41 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
         if yb > ya and xb > xa:
             out[d, 0, ya:yb, xa:xb] = torch.mm(rows[d, :yb - ya], wx[d, :xb - xa].t())
     return out
+
+
+def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int],
+                            padding: int = 0) -> Tensor:
+    """Paste S x S mask probabilities into an H x W image as detectron2 does: bilinear
+    `grid_sample` (zero outside the mask) of each mask over its box, at pixel centres,
+    within the box's integer bounds widened by one pixel (outside them: 0).
+
+    Args:
+        masks: Tensor[D, 1, S, S]; boxes: Tensor[D, 4] in image pixels; img_shape: (H, W).
+        padding: unused (torchvision pasting's border; the signature is shared).
+    Returns:
+        Tensor[D, 1, H, W] probabilities (detectron2 thresholds them at 0.5).
+    """
+    im_h, im_w = int(img_shape[0]), int(img_shape[1])
+    out = masks.new_zeros((masks.shape[0], 1, im_h, im_w), dtype=torch.float32)
+    for d in range(masks.shape[0]):
+        box = boxes[d:d + 1].to(torch.float32)
+        xa = max(int(box[0, 0].floor()) - 1, 0)
+        ya = max(int(box[0, 1].floor()) - 1, 0)
+        xb = min(int(box[0, 2].ceil()) + 1, im_w)
+        yb = min(int(box[0, 3].ceil()) + 1, im_h)
+        if xb <= xa or yb <= ya:
+            continue
+        x0, y0, x1, y1 = box.split(1, dim=1)
+        gy = (torch.arange(ya, yb, dtype=torch.float32, device=box.device) + 0.5 - y0) \
+            / (y1 - y0) * 2 - 1
+        gx = (torch.arange(xa, xb, dtype=torch.float32, device=box.device) + 0.5 - x0) \
+            / (x1 - x0) * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(1, len(gy[0]), len(gx[0])),
+                            gy[:, :, None].expand(1, len(gy[0]), len(gx[0]))], dim=3)
+        out[d, 0, ya:yb, xa:xb] = F.grid_sample(masks[d:d + 1].float(), grid,
+                                                align_corners=False)[0, 0]
+    return out
+
+
+# Mask pasting, by the config key mask_head.mask_paste.
+PASTE_MASKS = {"torchvision": paste_masks_in_image, "detectron2": paste_masks_grid_sample}

@@ -8,11 +8,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pooling import MultiScaleRoIAlign
 from tools.boxes import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
-from .box_head import BoxPredictor, TwoMLPHead, box_inference, fastrcnn_loss
-from .mask_head import MaskHead, MaskPredictor, mask_inference, mask_loss, mask_target_labels
+from .box_head import box_inference, fastrcnn_loss
+from .mask_head import mask_inference, mask_loss, mask_target_labels
 from .targets import RoITargets, select_training_samples
 
 
@@ -20,63 +19,56 @@ class RoIHeads(nn.Module):
     """Box + mask heads. Losses are computed whenever targets are given (train or eval),
     detections whenever the module is in eval mode.
 
+    Args:
+        box_roi_pool: MultiScaleRoIAlign for the box branch (7x7).
+        box_head: pooled features Tensor[R, C, 7, 7] -> Tensor[R, D] (TwoMLPHead,
+            ConvFCHead or any module of that contract).
+        box_predictor: Tensor[R, D] -> (class logits [R, K+1], deltas [R, 4(K+1)]).
+        mask_roi_pool, mask_head, mask_predictor: the mask branch, or all None (no masks).
     Args (keyword):
-        num_classes: K object classes (the predictors have K + 1 outputs).
-        in_channels: feature channels (256).
-        box_pool_size, box_sampling_ratio: box RoIAlign (7, 2).
-        mask_pool_size, mask_sampling_ratio: mask RoIAlign (14, 2).
-        aligned, canonical_scale, canonical_level, level_rule: RoIAlign convention and
-            FPN level assignment (torchvision: False, 224, 4, "torchvision").
-        representation_size: box head width (1024).
-        mask_layers, mask_dilation, mask_dim_reduced: mask head convs (4 x 256, 1) and
-            the deconv width (256).
         fg_iou_thresh, bg_iou_thresh: RoI matcher (0.5, 0.5).
         batch_size_per_image, positive_fraction: RoI sampler (512, 0.25).
         bbox_reg_weights: box coder weights (10, 10, 5, 5).
-        box_loss, smooth_l1_beta: "smooth_l1" with beta 1/9, or "l1".
-        score_thresh, nms_thresh, detections_per_img, min_box_size: inference
-            (0.05, 0.5, 100, 1e-2).
-        mask_on: build the mask branch.
+        box_loss, box_smooth_l1_beta: "smooth_l1" with beta 1/9, or "l1".
+        box_score_thresh, box_nms_thresh, box_detections_per_img, box_min_size:
+            inference (0.05, 0.5, 100, 1e-2; box_min_size 0 removes nothing).
     """
 
-    def __init__(self, *, num_classes: int, in_channels: int = 256, box_pool_size: int = 7,
-                 box_sampling_ratio: int = 2, mask_pool_size: int = 14,
-                 mask_sampling_ratio: int = 2, aligned: bool = False,
-                 canonical_scale: int = 224, canonical_level: int = 4,
-                 level_rule: str = "torchvision", representation_size: int = 1024,
-                 mask_layers=(256, 256, 256, 256), mask_dilation: int = 1,
-                 mask_dim_reduced: int = 256, fg_iou_thresh: float = 0.5,
-                 bg_iou_thresh: float = 0.5, batch_size_per_image: int = 512,
-                 positive_fraction: float = 0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
-                 box_loss: str = "smooth_l1", smooth_l1_beta: float = 1.0 / 9,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100, min_box_size: float = 1e-2,
-                 mask_on: bool = True):
+    def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module,
+                 box_predictor: nn.Module, mask_roi_pool: Optional[nn.Module] = None,
+                 mask_head: Optional[nn.Module] = None,
+                 mask_predictor: Optional[nn.Module] = None, *,
+                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                 bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_loss: str = "smooth_l1",
+                 box_smooth_l1_beta: float = 1.0 / 9, box_score_thresh: float = 0.05,
+                 box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+                 box_min_size: float = 1e-2):
         super().__init__()
-        pool_kw = dict(aligned=aligned, canonical_scale=canonical_scale,
-                       canonical_level=canonical_level, level_rule=level_rule)
-        self.box_roi_pool = MultiScaleRoIAlign(box_pool_size, box_sampling_ratio, **pool_kw)
-        self.box_head = TwoMLPHead(in_channels * box_pool_size ** 2, representation_size)
-        self.box_predictor = BoxPredictor(representation_size, num_classes + 1)
-        self.mask_on = mask_on
-        if mask_on:
-            self.mask_roi_pool = MultiScaleRoIAlign(mask_pool_size, mask_sampling_ratio,
-                                                    **pool_kw)
-            self.mask_head = MaskHead(in_channels, tuple(mask_layers), mask_dilation)
-            self.mask_predictor = MaskPredictor(mask_layers[-1], mask_dim_reduced,
-                                                num_classes + 1)
-        self.num_classes = num_classes
+        mask_parts = (mask_roi_pool, mask_head, mask_predictor)
+        if any(p is None for p in mask_parts) and any(p is not None for p in mask_parts):
+            raise ValueError("mask_roi_pool, mask_head and mask_predictor go together: "
+                             "pass all three or none")
+        self.box_roi_pool = box_roi_pool
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_on = mask_head is not None
+        if self.mask_on:
+            self.mask_roi_pool = mask_roi_pool
+            self.mask_head = mask_head
+            self.mask_predictor = mask_predictor
+        self.num_classes = box_predictor.cls_score.out_features - 1
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
                                         allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image,
                                                              positive_fraction)
         self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
         self.box_loss = box_loss
-        self.smooth_l1_beta = smooth_l1_beta
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
-        self.min_box_size = min_box_size
+        self.box_smooth_l1_beta = box_smooth_l1_beta
+        self.box_score_thresh = box_score_thresh
+        self.box_nms_thresh = box_nms_thresh
+        self.box_detections_per_img = box_detections_per_img
+        self.box_min_size = box_min_size
 
     def forward(self, features: list[Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]],
@@ -115,7 +107,7 @@ class RoIHeads(nn.Module):
                                                          image_sizes)
         loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, samples.labels,
                                            samples.regression_targets, self.box_loss,
-                                           self.smooth_l1_beta)
+                                           self.box_smooth_l1_beta)
         losses = {"loss_cls": loss_cls, "loss_box": loss_box}
         if self.mask_on:
             losses["loss_mask"] = self._mask_loss(features, samples, image_sizes, targets)
@@ -135,7 +127,8 @@ class RoIHeads(nn.Module):
         class_logits, box_regression = self._forward_box(features, proposals, image_sizes)
         boxes, scores, labels = box_inference(
             class_logits, box_regression, proposals, image_sizes, self.box_coder,
-            self.score_thresh, self.nms_thresh, self.detections_per_img, self.min_box_size)
+            self.box_score_thresh, self.box_nms_thresh, self.box_detections_per_img,
+            self.box_min_size)
         detections = [dict(boxes=b, labels=lab, scores=s)
                       for b, s, lab in zip(boxes, scores, labels)]
         if self.mask_on:

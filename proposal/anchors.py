@@ -5,6 +5,7 @@ location on level l; T = sum_l H_l * W_l * A_l anchors per image.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -24,14 +25,21 @@ class AnchorGenerator(nn.Module):
         aspect_ratios: height / width ratios; one tuple used at every level, or one tuple
             per level.
 
-    Anchors on a level are ordered by location (row-major), then ratio, then size; a base
-    anchor is (-w/2, -h/2, w/2, h/2) rounded to integers (torchvision's rounding), shifted
-    by (x * stride_w, y * stride_h) with stride = padded image size // feature size.
+        rule: "torchvision" or "detectron2" (below).
+
+    Anchors on a level are ordered by location (row-major), then by cell anchor; each is
+    a cell anchor (-w/2, -h/2, w/2, h/2) shifted by (x * stride_w, y * stride_h).
+    torchvision: cells ordered by ratio then size, rounded to integers, stride = padded
+    image size // feature size. detectron2: cells ordered by size then ratio, not
+    rounded, stride the level's nominal power of two (4 .. 64), offset 0.
     """
 
     def __init__(self, sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
-                 aspect_ratios: Sizes = (0.5, 1.0, 2.0)):
+                 aspect_ratios: Sizes = (0.5, 1.0, 2.0), rule: str = "torchvision"):
         super().__init__()
+        if rule not in CELL_ANCHORS:
+            raise ValueError(f"anchor rule must be one of {sorted(CELL_ANCHORS)}, got {rule!r}")
+        self.rule = rule
         sizes = tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in sizes)
         if not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = (tuple(aspect_ratios),) * len(sizes)
@@ -39,7 +47,8 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"{len(sizes)} levels of sizes but {len(aspect_ratios)} of ratios")
         self.sizes = sizes
         self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
-        self.cell_anchors = [base_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
+        self.cell_anchors = [CELL_ANCHORS[rule](s, r)
+                             for s, r in zip(self.sizes, self.aspect_ratios)]
 
     def num_anchors_per_location(self) -> list[int]:
         """A_l for every level."""
@@ -62,6 +71,10 @@ class AnchorGenerator(nn.Module):
         for feature, cell in zip(features, self.cell_anchors):
             grid_h, grid_w = feature.shape[-2:]
             stride = (image_h // grid_h, image_w // grid_w)
+            if self.rule == "detectron2":
+                # P6 of an 800-pixel image has 13 rows: 61 by division, 64 nominally.
+                stride = tuple(2 ** round(math.log2(s / g))
+                               for s, g in ((image_h, grid_h), (image_w, grid_w)))
             per_level.append(grid_anchors(cell.to(dtype=dtype, device=device),
                                           (grid_h, grid_w), stride))
         anchors = torch.cat(per_level)
@@ -77,6 +90,22 @@ def base_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tens
     ws = (w_ratios[:, None] * scales[None, :]).view(-1)
     hs = (h_ratios[:, None] * scales[None, :]).view(-1)
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def detectron2_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
+    """Anchors centred on (0, 0), detectron2's arithmetic: w = sqrt(size^2 / ratio) and
+    h = ratio * w in double precision, not rounded; Tensor[len(sizes) * len(ratios), 4]
+    float32 ordered by size, then ratio."""
+    cells = []
+    for size in sizes:
+        for ratio in aspect_ratios:
+            w = math.sqrt(float(size) ** 2 / float(ratio))
+            h = float(ratio) * w
+            cells.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return torch.tensor(cells, dtype=torch.float32)
+
+
+CELL_ANCHORS = {"torchvision": base_anchors, "detectron2": detectron2_cell_anchors}
 
 
 def grid_anchors(cell: Tensor, grid_size: tuple[int, int], stride: tuple[int, int]) -> Tensor:

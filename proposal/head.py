@@ -10,22 +10,28 @@ from backbones.fused import conv2d
 
 
 class RPNHead(nn.Module):
-    """A 3x3 conv + ReLU shared by all levels, then 1x1 convs to A logits and 4A deltas.
+    """3x3 conv + ReLU layers shared by all levels, then 1x1 convs to A logits and 4A
+    deltas.
 
     Args:
         in_channels: C of the features (256 for the FPN).
         num_anchors: A, anchors per location (3: one size x three ratios).
+        num_convs: 3x3 conv + ReLU layers (1 classic; 2 in torchvision v2 and detectron2's
+            LSJ models).
     """
 
     # The shared 3x3 conv by Winograd (libs.ops.conv3x3_winograd; set by build_model).
     winograd = False
 
-    def __init__(self, in_channels: int = 256, num_anchors: int = 3):
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3, num_convs: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        if num_convs < 1:
+            raise ValueError(f"the RPN head needs at least one conv, got num_convs={num_convs}")
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+                                   for _ in range(num_convs))
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
-        for conv in (self.conv, self.cls_logits, self.bbox_pred):
+        for conv in (*self.convs, self.cls_logits, self.bbox_pred):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.constant_(conv.bias, 0)
 
@@ -39,9 +45,11 @@ class RPNHead(nn.Module):
         """
         objectness, deltas = [], []
         for feature in features:
-            # fast=False: no oneDNN conv+ReLU here (it gained ~17 ms); the Winograd conv,
+            # fast=False: no oneDNN conv+ReLU here (it gained nothing); the Winograd conv,
             # when on, is this head's fast path.
-            t = conv2d(feature, self.conv, relu=True, fast=False, winograd=self.winograd)
+            t = feature
+            for conv in self.convs:
+                t = conv2d(t, conv, relu=True, fast=False, winograd=self.winograd)
             objectness.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return objectness, deltas

@@ -40,6 +40,9 @@ class RPN(nn.Module):
         nms_thresh: IoU threshold of the NMS, run per level.
         score_thresh: proposals with objectness probability < this are dropped.
         min_size: proposals with a side < this (pixels) are dropped.
+        box_filter: "torchvision" (min_size and score_thresh as above, NMS on
+            probabilities) or "detectron2" (drop non-finite and empty boxes only, NMS on
+            logits: the two orders differ where sigmoid saturates into ties).
     """
 
     def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module,
@@ -47,8 +50,13 @@ class RPN(nn.Module):
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n_train: int = 2000, pre_nms_top_n_test: int = 1000,
                  post_nms_top_n_train: int = 2000, post_nms_top_n_test: int = 1000,
-                 nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3):
+                 nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
+                 box_filter: str = "torchvision"):
         super().__init__()
+        if box_filter not in PROPOSAL_FILTERS:
+            raise ValueError(f"box_filter must be one of {sorted(PROPOSAL_FILTERS)}, "
+                             f"got {box_filter!r}")
+        self.box_filter = box_filter
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -92,7 +100,7 @@ class RPN(nn.Module):
         boxes, _ = select_proposals(
             proposals, objectness.detach(), images.image_sizes, num_anchors_per_level,
             self.pre_nms_top_n, self.post_nms_top_n, self.nms_thresh, self.score_thresh,
-            self.min_size)
+            self.min_size, self.box_filter)
 
         losses: dict[str, Tensor] = {}
         if gt_boxes is not None:
@@ -124,7 +132,8 @@ def flatten_predictions(pred_objectness: list[Tensor],
 def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
                      num_anchors_per_level: list[int], pre_nms_top_n: int, post_nms_top_n: int,
                      nms_thresh: float, score_thresh: float = 0.0,
-                     min_size: float = 1e-3) -> tuple[list[Tensor], list[Tensor]]:
+                     min_size: float = 1e-3,
+                     box_filter: str = "torchvision") -> tuple[list[Tensor], list[Tensor]]:
     """Per-level top-n, clip, drop small and low-scoring boxes, per-level NMS, top-n.
 
     Args:
@@ -132,6 +141,7 @@ def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tu
         objectness: Tensor[N, T] logits (detached).
         image_sizes: (h, w) per image; boxes are clipped to it.
         num_anchors_per_level: anchors per image on each level (sums to T).
+        box_filter: "torchvision" or "detectron2" (see RPN).
     Returns:
         (boxes, scores): per image Tensor[R_i, 4] and Tensor[R_i] probabilities, sorted by
         decreasing score, R_i <= post_nms_top_n.
@@ -149,11 +159,16 @@ def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tu
     probs = torch.sigmoid(objectness)
 
     final_boxes, final_scores = [], []
-    for boxes, scores, lvl, size in zip(proposals, probs, levels, image_sizes):
-        boxes, scores = _filter_image(boxes, scores, lvl, size, post_nms_top_n, nms_thresh,
-                                      score_thresh, min_size)
-        final_boxes.append(boxes)
-        final_scores.append(scores)
+    for boxes, logits, scores, lvl, size in zip(proposals, objectness, probs, levels,
+                                                image_sizes):
+        if box_filter == "detectron2":
+            keep = _filter_image_detectron2(boxes, logits, lvl, size, post_nms_top_n,
+                                            nms_thresh)
+        else:
+            keep = _filter_image(boxes, scores, lvl, size, post_nms_top_n, nms_thresh,
+                                 score_thresh, min_size)
+        final_boxes.append(clip_boxes_to_image(boxes, size)[keep])
+        final_scores.append(scores[keep])
     return final_boxes, final_scores
 
 
@@ -170,14 +185,29 @@ def _top_n_per_level(objectness: Tensor, num_anchors_per_level: list[int], top_n
 
 def _filter_image(boxes: Tensor, scores: Tensor, levels: Tensor, size: tuple[int, int],
                   top_n: int, nms_thresh: float, score_thresh: float,
-                  min_size: float) -> tuple[Tensor, Tensor]:
+                  min_size: float) -> Tensor:
+    """Indices into one image's candidates (torchvision): clip, drop small and
+    low-scoring boxes, NMS per level on probabilities, top-n."""
     boxes = clip_boxes_to_image(boxes, size)
     keep = remove_small_boxes(boxes, min_size)
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-    keep = torch.where(scores >= score_thresh)[0]
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-    keep = libs.batched_nms(boxes, scores, levels, nms_thresh)[:top_n]
-    return boxes[keep], scores[keep]
+    keep = keep[scores[keep] >= score_thresh]
+    order = libs.batched_nms(boxes[keep], scores[keep], levels[keep], nms_thresh)[:top_n]
+    return keep[order]
+
+
+def _filter_image_detectron2(boxes: Tensor, logits: Tensor, levels: Tensor,
+                             size: tuple[int, int], top_n: int, nms_thresh: float) -> Tensor:
+    """Indices into one image's candidates (detectron2): drop non-finite, clip, drop
+    empty boxes, NMS per level on logits, top-n."""
+    keep = torch.where(torch.isfinite(boxes).all(dim=1) & torch.isfinite(logits))[0]
+    clipped = clip_boxes_to_image(boxes[keep], size)
+    nonempty = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    keep, clipped = keep[nonempty], clipped[nonempty]
+    order = libs.batched_nms(clipped, logits[keep], levels[keep], nms_thresh)[:top_n]
+    return keep[order]
+
+
+PROPOSAL_FILTERS = {"torchvision": _filter_image, "detectron2": _filter_image_detectron2}
 
 
 def match_anchors(anchors: list[Tensor], gt_boxes: list[Tensor], matcher: Matcher) -> list[Tensor]:
