@@ -27,11 +27,14 @@ from easydict import EasyDict
 from torch import Tensor, nn
 
 from backbones import build_resnet_fpn_backbone, load_torchvision_backbone_state
+from backbones.norm import FrozenBatchNorm2d
 from backbones.resnet import FAMILY_WIDTHS
 from heads import (PASTE_MASKS, BoxPredictor, MaskHead, MaskPredictor, RoIHeads,
-                   build_box_head)
+                   build_box_head, load_torchvision_roi_heads_state)
 from pooling import MultiScaleRoIAlign
 from proposal import RPN, AnchorGenerator, RPNHead, load_torchvision_rpn_state
+from tools import pretrained as pretrained_weights
+from tools import zoo
 from tools.structures import ImageList
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -40,6 +43,9 @@ DEFAULT_CONFIG = PACKAGE_DIR / "config.ini"
 # Sections read by build_model; every other section belongs to the tools.
 MODEL_SECTIONS = ("model", "backbone", "transform", "anchors", "rpn", "roi_heads",
                   "box_head", "mask_head")
+
+# Model-section keys that MaskRCNN's constructor reads (build_model reads the others).
+CONSTRUCTOR_KEYS = ("model.pretrained",)
 
 # "section.key" of every key the training, data, evaluation and demo code reads
 # (tests/test_config.py checks that these plus build_model's keys cover config.ini).
@@ -208,6 +214,33 @@ def apply_overrides(cfg: EasyDict, overrides: dict[str, Any]) -> EasyDict:
     return EasyDict(cfg)
 
 
+def _configured_backbone(cfg: EasyDict, overrides: dict[str, Any]) -> str:
+    for name in ("backbone", "backbone.backbone"):
+        if name in overrides:
+            return str(overrides[name])
+    return cfg.backbone.backbone
+
+
+def _preset_config(entry: "zoo.ZooEntry", user: EasyDict, overrides: dict[str, Any]) -> EasyDict:
+    """A zoo entry's preset, with the user's config values that differ from the shipped
+    defaults laid over it (test-time settings, data, solver). The architecture is the
+    preset's: a backbone override that names another one is an error."""
+    cfg = load_config(entry.preset_path)
+    backbone = overrides.pop("backbone", overrides.pop("backbone.backbone", None))
+    if backbone is not None and backbone != cfg.backbone.backbone:
+        raise ValueError(f"backbone={backbone!r} conflicts with the zoo model {entry.name} "
+                         f"({cfg.backbone.backbone}); leave backbone out, or pick a zoo "
+                         f"model for {backbone!r}")
+    defaults = _defaults()
+    for section, keys in user.items():
+        for key, value in keys.items():
+            own = (section, key) in (("backbone", "backbone"), ("model", "num_classes"),
+                                     ("model", "pretrained"))
+            if not own and value != defaults[section][key]:
+                cfg[section][key] = value
+    return cfg
+
+
 def _resolve_config(config: Union[str, os.PathLike, dict]) -> EasyDict:
     """A path (relative paths also tried against the package dir) or a loaded dict."""
     if isinstance(config, dict):
@@ -363,10 +396,14 @@ def _trunk_arch(b: EasyDict) -> dict:
 
 def build_backbone(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> nn.Module:
     b = cfg.backbone
-    return build_resnet_fpn_backbone(
+    backbone = build_resnet_fpn_backbone(
         **_trunk_arch(b), norm=b.norm, trainable_layers=b.trainable_layers,
         out_channels=b.fpn_channels, pretrained=pretrained_backbone, fuse_bn=b.fuse_bn,
         stride_in_1x1=b.stride_in_1x1, fpn_norm=b.fpn_norm)
+    for module in backbone.body.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = b.norm_eps
+    return backbone
 
 
 def build_rpn(cfg: EasyDict) -> RPN:
@@ -478,15 +515,13 @@ def _torchvision_hyperparameters(tv: nn.Module) -> dict:
     body, t, rpn, rh = tv.backbone.body, tv.transform, tv.rpn, tv.roi_heads
     if getattr(t, "fixed_size", None) is not None:
         raise ValueError("torchvision transform fixed_size is not supported")
-    if type(rh.box_head).__name__ != "TwoMLPHead":
-        raise ValueError(f"box head {type(rh.box_head).__name__} is not supported "
-                         "(TwoMLPHead only: the v1 Mask R-CNN)")
     ratios = rpn.anchor_generator.aspect_ratios
     if any(tuple(r) != tuple(ratios[0]) for r in ratios):
         raise ValueError("per-level anchor aspect ratios are not supported")
     mask_on = rh.has_mask()
     convs = [block[0] for block in rh.mask_head] if mask_on else []
     bn = any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    frozen = [m for m in body.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
     out = dict(
         num_classes=rh.box_predictor.cls_score.out_features - 1, mask_on=mask_on,
         backbone=f"resnet{_torchvision_depth(body)}", norm="bn" if bn else "frozen_bn",
@@ -517,14 +552,43 @@ def _torchvision_hyperparameters(tv: nn.Module) -> dict:
         box_sampling_ratio=rh.box_roi_pool.sampling_ratio,
         roi_canonical_scale=rh.box_roi_pool.canonical_scale,
         roi_canonical_level=rh.box_roi_pool.canonical_level,
-        representation_size=rh.box_head.fc6.out_features)
+        norm_eps=frozen[0].eps if frozen else 1e-5,
+        fpn_norm=_torchvision_norm(tv.backbone.fpn.inner_blocks[0]),
+        rpn_head_convs=len(rpn.head.conv),
+        **_torchvision_box_head(rh.box_head))
     if mask_on:
         out.update(mask_pool_size=rh.mask_roi_pool.output_size[0],
                    mask_sampling_ratio=rh.mask_roi_pool.sampling_ratio,
                    mask_layers=tuple(c.out_channels for c in convs),
                    mask_dilation=convs[0].dilation[0],
-                   mask_dim_reduced=rh.mask_predictor.conv5_mask.out_channels)
+                   mask_dim_reduced=rh.mask_predictor.conv5_mask.out_channels,
+                   mask_norm=_torchvision_norm(rh.mask_head[0]))
     return out
+
+
+def _torchvision_norm(block: nn.Module) -> str:
+    """Our name of the norm in a torchvision conv block (Conv2dNormActivation or a
+    (conv, [norm,] relu) Sequential)."""
+    kinds = {"BatchNorm2d": "bn", "FrozenBatchNorm2d": "frozen_bn", "GroupNorm": "gn"}
+    for module in block.modules():
+        if type(module).__name__ in kinds:
+            return kinds[type(module).__name__]
+    return "none"
+
+
+def _torchvision_box_head(box_head: nn.Module) -> dict:
+    """box_head config keys of a torchvision TwoMLPHead (v1) or FastRCNNConvFCHead (v2)."""
+    name = type(box_head).__name__
+    if name == "TwoMLPHead":
+        return dict(box_head="2fc", representation_size=box_head.fc6.out_features)
+    linears = [m for m in box_head if isinstance(m, nn.Linear)]
+    convs = [m for m in box_head if not isinstance(m, (nn.Linear, nn.Flatten, nn.ReLU))]
+    if name != "FastRCNNConvFCHead" or len(linears) != 1:
+        raise ValueError(f"box head {name} is not supported (TwoMLPHead, or "
+                         "FastRCNNConvFCHead with one fc layer: the v1 and v2 Mask R-CNN)")
+    return dict(box_head=f"{len(convs)}conv1fc", representation_size=linears[0].out_features,
+                box_conv_dim=convs[0][0].out_channels if convs else 256,
+                box_norm=_torchvision_norm(convs[0]) if convs else "none")
 
 
 # ------------------------------------------------------------------------------ model
@@ -534,35 +598,60 @@ class MaskRCNN(nn.Module):
 
     Args:
         num_classes: K object classes (background excluded); None takes the config's
-            model.num_classes (80 in the shipped config.ini).
-        pretrained: None; "imagenet" (backbone ImageNet weights from the torch hub cache,
-            FileNotFoundError naming the file when absent); or a checkpoint path (a state
-            dict, or a dict holding it under "model").
+            model.num_classes (80 in the shipped config.ini), or with a zoo model its
+            checkpoint's. Another K than the checkpoint's loads everything but the
+            class-specific predictors, which are re-initialised (one-line notice).
+        pretrained: None (the config's model.pretrained, "none" by default); "coco"
+            (the zoo's model for the configured backbone: tools.zoo.COCO_FOR_BACKBONE);
+            a zoo name ("detectron2/mask_rcnn_R_101_FPN_3x", see tools.zoo.ZOO); a
+            checkpoint path (ours, torchvision's or detectron2's .pth / .pkl, detected
+            from the content); or "imagenet" (backbone only). A zoo model brings its
+            preset's architecture and categories; it is downloaded into the torch hub
+            cache once and verified (MASKRCNN_OFFLINE=1 forbids downloading).
         config: a config path (relative paths not found in the working directory are
-            taken from the package directory) or an already-loaded EasyDict.
+            taken from the package directory) or an already-loaded EasyDict. With a zoo
+            model, the preset replaces the defaults and the config's non-default values
+            still apply (test-time settings, data, solver).
         **overrides: config keys, bare (unique across sections, e.g. backbone="resnet50")
             or "section.key"; unknown, ambiguous or mistyped ones raise ValueError.
 
     Attributes:
-        transform, backbone, rpn, roi_heads; cfg (the resolved EasyDict).
+        transform, backbone, rpn, roi_heads; cfg (the resolved EasyDict); categories
+        (label -> (name, COCO id), or None when unknown).
     """
 
     def __init__(self, num_classes: Optional[int] = None, pretrained: Optional[str] = None,
                  config: Union[str, os.PathLike, dict] = "config.ini", **overrides):
         super().__init__()
+        cfg = _resolve_config(config)
+        if pretrained is None:
+            pretrained = cfg.model.pretrained
+        if pretrained is not None and str(pretrained).lower() == "none":
+            pretrained = None
         if num_classes is not None:
             overrides["model.num_classes"] = num_classes
-        cfg = apply_overrides(_resolve_config(config), overrides)
-        is_checkpoint = pretrained is not None and pretrained != "imagenet"
-        if is_checkpoint and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+        entry = None
+        if pretrained is not None and pretrained != "imagenet":
+            entry = zoo.resolve_name(str(pretrained), _configured_backbone(cfg, overrides))
+        if entry is not None:
+            cfg = _preset_config(entry, cfg, overrides)
+        cfg = apply_overrides(cfg, overrides)
+        cfg.model.pretrained = pretrained
         built = build_model(cfg, pretrained_backbone="imagenet" if pretrained == "imagenet"
                             else None)
         self._set_parts(built.backbone, built.rpn, built.roi_heads, built.transform,
                         built.num_classes, cfg)
-        if is_checkpoint:
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            self.load_state_dict(state["model"] if "model" in state else state)
+        if entry is not None:
+            path = zoo.fetch(entry, check_content=pretrained_weights.content_check(self))
+            self._load_weights(pretrained_weights.read_model_weights(path),
+                               f"{entry.name} ({path})")
+        elif pretrained is not None and pretrained != "imagenet":
+            self._load_weights(pretrained_weights.read_model_weights(pretrained),
+                               str(pretrained))
+
+    def _load_weights(self, weights: "pretrained_weights.ModelWeights", origin: str) -> None:
+        same_classes = pretrained_weights.load_model_weights(self, weights, origin)
+        self.categories = weights.categories if same_classes else None
 
     @classmethod
     def from_parts(cls, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module,
@@ -581,6 +670,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.num_classes = num_classes
         self.cfg = cfg
+        self.categories = None
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None):
         """
@@ -616,28 +706,26 @@ class MaskRCNN(nn.Module):
         return detections if targets is None else (detections, losses)
 
     @classmethod
-    def from_torchvision(cls, tv_model: nn.Module, fuse_bn: bool = False) -> "MaskRCNN":
+    def from_torchvision(cls, tv_model: nn.Module, fuse_bn: bool = True) -> "MaskRCNN":
         """Ours, from a torchvision.models.detection.MaskRCNN with a ResNet-FPN backbone
-        (any depth): the same weights and hyper-parameters, so eval outputs are equal.
+        (any depth; v1, or v2 as maskrcnn_resnet50_fpn_v2 builds it): the same weights
+        and hyper-parameters, so eval outputs are equal.
 
         num_classes is torchvision's minus one (background). The depth comes from the
-        body's block counts; trainable stages from requires_grad; a BatchNorm2d trunk
-        (torchvision without pretrained weights) becomes norm "bn", else "frozen_bn".
+        body's block counts; trainable stages from requires_grad; the norms from the
+        modules (a BatchNorm2d trunk becomes norm "bn", else "frozen_bn").
 
-        fuse_bn: False (default) computes the trunk exactly as torchvision does, so the
-            outputs match to the last bit whatever the weights. True folds BatchNorm into
-            the convolutions (config key backbone.fuse_bn; ~1.5x faster CPU inference):
+        fuse_bn: True (default) runs the fast path (config key backbone.fuse_bn: BatchNorm
+            folded into the convolutions, Winograd convs; ~1.9x faster CPU inference):
             equal up to float rounding, which random networks whose features grow to
-            1e2..1e5 amplify, but trained weights do not.
+            1e2..1e5 amplify, but trained weights do not. False computes exactly as
+            torchvision does, so the outputs match to the last bit whatever the weights.
         """
         overrides = {**_torchvision_hyperparameters(tv_model), "fuse_bn": bool(fuse_bn)}
         model = cls(config=DEFAULT_CONFIG, **overrides)
         load_torchvision_backbone_state(model.backbone, tv_model.backbone)
         load_torchvision_rpn_state(model.rpn, tv_model.rpn)
-        heads = {k: v for k, v in tv_model.roi_heads.state_dict().items()
-                 if k.split(".")[0] in ("box_head", "box_predictor", "mask_head",
-                                        "mask_predictor")}
-        model.roi_heads.load_state_dict(heads, strict=True)
+        load_torchvision_roi_heads_state(model.roi_heads, tv_model.roi_heads)
         return model
 
     # ------------------------------------------------------------------ validation

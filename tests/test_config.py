@@ -6,7 +6,7 @@ import torch
 from torchvision.models.detection import MaskRCNN as TvMaskRCNN
 
 import maskrcnn
-from maskrcnn import (DEFAULT_CONFIG, MODEL_SECTIONS, TRAINING_KEYS, MaskRCNN,
+from maskrcnn import (CONSTRUCTOR_KEYS, DEFAULT_CONFIG, MODEL_SECTIONS, TRAINING_KEYS, MaskRCNN,
                       apply_overrides, build_model, load_config)
 
 torch.set_num_threads(2)
@@ -80,7 +80,7 @@ def test_overrides_bare_and_dotted():
                      **{"rpn.rpn_nms_thresh": 0.5, "transform.image_std": [1, 1, 1]})
     assert model.num_classes == 3 and model.cfg.model.num_classes == 3
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
-    assert model.roi_heads.score_thresh == 0.3
+    assert model.roi_heads.box_score_thresh == 0.3
     assert model.cfg.rpn.rpn_nms_thresh == 0.5
     assert model.transform.image_std == (1.0, 1.0, 1.0)
     assert model.backbone.body.depth == 18
@@ -138,9 +138,10 @@ def test_every_key_is_read():
     seen = set()
     build_model(_Recorder(cfg, seen))
     model_keys = {f"{s}.{k}" for s in MODEL_SECTIONS for k in cfg[s]}
-    assert seen == model_keys, model_keys ^ seen
+    assert seen == model_keys - set(CONSTRUCTOR_KEYS), model_keys ^ seen
     all_keys = {f"{s}.{k}" for s in cfg for k in cfg[s]}
     assert set(TRAINING_KEYS) | model_keys == all_keys
+    assert set(CONSTRUCTOR_KEYS) <= model_keys
     assert not set(TRAINING_KEYS) & model_keys and len(set(TRAINING_KEYS)) == len(TRAINING_KEYS)
 
 

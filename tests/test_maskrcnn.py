@@ -171,7 +171,7 @@ def test_parity_resnet101():
 
 @pytest.mark.parametrize("depth", [50, 101])
 def test_parity_exact_path_plain_random_weights(images, depth):
-    """from_torchvision's default (fuse_bn=False) computes as torchvision does: parity
+    """from_torchvision(fuse_bn=False) computes as torchvision does: parity
     holds even for plain random weights (identity BatchNorm, ResNet-50 features growing to
     ~1e2), which amplify any rounding difference. (ResNet-101's reach ~1e5, where
     calibration finds no detections, so it is damped as in test_parity_resnet101.)"""
@@ -181,7 +181,8 @@ def test_parity_exact_path_plain_random_weights(images, depth):
         _damp_residual_blocks(backbone)
     tv = TvMaskRCNN(backbone, num_classes=K + 1, **TV_KW).eval()
     _calibrate(tv, images[0])
-    ours = MaskRCNN.from_torchvision(tv).eval()
+    assert MaskRCNN.from_torchvision(tv).cfg.backbone.fuse_bn is True   # the fast default
+    ours = MaskRCNN.from_torchvision(tv, fuse_bn=False).eval()
     assert ours.cfg.backbone.fuse_bn is False
     imgs = images if depth == 50 else images[:1]
     with torch.no_grad():
@@ -193,7 +194,7 @@ def test_from_torchvision_copies_hyperparameters(r50_pair):
     assert ours.num_classes == K and ours.cfg.backbone.backbone == "resnet50"
     assert ours.transform.min_size == 320 and ours.transform.max_size == 512
     assert ours.rpn.pre_nms_top_n_test == 300 and ours.rpn.post_nms_top_n_test == 150
-    assert ours.roi_heads.detections_per_img == 15
+    assert ours.roi_heads.box_detections_per_img == 15
     assert ours.cfg.backbone.trainable_layers == 5 and ours.cfg.backbone.norm == "bn"
 
 

@@ -14,6 +14,7 @@ from torchvision.ops import MultiScaleRoIAlign as TvMultiScaleRoIAlign
 from heads import (MaskHead, MaskPredictor, RoIHeads, box_inference, fastrcnn_loss,
                    mask_inference, maskrcnn_loss, paste_masks_in_image)
 from tools.boxes import BoxCoder
+from maskrcnn import apply_overrides, build_roi_heads, load_config
 
 torch.set_num_threads(2)
 K = 4  # object classes
@@ -205,7 +206,7 @@ def test_head_inits_match_torchvision_conventions():
 def _pair(seed=0):
     """Our RoIHeads and torchvision's with the same weights (eval-mode parity)."""
     torch.manual_seed(seed)
-    ours = RoIHeads(num_classes=K)
+    ours = build_roi_heads(apply_overrides(load_config(), {"num_classes": K}))
     tv = tv_roi_heads.RoIHeads(
         TvMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), TvMLP(256 * 49, 1024),
         FastRCNNPredictor(1024, K + 1), 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100,

@@ -58,7 +58,7 @@ def test_head_key_mapping_and_init():
     assert keys == {"head." + k for k in RPNHead(C, 3).state_dict()}
     head = RPNHead(C, 3)
     assert head.cls_logits.bias.abs().sum() == 0
-    assert 0.005 < head.conv.weight.std() < 0.015
+    assert 0.005 < head.convs[0].weight.std() < 0.015
     objectness, deltas = head(make_features())
     assert [o.shape[1] for o in objectness] == [3] * 5 and deltas[0].shape == (2, 12, 32, 40)
 
