@@ -3,6 +3,8 @@
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
     maskrcnn predict --weights outputs/model_0001000.pth img1.png folder/ --out preds/
+    maskrcnn predict --weights coco photo.jpg           # the COCO model of the zoo
+    maskrcnn zoo                                        # the zoo: AP, cached or not
     maskrcnn demo [--out outputs/demo] [--minutes 10]
 
     torchrun --nproc-per-node 4 -m tools.cli train --config my.ini     # DDP, one GPU each
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
                        description="Run a checkpoint on image files and/or folders; writes "
                                    "<out>/<image>.png overlays and <out>/results.json.")
-    p.add_argument("--weights", required=True, metavar="FILE", help="training checkpoint")
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="training checkpoint, 'coco' or a zoo name (see `maskrcnn zoo`)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files or folders (their images, non-recursive)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -100,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.set_defaults(func=cmd_predict, command_parser=p)
+
+    p = sub.add_parser("zoo", help="list the COCO-pretrained models",
+                       description="The model zoo: each entry's name (for pretrained= and "
+                                   "--weights), published COCO AP and whether its file is in "
+                                   "the torch hub cache.")
+    p.set_defaults(func=cmd_zoo, command_parser=p)
 
     p = sub.add_parser("demo", help="train + evaluate on generated shapes (make demo)",
                        description="Generate the synthetic shapes data set, train for a time "
@@ -224,8 +233,9 @@ def cmd_eval(args, parser) -> int:
 
 
 def cmd_predict(args, parser) -> int:
-    from tools.predict import collect_images, load_model, predict
-    _need_file(parser, "--weights", args.weights)
+    from tools.predict import collect_images, is_zoo_name, load_model, predict
+    if not is_zoo_name(args.weights):
+        _need_file(parser, "--weights", args.weights)
     overrides = _inference_overrides(parser, args.sets)
     device = _device(parser, args.device)
     try:
@@ -236,6 +246,19 @@ def cmd_predict(args, parser) -> int:
     path = predict(model, args.images, args.out, meta["class_names"], meta["cat_ids"],
                    args.score_threshold, args.mask_threshold, device, args.progress)
     print(f"wrote overlays and {path}")
+    return 0
+
+
+def cmd_zoo(args, parser) -> int:
+    from tools.zoo import COCO_FOR_BACKBONE, cache_dir, describe_zoo
+    rows = describe_zoo()
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  box AP  mask AP  cached")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['box_ap']:>6.1f}  {r['mask_ap']:>7.1f}  "
+              f"{'yes' if r['cached'] else 'no'}")
+    coco = ", ".join(f"{b}: {n}" for b, n in COCO_FOR_BACKBONE.items())
+    print(f"\npretrained='coco' by backbone: {coco}\ncache: {cache_dir()}")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Prediction on image files or folders with a trained checkpoint.
+"""Prediction on image files or folders with a trained checkpoint or a zoo model.
 
-    model, meta = load_model("outputs/model_0090000.pth")
+    model, meta = load_model("outputs/model_0090000.pth")   # or load_model("coco")
     predict(model, ["photo.jpg", "folder/"], "predictions/", meta["class_names"],
             meta["cat_ids"])
 
@@ -18,7 +18,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from maskrcnn import _resolve_config, _schema, apply_overrides, build_model
+from maskrcnn import MaskRCNN, _resolve_config, _schema, apply_overrides, build_model
+from tools import zoo
 from tools.checkpoint import load_checkpoint
 from tools.evaluate import detections_to_coco
 from tools.visualize import draw_detections
@@ -31,11 +32,14 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
 
     Args:
         weights: a checkpoint written by tools/train.py (it holds the config and the
-            class mapping); loaded with weights_only=True.
+            class mapping; loaded with weights_only=True), or "coco" / a model-zoo name
+            (tools.zoo.ZOO: downloaded once, verified, with its COCO categories).
         overrides: config keys to change for inference (e.g. box_score_thresh).
     Returns:
         (model, dict(class_names, cat_ids, config, iteration)).
     """
+    if is_zoo_name(weights):
+        return _load_zoo_model(weights, device, overrides or {})
     state = load_checkpoint(weights)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{weights}: not a training checkpoint of this library (expected "
@@ -53,6 +57,21 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
     meta = dict(class_names=list(state.get("class_names") or [str(i) for i in range(1, k + 1)]),
                 cat_ids=list(state.get("cat_ids") or range(1, k + 1)), config=cfg,
                 iteration=state.get("iteration"))
+    return model, meta
+
+
+def is_zoo_name(weights) -> bool:
+    """"coco" or a name of tools.zoo.ZOO (anything else is a file path)."""
+    return str(weights) == "coco" or str(weights) in zoo.ZOO
+
+
+def _load_zoo_model(name: str, device, overrides: dict):
+    model = MaskRCNN(pretrained=name, **overrides).to(device).eval()
+    labels = range(1, model.num_classes + 1)
+    categories = model.categories or {}
+    meta = dict(class_names=[categories.get(i, (str(i), i))[0] for i in labels],
+                cat_ids=[categories.get(i, (str(i), i))[1] for i in labels],
+                config=model.cfg, iteration=None)
     return model, meta
 
 

@@ -193,3 +193,25 @@ def test_coco_resolves_per_backbone_and_rejects_conflicts():
         MaskRCNN(pretrained="coco", backbone="resnet18")
     with pytest.raises(ValueError, match="conflicts"):
         MaskRCNN(pretrained="detectron2/mask_rcnn_R_50_FPN_3x", backbone="resnet101")
+
+
+def test_cli_predict_and_zoo_with_a_zoo_name(tv_models, hub, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from tools.cli import main
+    from tools.predict import load_model
+    entry = _publish(tmp_path, monkeypatch, V1, tv_models[V1].state_dict())
+    image = (_images()[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    sets = ["--set", "min_size=320", "max_size=512", "box_detections_per_img=20"]
+    assert main(["predict", "--weights", V1, str(tmp_path / "photo.png"), "--out",
+                 str(tmp_path / "out"), "--no-progress", *sets]) == 0
+    results = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+    assert results and all(1 <= r["category_id"] <= 90 for r in results)
+    _, meta = load_model(V1, overrides={"min_size": 320})
+    assert meta["class_names"][0] == "person" and meta["cat_ids"][:2] == [1, 2]
+    capsys.readouterr()
+    assert main(["zoo"]) == 0
+    listing = capsys.readouterr().out
+    row = next(line for line in listing.splitlines() if line.startswith(V1 + " "))
+    assert row.split()[1:] == ["37.9", "34.6", "yes"], row
+    assert entry.filename and "detectron2/mask_rcnn_R_101_FPN_400ep_LSJ" in listing

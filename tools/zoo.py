@@ -1,0 +1,537 @@
+"""Model zoo: COCO-pretrained Mask R-CNN checkpoints, a safe downloader and a safe reader.
+
+    ZOO[name]            a ZooEntry: preset config, URL, published hash, COCO AP, source
+    resolve_name(p, b)   "coco" / a zoo name -> its ZooEntry; anything else -> None (a path)
+    fetch(entry)         the checkpoint in the torch hub cache, downloaded and verified once
+    read_checkpoint(p)   a torch .pth or detectron2 .pkl as a dict of tensors; never runs code
+    categories_for(src)  model label -> (COCO name, COCO category id)
+
+The cache is torch.hub's ($TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints by
+default), shared with torchvision. A download goes to `<file>.partial-<random>` and is
+renamed onto the final name only once verified, so a file under the final name is always
+complete. torchvision file names carry a sha256 prefix that the file must match.
+detectron2 publishes no hashes: its files are verified by content (they must unpickle as
+arrays and pass the caller's check) and their sha256 is then recorded in `<file>.sha256`,
+which later loads check against.
+
+Set MASKRCNN_OFFLINE=1 to forbid downloads: a missing file then raises FileNotFoundError
+naming the URL and the exact path to put the file at.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import collections
+import difflib
+import hashlib
+import http.client
+import importlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+from tqdm import tqdm
+
+PathLike = Union[str, os.PathLike]
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("torchvision", "detectron2")
+OFFLINE_ENV = "MASKRCNN_OFFLINE"
+_CHUNK = 1 << 20   # 1 MiB: hashing / downloading 170-500 MB files without holding them
+_TIMEOUT_S = 60    # per socket operation: a dead server fails instead of hanging
+
+
+class ChecksumError(ValueError):
+    """A downloaded or cached checkpoint failed verification (hash or content)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint pickles something other than arrays / tensors and plain containers."""
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint could not be downloaded (network, HTTP or file error)."""
+
+
+# ------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One pretrained checkpoint.
+
+    name:    "<source>/<model>", the key in ZOO (e.g. "detectron2/mask_rcnn_R_50_FPN_3x")
+    preset:  its config file, relative to the package root ("configs/zoo/<name>.ini")
+    url:     where to download it (http(s):// or file://)
+    sha256:  the hex prefix the file's sha256 must start with (torchvision puts 8 hex
+             digits in its file names); None when the source publishes no hash
+    box_ap, mask_ap: COCO val2017 AP published by the source
+    source:  "torchvision" (labels = COCO ids 1..90) or "detectron2" (labels 1..80)
+    backbone: "resnet50", "resnet101" or "resnext101"
+    """
+    name: str
+    preset: str
+    url: str
+    sha256: Optional[str]
+    box_ap: float
+    mask_ap: float
+    source: str
+    backbone: str
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"ZooEntry {self.name!r}: source must be one of {SOURCES}, "
+                             f"got {self.source!r}")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{1,64}", self.sha256):
+            raise ValueError(f"ZooEntry {self.name!r}: sha256 must be lower-case hex "
+                             f"(a prefix of the digest), got {self.sha256!r}")
+
+    @property
+    def filename(self) -> str:
+        """The last URL path component: the file's name in the cache."""
+        return urllib.request.url2pathname(self.url.rstrip("/").rsplit("/", 1)[-1])
+
+    @property
+    def preset_path(self) -> Path:
+        """The preset config as an absolute path."""
+        return PACKAGE_ROOT / self.preset
+
+    @property
+    def categories(self) -> dict[int, tuple[str, int]]:
+        """Model label -> (COCO name, COCO category id); see categories_for."""
+        return categories_for(self.source)
+
+
+def _entry(name: str, url: str, box_ap: float, mask_ap: float, backbone: str,
+           sha256: Optional[str] = None) -> ZooEntry:
+    return ZooEntry(name=name, preset=f"configs/zoo/{name}.ini", url=url, sha256=sha256,
+                    box_ap=box_ap, mask_ap=mask_ap, source=name.split("/", 1)[0],
+                    backbone=backbone)
+
+
+_TV = "https://download.pytorch.org/models"
+_D2 = "https://dl.fbaipublicfiles.com/detectron2"
+# APs: torchvision's weights meta and detectron2's MODEL_ZOO.md (tests check both).
+ZOO: dict[str, ZooEntry] = {e.name: e for e in [
+    _entry("torchvision/maskrcnn_resnet50_fpn",
+           f"{_TV}/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", 37.9, 34.6, "resnet50",
+           sha256="bf2d0c1e"),
+    _entry("torchvision/maskrcnn_resnet50_fpn_v2",
+           f"{_TV}/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth", 47.4, 41.8, "resnet50",
+           sha256="73cbd019"),
+    _entry("detectron2/mask_rcnn_R_50_FPN_3x",
+           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/"
+           "model_final_f10217.pkl", 41.0, 37.2, "resnet50"),
+    _entry("detectron2/mask_rcnn_R_101_FPN_3x",
+           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x/138205316/"
+           "model_final_a3ec72.pkl", 42.9, 38.6, "resnet101"),
+    _entry("detectron2/mask_rcnn_X_101_32x8d_FPN_3x",
+           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x/139653917/"
+           "model_final_2d9806.pkl", 44.3, 39.5, "resnext101"),
+    _entry("detectron2/mask_rcnn_R_50_FPN_400ep_LSJ",
+           f"{_D2}/new_baselines/mask_rcnn_R_50_FPN_400ep_LSJ/42019571/"
+           "model_final_14d201.pkl", 47.4, 42.5, "resnet50"),
+    _entry("detectron2/mask_rcnn_R_101_FPN_400ep_LSJ",
+           f"{_D2}/new_baselines/mask_rcnn_R_101_FPN_400ep_LSJ/42073830/"
+           "model_final_f96b26.pkl", 48.9, 43.7, "resnet101"),
+]}
+
+# pretrained="coco": the best checkpoint for each backbone.
+COCO_FOR_BACKBONE: dict[str, str] = {
+    "resnet101": "detectron2/mask_rcnn_R_101_FPN_400ep_LSJ",
+    "resnet50": "detectron2/mask_rcnn_R_50_FPN_400ep_LSJ",
+    "resnext101": "detectron2/mask_rcnn_X_101_32x8d_FPN_3x",
+}
+
+
+def resolve_name(pretrained: str, backbone: str) -> Optional[ZooEntry]:
+    """The zoo entry `pretrained` names, or None when it is not a zoo name (a file path).
+
+    "coco" means COCO_FOR_BACKBONE[backbone]; a zoo name ("detectron2/...") its entry.
+
+    Raises:
+        ValueError: "coco" for a backbone without COCO weights (lists those with), or a
+            string starting with "torchvision/" / "detectron2/" that is not in ZOO (lists
+            the closest and all valid names).
+    """
+    if pretrained == "coco":
+        if backbone not in COCO_FOR_BACKBONE:
+            raise ValueError(f"pretrained='coco': no COCO checkpoint for backbone "
+                             f"{backbone!r}; backbones with one: "
+                             f"{', '.join(sorted(COCO_FOR_BACKBONE))}")
+        return ZOO[COCO_FOR_BACKBONE[backbone]]
+    if pretrained in ZOO:
+        return ZOO[pretrained]
+    # A mistyped zoo name must not be taken for a (missing) file path.
+    if pretrained.startswith(tuple(f"{s}/" for s in SOURCES)):
+        close = difflib.get_close_matches(pretrained, list(ZOO), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"pretrained={pretrained!r} is not in the model zoo.{hint} "
+                         f"Valid names: {', '.join(ZOO)}")
+    return None
+
+
+# ------------------------------------------------------------------------ categories
+
+# torchvision's 91 names: index = COCO category id, "__background__" at 0, "N/A" in gaps.
+_TV_NAMES: list[str] = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+# The 80 COCO object categories as (coco_id, name), in COCO id order.
+COCO_CATEGORIES: list[tuple[int, str]] = [
+    (cid, name) for cid, name in enumerate(_TV_NAMES) if cid > 0 and name != "N/A"]
+
+
+def categories_for(source: str) -> dict[int, tuple[str, int]]:
+    """Model label -> (name, COCO category id) for a zoo source.
+
+    torchvision models have 90 object classes whose label is the COCO id (1..90); the ten
+    ids COCO does not use map to ("N/A", id). detectron2 models predict contiguous labels
+    1..80 (our label = detectron2 class index + 1), the 80 categories in COCO id order.
+    """
+    if source == "torchvision":
+        return {cid: (_TV_NAMES[cid], cid) for cid in range(1, len(_TV_NAMES))}
+    if source == "detectron2":
+        return {i + 1: (name, cid) for i, (cid, name) in enumerate(COCO_CATEGORIES)}
+    raise ValueError(f"unknown zoo source {source!r}; expected one of {SOURCES}")
+
+
+# ------------------------------------------------------------------------ safe reading
+
+def _numpy_attr(submodule: str, name: str) -> Any:
+    """numpy._core.<submodule>.<name> (numpy 2) or numpy.core.<...> (numpy 1)."""
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{submodule}"), name)
+    except ImportError:
+        return getattr(importlib.import_module(f"numpy.core.{submodule}"), name)
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Protocol-2 pickles store bytes as _codecs.encode(str, "latin1"); any other codec
+    # would be a way to reach codec machinery, so it is refused.
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a checkpoint pickle may name: what numpy arrays, numpy scalars,
+    dtypes and an OrderedDict need, under the numpy 1 and numpy 2 module names."""
+    found = {
+        ("multiarray", "_reconstruct"): _numpy_attr("multiarray", "_reconstruct"),
+        ("multiarray", "scalar"): _numpy_attr("multiarray", "scalar"),
+        ("numeric", "_frombuffer"): _numpy_attr("numeric", "_frombuffer"),   # protocol 5
+    }
+    allowed = {(f"{pkg}.{sub}", name): obj for (sub, name), obj in found.items()
+               for pkg in ("numpy.core", "numpy._core")}
+    allowed.update({("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                    ("collections", "OrderedDict"): collections.OrderedDict,
+                    ("_codecs", "encode"): _latin1_encode})
+    return allowed
+
+
+_ALLOWED_GLOBALS = _allowed_globals()
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts / lists of numpy arrays; any other global is refused, not imported."""
+
+    def __init__(self, file: BinaryIO, shown: str) -> None:
+        # latin1: Python 2 pickles of numpy arrays hold the raw data as a py2 str.
+        super().__init__(file, encoding="latin1")
+        self._shown = shown
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _ALLOWED_GLOBALS.get((module, name))
+        if obj is None:
+            # Shown by its Python 3 name (protocol 2 writes builtins as __builtin__).
+            module, name = _compat_pickle.NAME_MAPPING.get(
+                (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+            raise UnsafeCheckpointError(
+                f"refusing to load {self._shown}: it pickles {module}.{name}, not only "
+                f"arrays; loading never runs code from a checkpoint")
+        return obj
+
+
+def _to_torch(value: Any) -> Any:
+    """numpy arrays -> tensors (numeric / bool dtypes; others stay numpy), numpy scalars ->
+    Python numbers, containers rebuilt with the same type, anything else unchanged."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufc":
+            return value
+        # torch wants native byte order and a writable buffer (unpickled arrays may be
+        # read-only views of the pickle's bytes).
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
+        if not value.flags.writeable:
+            value = value.copy()
+        return torch.from_numpy(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, _to_torch(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_torch(v) for v in value)
+    return value
+
+
+def _torch_load(path: Path, shown: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        offending = re.search(r"GLOBAL ([\w.]+)", message)
+        if offending or "Unsupported" in message:
+            what = offending.group(1) if offending else "an object that is not a tensor"
+            raise UnsafeCheckpointError(
+                f"refusing to load {shown}: it pickles {what}, not only tensors and plain "
+                f"containers (torch.load weights_only=True refused it); loading never "
+                f"runs code from a checkpoint") from err
+        raise ValueError(f"{shown} is truncated or not a checkpoint: "
+                         f"{message.splitlines()[0] if message else type(err).__name__}"
+                         ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{shown} is truncated or not a checkpoint: {first}") from err
+
+
+def _read(path: Path, shown: str) -> dict:
+    """read_checkpoint, with errors naming `shown` (a download's temp file is shown by its
+    final name)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+        f.seek(0)
+        if magic == b"PK":   # torch's zip format
+            state = _torch_load(path, shown)
+        elif magic[:1] == b"\x80":   # a pickle (protocol >= 2): detectron2 or legacy torch
+            try:
+                state = _ArraysOnlyUnpickler(f, shown).load()
+            except UnsafeCheckpointError:
+                raise
+            except Exception as err:   # unpickling garbage can raise almost anything
+                raise ValueError(f"{shown} is truncated or not a checkpoint: "
+                                 f"{type(err).__name__}: {err}") from err
+            # A legacy torch.save file is a sequence of pickles, the first the magic number.
+            if isinstance(state, int) and state == torch.serialization.MAGIC_NUMBER:
+                state = _torch_load(path, shown)
+        else:
+            raise ValueError(f"{shown} is not a checkpoint: it is neither a torch zip file "
+                             f"nor a pickle (starts with {magic!r}); is it truncated or an "
+                             f"HTML error page?")
+    if not isinstance(state, dict):
+        raise ValueError(f"{shown} holds a {type(state).__name__}, not a dict of weights")
+    return _to_torch(state)
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """Read a checkpoint file without ever executing code from it.
+
+    torch files (zip or legacy) go through torch.load(weights_only=True); raw pickles
+    (detectron2 .pkl: {"model": {name: ndarray}, "__author__": ..., ...}, protocol 2
+    Python 2 pickles included) through an unpickler that only admits numpy arrays. The
+    format is told by content, not by extension. Numeric numpy arrays become tensors,
+    the dict structure is kept.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: it pickles anything else (a class, a function): one line
+            naming the file and the global; nothing of it was run.
+        ValueError: truncated, corrupt or not a checkpoint (naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return _read(path, str(path))
+
+
+# ------------------------------------------------------------------------ the cache
+
+def cache_dir() -> Path:
+    """torch.hub's checkpoint folder ($TORCH_HOME/hub/checkpoints by default)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cached_file(entry: ZooEntry) -> Path:
+    """Where `entry`'s file is (or will be) cached."""
+    return cache_dir() / entry.filename
+
+
+def sha256_file(path: PathLike) -> str:
+    """The file's sha256 hex digest, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    """Write `<path>.sha256` atomically, in `sha256sum -c` format."""
+    target = _sidecar(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.partial-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{digest}  {path.name}\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _content_failure(path: Path, shown: str,
+                     check_content: Optional[Callable[[dict], None]]) -> Optional[Exception]:
+    """None when the file reads as a safe checkpoint and passes check_content, else the
+    error saying why."""
+    try:
+        state = _read(path, shown)
+        if check_content is not None:
+            check_content(state)
+    except Exception as err:   # any failure of the caller's check is a verdict, not a crash
+        return err
+    return None
+
+
+def _why(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+def _verify_cached(entry: ZooEntry, path: Path,
+                   check_content: Optional[Callable[[dict], None]]) -> None:
+    """Raise ChecksumError when the cached file is not the one `entry` names."""
+    sidecar = _sidecar(path)
+    redo = (f"Delete it (rm {path}" + (f" {sidecar}" if entry.sha256 is None else "")
+            + ") and retry to download it again.")
+    if entry.sha256 is not None:
+        got = sha256_file(path)
+        if not got.startswith(entry.sha256):
+            raise ChecksumError(f"cached {entry.name} checkpoint {path} is corrupt: sha256 "
+                                f"{got} does not start with {entry.sha256}. {redo}")
+        return
+    if sidecar.is_file():
+        words = sidecar.read_text().split()
+        want = words[0] if words else ""
+        got = sha256_file(path)
+        if got != want:
+            raise ChecksumError(f"cached {entry.name} checkpoint {path} changed since it was "
+                                f"verified: sha256 {got}, recorded in {sidecar}: "
+                                f"{want or '(empty)'}. {redo}")
+        return
+    # Cached without a record (copied in by hand, or an older version of this code).
+    failure = _content_failure(path, str(path), check_content)
+    if failure is not None:
+        raise ChecksumError(f"cached {entry.name} checkpoint {path} failed its content "
+                            f"check: {_why(failure)}. {redo}") from failure
+    _write_sidecar(path, sha256_file(path))
+
+
+def _download(entry: ZooEntry, tmp: Path, final: Path, progress: bool) -> str:
+    """Download entry.url into `tmp` (an open-able path); returns the sha256 hex digest."""
+    manual = f"Download it by hand from {entry.url} and put it at {final}."
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(entry.url, timeout=_TIMEOUT_S) as response, \
+                open(tmp, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=entry.filename, disable=not progress) as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and done != total:
+            raise DownloadError(f"could not download {entry.filename} ({entry.name}) from "
+                                f"{entry.url}: got {done} of {total} bytes. {manual}")
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DownloadError(f"could not download {entry.filename} ({entry.name}) from "
+                            f"{entry.url}: {reason}. {manual}") from err
+    return digest.hexdigest()
+
+
+def fetch(entry: ZooEntry, progress: bool = True,
+          check_content: Optional[Callable[[dict], None]] = None) -> Path:
+    """The verified local file of `entry`, downloaded into cache_dir() if not there.
+
+    Verification: with entry.sha256, the file's sha256 must start with it. Without (the
+    detectron2 files), the file must read with read_checkpoint and pass
+    `check_content(state)` (which raises to reject it); its sha256 is then recorded in
+    `<file>.sha256`, and later calls only compare the hash with that record.
+
+    Raises:
+        ChecksumError: the cached or downloaded file failed verification (it is not
+            loaded further, and a failed download leaves nothing in the cache).
+        FileNotFoundError: MASKRCNN_OFFLINE=1 and the file is not cached.
+        DownloadError (a RuntimeError): the download failed; names the URL and the path
+            to put the file at by hand.
+    """
+    final = cached_file(entry)
+    if final.is_file():
+        _verify_cached(entry, final, check_content)
+        return final
+    if os.environ.get(OFFLINE_ENV) == "1":
+        raise FileNotFoundError(
+            f"{entry.name}: {entry.filename} is not cached and {OFFLINE_ENV}=1 forbids "
+            f"downloading. Download {entry.url} and put it at {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{final.name}.partial-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        digest = _download(entry, tmp, final, progress)
+        _verify_download(entry, tmp, final, digest, check_content)
+        if entry.sha256 is None:
+            _write_sidecar(final, digest)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)   # gone already after a successful os.replace
+    return final
+
+
+def _verify_download(entry: ZooEntry, tmp: Path, final: Path, digest: str,
+                     check_content: Optional[Callable[[dict], None]]) -> None:
+    where = f"the download of {entry.name} from {entry.url}"
+    if entry.sha256 is not None:
+        if not digest.startswith(entry.sha256):
+            raise ChecksumError(f"{where} is corrupt or not the published file: sha256 "
+                                f"{digest} does not start with {entry.sha256}. Nothing was "
+                                f"saved at {final}; retry, or check the URL.")
+        return
+    failure = _content_failure(tmp, str(final), check_content)
+    if failure is not None:
+        raise ChecksumError(f"{where} failed its content check: {_why(failure)}. Nothing "
+                            f"was saved at {final}; retry, or check the URL.") from failure
+
+
+# ------------------------------------------------------------------------ listings
+
+def describe_zoo() -> list[dict]:
+    """One row per entry for `maskrcnn zoo`: name, preset, box_ap, mask_ap, cached, path."""
+    rows = []
+    for entry in ZOO.values():
+        path = cached_file(entry)
+        rows.append({"name": entry.name, "preset": entry.preset, "box_ap": entry.box_ap,
+                     "mask_ap": entry.mask_ap, "cached": path.is_file(), "path": str(path)})
+    return rows
+
+
+def zoo_markdown_table() -> str:
+    """The zoo as a markdown table (name, preset, box AP, mask AP, source, URL)."""
+    lines = ["| name | preset | box AP | mask AP | source | URL |",
+             "|---|---|---:|---:|---|---|"]
+    for e in ZOO.values():
+        lines.append(f"| `{e.name}` | `{e.preset}` | {e.box_ap:.1f} | {e.mask_ap:.1f} "
+                     f"| {e.source} | [{e.filename}]({e.url}) |")
+    return "\n".join(lines) + "\n"
