@@ -15,6 +15,8 @@ from torchvision.models import resnet as tv_resnet
 
 from .fused import (block_forward, block_forward_live, conv_act, fold_block, fold_conv_norm,
                     fused_trunk_forward, trunk_all_frozen_bn, trunk_is_foldable, use_onednn)
+from tools import zoo
+
 from .norm import norm_layer_factory
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -179,35 +181,47 @@ def _move_stride_to_1x1(net: nn.Module) -> None:
             block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
-def imagenet_weight_files(depth: int) -> list[str]:
-    """torchvision's ImageNet checkpoint file names for this depth, preferred first.
+def _imagenet_urls(depth: int, groups: int = 1, width_per_group: int = 64) -> list[str]:
+    """torchvision's ImageNet checkpoint URLs for this trunk, preferred first.
 
     IMAGENET1K_V1 first: it is what torchvision's Mask R-CNN backbones were trained from.
     """
     _check_depth(depth)
-    enum = getattr(tv_resnet, f"ResNet{depth}_Weights")
-    return [w.url.rsplit("/", 1)[-1] for w in enum if w.name.startswith("IMAGENET1K")]
+    family = (f"ResNet{depth}" if (groups, width_per_group) == (1, 64)
+              else f"ResNeXt{depth}_{groups}X{width_per_group}D")
+    enum = getattr(tv_resnet, f"{family}_Weights", None)
+    if enum is None:
+        raise ValueError(f"torchvision has no ImageNet weights for {family}; pass a weights "
+                         f"file as pretrained=... or train from scratch")
+    return [w.url for w in enum if w.name.startswith("IMAGENET1K")]
 
 
-def imagenet_weights_path(depth: int) -> str:
-    """Path of a torchvision ImageNet checkpoint in the torch hub cache.
+def imagenet_weight_files(depth: int, groups: int = 1, width_per_group: int = 64) -> list[str]:
+    """torchvision's ImageNet checkpoint file names for this trunk, preferred first."""
+    return [url.rsplit("/", 1)[-1] for url in _imagenet_urls(depth, groups, width_per_group)]
+
+
+def _imagenet_entry(url: str) -> "zoo.ZooEntry":
+    """A downloadable file of tools.zoo, verified by the sha256 prefix in its name."""
+    name = url.rsplit("/", 1)[-1]
+    return zoo.ZooEntry(name=f"ImageNet weights {name}", preset="", url=url,
+                        sha256=name.rsplit("-", 1)[-1].split(".")[0], box_ap=0.0,
+                        mask_ap=0.0, source="torchvision", backbone="")
+
+
+def imagenet_weights_path(depth: int, groups: int = 1, width_per_group: int = 64,
+                          progress: bool = True) -> str:
+    """Path of a torchvision ImageNet checkpoint in the torch hub cache: a cached one
+    (any of imagenet_weight_files, verified by its hash), else IMAGENET1K_V1 downloaded
+    there (tools.zoo.fetch: progress bar, atomic, verified).
 
     Raises:
-        FileNotFoundError: naming the file to download and the folder to put it in.
-            Nothing is downloaded here (the library must work offline).
+        FileNotFoundError naming the file, its URL and the path to put it at, when it is
+        not cached and MASKRCNN_OFFLINE=1; DownloadError likewise when the download fails.
     """
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    names = imagenet_weight_files(depth)
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    enum = getattr(tv_resnet, f"ResNet{depth}_Weights")
-    url = enum.IMAGENET1K_V1.url
-    raise FileNotFoundError(
-        f"ImageNet weights for ResNet-{depth} not found. Put {names[0]} (from {url}) "
-        f"into {folder}/ (or pass its path as pretrained=...); also accepted there: "
-        f"{', '.join(names[1:]) or 'none'}.")
+    entries = [_imagenet_entry(url) for url in _imagenet_urls(depth, groups, width_per_group)]
+    cached = [e for e in entries if zoo.cached_file(e).is_file()]
+    return str(zoo.fetch(cached[0] if cached else entries[0], progress=progress))
 
 
 def load_imagenet_weights(trunk: ResNetTrunk, path: str) -> None:

@@ -49,9 +49,9 @@ def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
         trainable_layers: 0..5 trunk stages left trainable, from layer4 down (torchvision's
             rule; 3 trains layer2..layer4). The FPN is always trainable.
         out_channels: FPN channels.
-        pretrained: None (random init), "imagenet" (torchvision's checkpoint in the torch
-            hub cache, FileNotFoundError naming it when absent), or a path to a torchvision
-            ResNet ImageNet state dict (.pth).
+        pretrained: None (random init), "imagenet" (torchvision's checkpoint, from the
+            torch hub cache or downloaded there: imagenet_weights_path), or a path to a
+            torchvision ResNet ImageNet state dict (.pth).
         fuse_bn: fold the norms into the trunk convs where possible (ResNetTrunk's
             fuse_inference; backbones/fused.py).
         groups, width_per_group, stride_in_1x1: the trunk's block variant (ResNetTrunk).
@@ -60,7 +60,8 @@ def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
     body = ResNetTrunk(depth, norm, trainable_layers, fuse_inference=fuse_bn, groups=groups,
                        width_per_group=width_per_group, stride_in_1x1=stride_in_1x1)
     if pretrained is not None:
-        path = imagenet_weights_path(depth) if pretrained == "imagenet" else pretrained
+        path = (imagenet_weights_path(depth, groups, width_per_group)
+                if pretrained == "imagenet" else pretrained)
         load_imagenet_weights(body, path)
     return ResNetFPN(body, FPN(body.out_channels_list, out_channels, norm=fpn_norm))
 

@@ -147,6 +147,7 @@ def test_every_key_is_read():
 
 def test_pretrained_imagenet_offline_is_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("MASKRCNN_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="ImageNet"):
         MaskRCNN(pretrained="imagenet", **SMALL)
 

@@ -164,19 +164,35 @@ def test_pretrained_from_path(tmp_path):
         build_resnet_fpn_backbone(depth=18, norm="gn", pretrained=str(path))
 
 
-def test_pretrained_imagenet_from_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+def test_pretrained_imagenet_downloads_verifies_and_caches(tmp_path, monkeypatch):
+    """"imagenet" goes through the zoo's downloader: offline it names the file, URL and
+    path; online (a file:// URL here) it downloads, checks the sha256 prefix in the file
+    name, caches, and a cached file is used without the source."""
+    import hashlib
+
+    from backbones import resnet as resnet_module
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    folder = tmp_path / "hub" / "checkpoints"
     name = imagenet_weight_files(18)[0]
     assert name == "resnet18-f37072fd.pth"
-    folder = os.path.join(str(tmp_path), "checkpoints")
-    with pytest.raises(FileNotFoundError) as err:
-        build_resnet_fpn_backbone(depth=18, pretrained="imagenet")
-    assert name in str(err.value) and folder in str(err.value)
-
-    os.makedirs(folder)
-    torch.save(resnet18(weights=None).state_dict(), os.path.join(folder, name))
-    ours = build_resnet_fpn_backbone(depth=18, pretrained="imagenet")
-    assert torch.equal(ours.body.conv1.weight,
-                       torch.load(os.path.join(folder, name))["conv1.weight"])
+    assert imagenet_weight_files(101, 32, 8)[0].startswith("resnext101_32x8d-")
     assert imagenet_weight_files(50)[0] == "resnet50-0676ba61.pth"
     assert imagenet_weight_files(101)[0] == "resnet101-63fe2227.pth"
+    monkeypatch.setenv("MASKRCNN_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as err:
+        build_resnet_fpn_backbone(depth=18, pretrained="imagenet")
+    assert name in str(err.value) and str(folder / name) in str(err.value)
+
+    monkeypatch.delenv("MASKRCNN_OFFLINE")
+    torch.manual_seed(3)
+    source = tmp_path / "published.pth"
+    torch.save(resnet18(weights=None).state_dict(), source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
+    published = source.rename(tmp_path / f"resnet18-{digest}.pth")
+    monkeypatch.setattr(resnet_module, "_imagenet_urls", lambda *a: [published.as_uri()])
+    ours = build_resnet_fpn_backbone(depth=18, pretrained="imagenet")
+    assert torch.equal(ours.body.conv1.weight, torch.load(published)["conv1.weight"])
+    assert (folder / published.name).is_file()
+    (folder / published.name).write_bytes(published.read_bytes()[:-10])   # corrupted
+    with pytest.raises(ValueError, match="sha256"):
+        build_resnet_fpn_backbone(depth=18, pretrained="imagenet")
