@@ -166,10 +166,19 @@ def build_datasets(cfg: EasyDict):
 
 
 def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:
-    """build_model(cfg) initialised as [solver] init_weights says: none (random),
+    """The model to train: with [model] pretrained set (coco, a zoo name, a checkpoint of
+    any supported format, imagenet), MaskRCNN(pretrained=...) with cfg's num_classes (a
+    zoo model brings its preset's architecture; the returned model's cfg is the merged
+    one, and other classes than the checkpoint's re-initialise only the predictors).
+    Else build_model(cfg) initialised as [solver] init_weights says: none (random),
     imagenet (ImageNet backbone from the torch hub cache), a training checkpoint (its
     model weights whose shapes match, e.g. to fine-tune with other classes) or a file of
     ImageNet ResNet weights."""
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and str(pretrained).lower() != "none":
+        from maskrcnn import MaskRCNN
+        return MaskRCNN(num_classes=cfg.model.num_classes, pretrained=str(pretrained),
+                        config=cfg)
     init = str(cfg.solver.init_weights).strip()
     if _is_disabled(init):
         if cfg.backbone.norm == "frozen_bn" and verbose:
@@ -262,6 +271,7 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
 
     seed_everything(solver.seed + rank)
     model = build_initial_model(cfg, verbose=main).to(device)
+    cfg = model.cfg       # a zoo model's preset architecture, with this config's values
     optimizer = build_optimizer(solver, model)
     schedule = build_schedule(solver, optimizer)
     use_amp = bool(solver.amp) and device.type == "cuda"

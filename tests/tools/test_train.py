@@ -200,3 +200,25 @@ def test_init_weights_from_a_checkpoint_with_other_classes(tiny_cfg, tmp_path):
     assert trained[cls].shape[0] == 4 and source[cls].shape[0] == 6
     with pytest.raises(FileNotFoundError, match="init_weights.*missing.pth"):
         train(tiny_cfg(init_weights=str(tmp_path / "missing.pth")), progress=False)
+
+
+def test_pretrained_key_finetunes_with_other_classes(tiny_cfg, tmp_path, capsys):
+    """[model] pretrained (here a plain state dict file; "coco" and zoo names take the same
+    path) loads everything but the class-specific predictors, which get fresh weights
+    for the data set's classes, and the checkpoint records the config used."""
+    from tools.checkpoint import load_checkpoint
+    torch.manual_seed(43)
+    source = build_model(tiny_cfg(num_classes=5)).state_dict()
+    path = tmp_path / "five_classes_state.pth"
+    torch.save(source, path)
+    summary = train(tiny_cfg(pretrained=str(path), max_iter=1, lr=0.0), progress=False)
+    assert "num_classes 3 differs from the checkpoint's 5" in capsys.readouterr().err
+    trained = summary["model"].state_dict()
+    for key in trained:
+        if key.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn")):
+            assert trained[key].shape[0] != source[key].shape[0], key
+        elif not key.endswith("num_batches_tracked"):
+            assert torch.equal(trained[key], source[key]), key
+    saved = load_checkpoint(summary["checkpoint"])
+    assert saved["config"]["model"]["pretrained"] == str(path)
+    assert saved["config"]["model"]["num_classes"] == 3
