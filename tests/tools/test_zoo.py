@@ -472,3 +472,9 @@ def test_describe_zoo_and_markdown(hub):
     assert len(table) == 2 + len(zoo.ZOO)
     assert any("detectron2/mask_rcnn_R_101_FPN_400ep_LSJ" in line and "48.9" in line
                and "43.7" in line and zoo.ZOO[r101["name"]].url in line for line in table)
+
+
+def test_readme_shows_the_zoo_table():
+    """The README's table is the zoo's own rendering (rows, URLs and AP in step)."""
+    readme = (zoo.PACKAGE_ROOT / "README.md").read_text()
+    assert "\n".join(zoo.zoo_markdown_table().splitlines()[2:]) in readme
