@@ -19,6 +19,13 @@ $(VENV)/.installed: $(VENV)/.deps setup.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
+# Test oracles (detectron2, built for this machine) from ../shared/oracles/ when it exists;
+# without it the detectron2 parity tests skip and say why.
+ORACLES := $(wildcard ../shared/oracles/detectron2-*.whl)
+$(VENV)/.oracles: $(VENV)/.deps $(ORACLES)
+	$(if $(ORACLES),$(PY) -m pip install -q $(ORACLES),@echo "no ../shared/oracles: detectron2 parity tests will skip")
+	touch $@
+
 venv: $(VENV)/.deps
 install: $(VENV)/.installed
 
@@ -26,7 +33,7 @@ install: $(VENV)/.installed
 libs: $(VENV)/.installed
 	$(PY) libs/build_libs.py $(ARCH)
 
-test: libs
+test: libs $(VENV)/.oracles
 	$(PY) -m pytest tests
 
 demo: libs

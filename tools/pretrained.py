@@ -114,7 +114,9 @@ def fit_state(ours: dict[str, Tensor], weights: ModelWeights, origin: str,
         ValueError naming `origin`, the parameter and both shapes for a mismatch, or the
         missing / unexpected parameter names (a checkpoint for another architecture).
     """
-    state = dict(weights.state)
+    # A step counter may come back from a pickle of arrays as shape (1,) instead of ().
+    state = {k: v.reshape(()) if k.endswith("num_batches_tracked") and v.numel() == 1 else v
+             for k, v in weights.state.items()}
     theirs_k, ours_k = _class_count(state), _class_count(ours)
     same_classes = theirs_k is None or theirs_k == ours_k
     if not same_classes:
