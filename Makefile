@@ -15,7 +15,7 @@ $(VENV)/.deps: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps setup.py
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 

@@ -37,8 +37,20 @@ from tools import pretrained as pretrained_weights
 from tools import zoo
 from tools.structures import ImageList
 
+import configs as _configs   # the shipped config files (config.ini, presets, demo)
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+    __version__ = _dist_version("mask-rcnn-pytorch")
+except PackageNotFoundError:   # a source checkout that was never pip-installed
+    __version__ = "0+unknown"
+
+# The folder holding this module: the repository root in a checkout, site-packages when
+# installed. The defaults are the package's own config.ini (configs.shipped finds it with
+# importlib.resources in a wheel, at the repository root in a checkout), never a
+# config.ini of the working directory.
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG = PACKAGE_DIR / "config.ini"
+DEFAULT_CONFIG = _configs.shipped("config.ini")
 
 # Sections read by build_model; every other section belongs to the tools.
 MODEL_SECTIONS = ("model", "backbone", "transform", "anchors", "rpn", "roi_heads",
@@ -142,7 +154,8 @@ def _schema() -> dict[str, dict[str, tuple[str, str]]]:
     """{section: {key: (type tag, default text)}} from the shipped config.ini."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
-    parser.read(DEFAULT_CONFIG)
+    if not parser.read(DEFAULT_CONFIG):     # read() skips a missing file silently
+        raise FileNotFoundError(f"the package's default config is missing: {DEFAULT_CONFIG}")
     return {s: {k: (_infer_type(v), v) for k, v in parser[s].items()}
             for s in parser.sections()}
 
@@ -153,7 +166,9 @@ def _defaults() -> EasyDict:
 
 
 def load_config(path: Union[str, os.PathLike] = DEFAULT_CONFIG) -> EasyDict:
-    """Read a config file over the defaults of the shipped config.ini.
+    """Read a config file over the defaults of the shipped config.ini. A relative path
+    is taken relative to the working directory, as written (see _resolve_config for the
+    fallback to the shipped files).
 
     Returns:
         EasyDict {section: {key: typed value}} with every key of the schema.
@@ -221,16 +236,18 @@ def _configured_backbone(cfg: EasyDict, overrides: dict[str, Any]) -> str:
     return cfg.backbone.backbone
 
 
-def _preset_config(entry: "zoo.ZooEntry", user: EasyDict, overrides: dict[str, Any]) -> EasyDict:
-    """A zoo entry's preset, with the user's config values that differ from the shipped
-    defaults laid over it (test-time settings, data, solver). The architecture is the
-    preset's: a backbone override that names another one is an error."""
-    cfg = load_config(entry.preset_path)
+def _overlay_config(base: EasyDict, user: EasyDict, overrides: dict[str, Any],
+                    what: str) -> EasyDict:
+    """`base` (a zoo preset, or the config stored in a checkpoint), with the user's config
+    values that differ from the shipped defaults laid over it (test-time settings, data,
+    solver). The architecture is the base's: a backbone override that names another one
+    is an error."""
+    cfg = copy.deepcopy(base)
     backbone = overrides.pop("backbone", overrides.pop("backbone.backbone", None))
     if backbone is not None and backbone != cfg.backbone.backbone:
-        raise ValueError(f"backbone={backbone!r} conflicts with the zoo model {entry.name} "
-                         f"({cfg.backbone.backbone}); leave backbone out, or pick a zoo "
-                         f"model for {backbone!r}")
+        raise ValueError(f"backbone={backbone!r} conflicts with {what} "
+                         f"({cfg.backbone.backbone}); leave backbone out, or pick a model "
+                         f"for {backbone!r}")
     defaults = _defaults()
     for section, keys in user.items():
         for key, value in keys.items():
@@ -241,15 +258,61 @@ def _preset_config(entry: "zoo.ZooEntry", user: EasyDict, overrides: dict[str, A
     return cfg
 
 
-def _resolve_config(config: Union[str, os.PathLike, dict]) -> EasyDict:
-    """A path (relative paths also tried against the package dir) or a loaded dict."""
+def _known_keys(config: dict) -> dict:
+    """A stored config without the sections and keys this version no longer has."""
+    schema = _schema()
+    return {s: {k: v for k, v in keys.items() if k in schema.get(s, {})}
+            for s, keys in config.items() if s in schema}
+
+
+def _explicit_keys(config: Union[str, os.PathLike, dict, None],
+                   overrides: dict[str, Any]) -> set[str]:
+    """"section.key" of every key the user set: in overrides, in the config file, or (a
+    loaded config) with a value other than the default."""
+    keys = {".".join(_find_key(name)) for name in overrides}
+    if isinstance(config, dict):
+        defaults = _defaults()
+        keys |= {f"{s}.{k}" for s, values in config.items() for k, v in values.items()
+                 if s in defaults and k in defaults[s] and v != defaults[s][k]}
+    elif config is not None:
+        path = Path(config)
+        path = path if path.exists() else (_configs.repo_relative(path) or path)
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        parser.read(path)
+        keys |= {f"{s}.{k}" for s in parser.sections() for k in parser[s]}
+    return keys
+
+
+# Trained from scratch, frozen BatchNorm keeps random statistics and frozen stages keep
+# random weights; torchvision too trains every stage with BatchNorm when given no weights.
+_FROM_SCRATCH = {"backbone.norm": "bn", "backbone.trainable_layers": 5}
+
+
+def _trainable_without_weights(cfg: EasyDict, explicit: set[str]) -> EasyDict:
+    """No pretrained weights: trainable norm and all stages, unless the user set them."""
+    cfg = copy.deepcopy(cfg)
+    for name, value in _FROM_SCRATCH.items():
+        section, key = name.split(".")
+        if name not in explicit and cfg[section][key] == _defaults()[section][key]:
+            cfg[section][key] = value
+    return cfg
+
+
+def _resolve_config(config: Union[str, os.PathLike, dict, None]) -> EasyDict:
+    """None (the package's defaults), a loaded dict, or a path. A relative path is the
+    working directory's file; when there is none there and it names a shipped file as
+    written in the repository ("config.ini", "configs/demo.ini", "configs/zoo/..."), the
+    package's copy is read."""
+    if config is None:
+        return load_config(DEFAULT_CONFIG)
     if isinstance(config, dict):
         # Re-check a loaded config over the defaults, as if its values were overrides.
         flat = {f"{s}.{k}": v for s, keys in config.items() for k, v in keys.items()}
         return apply_overrides(_defaults(), flat)
     path = Path(config)
-    if not path.exists() and not path.is_absolute() and (PACKAGE_DIR / path).exists():
-        path = PACKAGE_DIR / path
+    if not path.exists():
+        path = _configs.repo_relative(path) or path
     return load_config(path)
 
 
@@ -342,17 +405,23 @@ class ImageTransform(nn.Module):
         return self.train_min_size[index]
 
     def resize(self, image: Tensor, target: Optional[dict] = None):
-        """Image Tensor[3, H, W] -> Tensor[3, Hr, Wr]; target boxes and masks alike."""
+        """Image Tensor[3, H, W] -> Tensor[3, Hr, Wr]; target boxes and masks alike.
+
+        No side drops below 1 pixel: an image more than max_size / min_size times wider
+        than high would otherwise vanish (F.interpolate floors each side)."""
         h, w = image.shape[-2:]
         scale = min(self._choose_min_size() / min(h, w), self.max_size / max(h, w))
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]
+        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
+        if new_h >= 1 and new_w >= 1:    # torchvision's arithmetic
+            size = dict(scale_factor=scale, recompute_scale_factor=True)
+        else:
+            size = dict(size=(max(new_h, 1), max(new_w, 1)))
+        image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size)[0]
         if target is None:
             return image, None
         if "masks" in target:
             masks = target["masks"][:, None].float()
-            target["masks"] = F.interpolate(masks, scale_factor=scale,
-                                            recompute_scale_factor=True)[:, 0].byte()
+            target["masks"] = F.interpolate(masks, **size)[:, 0].byte()
         target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
         return image, target
 
@@ -608,8 +677,9 @@ class MaskRCNN(nn.Module):
             from the content); or "imagenet" (backbone only). A zoo model brings its
             preset's architecture and categories; it is downloaded into the torch hub
             cache once and verified (MASKRCNN_OFFLINE=1 forbids downloading).
-        config: a config path (relative paths not found in the working directory are
-            taken from the package directory) or an already-loaded EasyDict. With a zoo
+        config: None (the package's defaults), a config path (relative to the working
+            directory; a shipped file such as "configs/zoo/<preset>.ini" is found in the
+            package when not there) or an already-loaded EasyDict. With a zoo
             model, the preset replaces the defaults and the config's non-default values
             still apply (test-time settings, data, solver).
         **overrides: config keys, bare (unique across sections, e.g. backbone="resnet50")
@@ -621,7 +691,7 @@ class MaskRCNN(nn.Module):
     """
 
     def __init__(self, num_classes: Optional[int] = None, pretrained: Optional[str] = None,
-                 config: Union[str, os.PathLike, dict] = "config.ini", **overrides):
+                 config: Union[str, os.PathLike, dict, None] = None, **overrides):
         super().__init__()
         cfg = _resolve_config(config)
         if pretrained is None:
@@ -630,11 +700,19 @@ class MaskRCNN(nn.Module):
             pretrained = None
         if num_classes is not None:
             overrides["model.num_classes"] = num_classes
-        entry = None
+        entry, weights = None, None
         if pretrained is not None and pretrained != "imagenet":
             entry = zoo.resolve_name(str(pretrained), _configured_backbone(cfg, overrides))
         if entry is not None:
-            cfg = _preset_config(entry, cfg, overrides)
+            cfg = _overlay_config(load_config(entry.preset_path), cfg, overrides,
+                                  f"the zoo model {entry.name}")
+        elif pretrained is not None and pretrained != "imagenet":
+            weights = pretrained_weights.read_model_weights(pretrained)
+            if weights.config is not None:       # ours: the architecture it was trained with
+                stored = _resolve_config(_known_keys(weights.config))
+                cfg = _overlay_config(stored, cfg, overrides, f"the checkpoint {pretrained}")
+        elif pretrained is None:
+            cfg = _trainable_without_weights(cfg, _explicit_keys(config, overrides))
         cfg = apply_overrides(cfg, overrides)
         cfg.model.pretrained = pretrained
         built = build_model(cfg, pretrained_backbone="imagenet" if pretrained == "imagenet"
@@ -645,9 +723,15 @@ class MaskRCNN(nn.Module):
             path = zoo.fetch(entry, check_content=pretrained_weights.content_check(self))
             self._load_weights(pretrained_weights.read_model_weights(path),
                                f"{entry.name} ({path})")
-        elif pretrained is not None and pretrained != "imagenet":
-            self._load_weights(pretrained_weights.read_model_weights(pretrained),
-                               str(pretrained))
+        elif weights is not None:
+            self._load_weights(weights, str(pretrained))
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, os.PathLike], **overrides) -> "MaskRCNN":
+        """The model of one of our checkpoints (a training checkpoint or an exported
+        weights file), rebuilt from the config stored in it, with its categories;
+        `overrides` (config keys) change test-time settings, e.g. box_score_thresh."""
+        return cls(pretrained=str(path), **overrides)
 
     def _load_weights(self, weights: "pretrained_weights.ModelWeights", origin: str) -> None:
         same_classes = pretrained_weights.load_model_weights(self, weights, origin)
@@ -690,7 +774,12 @@ class MaskRCNN(nn.Module):
         """
         if self.training and targets is None:
             raise ValueError("targets are required in training mode (or call model.eval())")
+        if isinstance(images, (list, tuple)) and not images and not self.training:
+            return [] if targets is None else ([], {})
         self._validate(images, targets)
+        # float64 / float16 / bfloat16 images run on the weights' dtype.
+        dtype = next(p for p in self.parameters() if p.is_floating_point()).dtype
+        images = [img.to(dtype) for img in images]
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
@@ -730,53 +819,153 @@ class MaskRCNN(nn.Module):
 
     # ------------------------------------------------------------------ validation
 
+    # Pixel values may overshoot [0, 1] by this much (bicubic resampling, rounding): the
+    # check is there to catch 0..255 and mean/std-normalised images, not to clamp.
+    _PIXEL_SLACK = 0.1
+
     def _validate(self, images, targets) -> None:
+        """Raise ValueError naming the image (or target) index, the problem and the fix for
+        an input the model cannot use. Images: a list (or tuple) of at least one
+        Tensor[3, H, W] with H, W >= 1, of any floating dtype (ImageTransform.resize
+        converts them to the weights' dtype), on the model's device, finite, in [0, 1]
+        (up to _PIXEL_SLACK). Costs one aminmax pass per image and one host sync."""
+        if isinstance(images, Tensor):
+            fix = ("model([image])" if images.dim() == 3
+                   else "list(images), one Tensor[3, H, W] per image")
+            raise ValueError(f"images must be a list of Tensor[3, H, W], got a Tensor"
+                             f"{list(images.shape)}: pass {fix}")
         if not isinstance(images, (list, tuple)):
-            raise ValueError(f"images must be a list of Tensor[3, H, W], got {type(images)}")
+            raise ValueError(f"images must be a list of Tensor[3, H, W], got "
+                             f"{type(images).__name__}")
+        if len(images) == 0:
+            raise ValueError("images is empty: training needs at least one Tensor[3, H, W]")
+        weight = next(p for p in self.parameters() if p.is_floating_point())
         for i, image in enumerate(images):
-            if not isinstance(image, Tensor) or image.dim() != 3:
-                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image)
-                raise ValueError(f"image {i}: expected a 3-D Tensor[3, H, W], got {shape}")
-            if image.shape[0] != 3:
-                raise ValueError(f"image {i}: expected 3 channels, got shape "
-                                 f"{tuple(image.shape)}")
-            if not image.is_floating_point():
-                raise ValueError(f"image {i}: expected a float tensor in [0, 1], got "
-                                 f"{image.dtype}")
+            self._validate_image(i, image, weight.device)
+        self._validate_pixels(images)
         if targets is None:
             return
+        if not isinstance(targets, (list, tuple)):
+            raise ValueError(f"targets must be a list of dicts, one per image, got "
+                             f"{type(targets).__name__}")
         if len(targets) != len(images):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+            raise ValueError(f"{len(images)} images but {len(targets)} targets: pass one "
+                             f"target dict per image (or no targets for detections only)")
         for i, (image, target) in enumerate(zip(images, targets)):
             self._validate_target(i, image, target)
 
+    @staticmethod
+    def _validate_image(i: int, image, device: torch.device) -> None:
+        """Image i's type, layout, shape, dtype and device (no pass over the pixels)."""
+        if not isinstance(image, Tensor):
+            raise ValueError(f"image {i}: expected a Tensor[3, H, W] of RGB floats in [0, 1], "
+                             f"got {type(image).__name__} (a PIL image or an HWC array: "
+                             f"torchvision.transforms.functional.to_tensor converts it)")
+        if image.layout != torch.strided:
+            raise ValueError(f"image {i}: a {image.layout} tensor, expected a dense one: "
+                             f"pass image.to_dense()")
+        shape = tuple(image.shape)
+        if image.dim() != 3:
+            hint = {2: ": one channel? pass image.expand(3, -1, -1)",
+                    4: ": a batch? pass list(batch), one Tensor[3, H, W] per image"}
+            raise ValueError(f"image {i}: expected a 3-D Tensor[3, H, W], got shape {shape}"
+                             f"{hint.get(image.dim(), '')}")
+        if shape[0] != 3:
+            hint = ("channels last? pass image.permute(2, 0, 1)" if shape[2] == 3
+                    else "grayscale? pass image.expand(3, -1, -1)" if shape[0] == 1
+                    else "RGBA? drop the alpha channel with image[:3]" if shape[0] == 4
+                    else "pass RGB images")
+            raise ValueError(f"image {i}: expected 3 channels (RGB), got shape {shape}: "
+                             f"{hint}")
+        if shape[1] == 0 or shape[2] == 0:
+            raise ValueError(f"image {i}: empty, shape {shape}: height and width must be at "
+                             f"least 1 pixel")
+        if not image.is_floating_point():
+            hint = ("pass image.float() / 255" if image.dtype == torch.uint8
+                    else "pass real-valued images" if image.is_complex()
+                    else "pass image.float() (divided by 255 if the values are 0..255)")
+            raise ValueError(f"image {i}: expected RGB floats in [0, 1], got {image.dtype}: "
+                             f"{hint}")
+        if image.device != device:
+            raise ValueError(f"image {i}: on {image.device} but the model is on {device}: "
+                             f"move it with image.to('{device}')")
+
+    def _validate_pixels(self, images) -> None:
+        """Finite values in [0, 1] (up to _PIXEL_SLACK): one aminmax pass per image (it
+        propagates NaN) and a single host sync for the batch."""
+        slack = self._PIXEL_SLACK
+        ranges = torch.stack([torch.stack(torch.aminmax(image)).float() for image in images])
+        for i, (lo, hi) in enumerate(ranges.tolist()):
+            if not (lo >= -slack and hi <= 1 + slack):        # also true for NaN
+                self._pixel_error(i, images[i])
+
+    def _pixel_error(self, i: int, image: Tensor) -> None:
+        """The ValueError for image i's values (the slow path: counts on the original)."""
+        nan, inf = int(image.isnan().sum()), int(image.isinf().sum())
+        if nan or inf:
+            found = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite"))
+                                 if n)
+            raise ValueError(f"image {i}: {found} values out of {image.numel()}, expected RGB "
+                             f"floats in [0, 1]: check how the image was loaded or "
+                             f"preprocessed")
+        lo, hi = (float(v) for v in torch.aminmax(image))
+        hint = ("mean/std-normalised? pass the image before normalisation, the model "
+                "normalises by itself" if lo < -self._PIXEL_SLACK
+                else "0..255 pixels? divide by 255")
+        raise ValueError(f"image {i}: values span [{lo:.4g}, {hi:.4g}], expected RGB floats "
+                         f"in [0, 1]: {hint}")
+
     def _validate_target(self, i: int, image: Tensor, target: dict) -> None:
+        """Target i's types, devices, shapes and values against image i (validated)."""
         needed = ("boxes", "labels", "masks") if self.roi_heads.mask_on else ("boxes", "labels")
+        if not isinstance(target, dict):
+            raise ValueError(f"target {i}: expected a dict with {list(needed)}, got "
+                             f"{type(target).__name__}")
         missing = [k for k in needed if k not in target]
         if missing:
             raise ValueError(f"target {i}: missing {missing}")
+        for key in needed:
+            if not isinstance(target[key], Tensor):
+                raise ValueError(f"target {i}: {key} must be a Tensor, got "
+                                 f"{type(target[key]).__name__}")
+            if target[key].device != image.device:
+                raise ValueError(f"target {i}: {key} on {target[key].device} but image {i} is "
+                                 f"on {image.device}: move it with .to('{image.device}')")
         boxes, labels = target["boxes"], target["labels"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
             raise ValueError(f"target {i}: boxes must be a float Tensor[M, 4], got "
-                             f"{tuple(boxes.shape)} {boxes.dtype}")
+                             f"{tuple(boxes.shape)} {boxes.dtype} (no objects: "
+                             f"torch.zeros(0, 4))")
         if labels.dim() != 1 or labels.dtype != torch.int64:
             raise ValueError(f"target {i}: labels must be an int64 Tensor[M], got "
                              f"{tuple(labels.shape)} {labels.dtype}")
+        masks = target["masks"] if "masks" in needed else None
+        if masks is not None and (masks.dim() != 3
+                                  or tuple(masks.shape[-2:]) != tuple(image.shape[-2:])):
+            raise ValueError(f"target {i}: masks must be Tensor[M, {image.shape[-2]}, "
+                             f"{image.shape[-1]}] (the image size), got "
+                             f"{tuple(masks.shape)}")
         counts = {"boxes": len(boxes), "labels": len(labels)}
-        if "masks" in needed:
-            counts["masks"] = len(target["masks"])
+        if masks is not None:
+            counts["masks"] = len(masks)
         if len(set(counts.values())) != 1:
             raise ValueError(f"target {i}: count mismatch {counts}")
-        bad = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0]
+        finite = torch.isfinite(boxes).all(1)
+        empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        bad = torch.where(~finite | empty)[0]
         if len(bad):
-            raise ValueError(f"target {i}: box {int(bad[0])} {boxes[bad[0]].tolist()} has "
-                             f"x2 <= x1 or y2 <= y1 (boxes are x1, y1, x2, y2)")
+            j = int(bad[0])
+            problem = ("is not finite" if not finite[j]
+                       else "has x2 <= x1 or y2 <= y1 (boxes are x1, y1, x2, y2)")
+            raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} {problem}")
         if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
             raise ValueError(f"target {i}: labels must be in 1..{self.num_classes} (0 is "
                              f"background), got {labels.tolist()}")
-        if "masks" in needed:
-            masks = target["masks"]
-            if masks.dim() != 3 or tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
-                raise ValueError(f"target {i}: masks must be Tensor[M, {image.shape[-2]}, "
-                                 f"{image.shape[-1]}] (the image size), got "
-                                 f"{tuple(masks.shape)}")
+        if masks is not None and masks.is_complex():
+            raise ValueError(f"target {i}: masks must be 0/1 (uint8 or bool), got "
+                             f"{masks.dtype}")
+        if masks is not None and masks.numel() and masks.dtype != torch.bool:
+            lo, hi = (float(v) for v in torch.aminmax(masks))
+            if not (lo >= 0 and hi <= 1):
+                raise ValueError(f"target {i}: masks must be 0/1 (uint8 or bool), got "
+                                 f"values in [{lo:g}, {hi:g}]: pass masks > 0")

@@ -1,19 +1,36 @@
-"""mask-rcnn-pytorch: a Mask R-CNN research library with its own CPU and CUDA kernels.
+"""mask-rcnn-pytorch: the build steps (the metadata is in pyproject.toml).
 
-`pip install -e .` installs the packages and builds the kernels with libs/build_libs.py
-(CPU always; CUDA too when nvcc and a GPU are found). The kernels are plain shared
-libraries loaded with cffi, so they never link against libtorch.
+`pip install .` (a wheel) and `pip install -e .` both build the kernels with
+libs/build_libs.py (CPU always; CUDA too when nvcc and a GPU are found). The kernels are
+plain shared libraries loaded with cffi, so they never link against libtorch.
+
+What ships, besides the modules and packages:
+- libs/build/*.so (the kernels, when their build succeeded) and libs/csrc/* (the loader
+  parses the header at import); a failed build leaves the pure-PyTorch fallback.
+- the config files as package data of the `configs` package, found with
+  importlib.resources: configs/demo.ini, configs/zoo/*/*.ini and config.ini, which stays
+  at the repository root and is copied into the wheel's configs/ by build_py (an
+  editable install reads it from the root: see configs/__init__.py).
+A wheel holding a .so is tagged py3-none-<platform>: any Python 3 (cffi's ABI mode, no
+CPython extension) on this platform only; without one it stays py3-none-any.
 """
+import glob
 import os
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Distribution, find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.develop import develop
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel   # setuptools >= 70.1
+except ImportError:   # pragma: no cover (older setuptools: the wheel package's)
+    from wheel.bdist_wheel import bdist_wheel
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["backbones", "proposal", "pooling", "heads", "tools", "libs"]
+PACKAGES = ["backbones", "proposal", "pooling", "heads", "tools", "libs", "configs"]
+KERNELS = "build/*.so"   # libs/build/, relative to the libs package
 
 
 def _build_kernels():
@@ -31,7 +48,19 @@ def _build_kernels():
 class BuildPyWithKernels(build_py):
     def run(self):
         _build_kernels()
+        # package_data globs are expanded once and cached: forget a listing made before
+        # the kernels existed (egg_info may have asked for it).
+        self.__dict__.pop("data_files", None)
         super().run()
+        if not getattr(self, "editable_mode", False):
+            self.copy_file(os.path.join(HERE, "config.ini"),
+                           os.path.join(self.build_lib, "configs", "config.ini"))
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        if not getattr(self, "editable_mode", False):
+            outputs.append(os.path.join(self.build_lib, "configs", "config.ini"))
+        return outputs
 
 
 class DevelopWithKernels(develop):
@@ -40,16 +69,40 @@ class DevelopWithKernels(develop):
         super().run()
 
 
+class KernelDistribution(Distribution):
+    """Counts as having extension modules once the build has produced the kernels: the
+    wheel then installs into platlib and is not tagged pure."""
+    bundles_kernels = False
+
+    def has_ext_modules(self):
+        return self.bundles_kernels or super().has_ext_modules()
+
+
+class BdistWheelPlatform(bdist_wheel):
+    """A platform tag when the wheel carries the compiled kernels."""
+
+    def run(self):
+        if not self.skip_build:
+            self.run_command("build")          # builds the kernels; runs once
+        build_lib = self.get_finalized_command("build_py").build_lib
+        self.distribution.bundles_kernels = bool(
+            glob.glob(os.path.join(build_lib, "libs", KERNELS)))
+        self.root_is_pure = not self.distribution.has_ext_modules()
+        super().run()
+
+    def get_tag(self):
+        impl, abi, plat = super().get_tag()
+        if not self.root_is_pure:
+            impl, abi = "py3", "none"          # plain C ABI via cffi: no CPython ABI
+        return impl, abi, plat
+
+
 setup(
-    name="mask-rcnn-pytorch",
-    version="0.1.0",
-    description="Mask R-CNN in PyTorch with its own RoIAlign/NMS kernels (CPU + CUDA, cffi)",
-    python_requires=">=3.9",
     py_modules=["maskrcnn"],
-    packages=find_packages(include=[p + "*" for p in PACKAGES]),
-    package_data={"libs": ["csrc/*", "build/*"], "": ["*.ini"]},
-    install_requires=["torch", "torchvision", "cffi", "numpy", "pillow", "easydict",
-                      "pycocotools", "tqdm", "matplotlib"],
-    entry_points={"console_scripts": ["maskrcnn = tools.cli:main"]},
-    cmdclass={"build_py": BuildPyWithKernels, "develop": DevelopWithKernels},
+    packages=find_packages(include=[q for p in PACKAGES for q in (p, p + ".*")]),
+    package_data={"libs": ["csrc/*", KERNELS], "configs": ["*.ini", "zoo/*/*.ini"]},
+    include_package_data=False,
+    distclass=KernelDistribution,
+    cmdclass={"build_py": BuildPyWithKernels, "develop": DevelopWithKernels,
+              "bdist_wheel": BdistWheelPlatform},
 )

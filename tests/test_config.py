@@ -153,7 +153,7 @@ def test_pretrained_imagenet_offline_is_clear(tmp_path, monkeypatch):
 
 
 def test_pretrained_checkpoint(tmp_path):
-    source = MaskRCNN(num_classes=2, **SMALL)
+    source = MaskRCNN(num_classes=2, norm="frozen_bn", **SMALL)
     torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
     torch.save(source.state_dict(), tmp_path / "raw.pth")
     for name in ("ckpt.pth", "raw.pth"):
@@ -162,3 +162,39 @@ def test_pretrained_checkpoint(tmp_path):
             assert torch.equal(a, b), key
     with pytest.raises(FileNotFoundError):
         MaskRCNN(pretrained=str(tmp_path / "nope.pth"), **SMALL)
+
+
+def test_no_weights_trains_every_stage_with_batchnorm(tmp_path):
+    """Without pretrained weights, frozen BatchNorm would keep random statistics and the
+    frozen stages random weights: norm bn and all stages, as torchvision does, unless the
+    user sets them (argument, config file or loaded config)."""
+    from backbones import FrozenBatchNorm2d
+    model = MaskRCNN(num_classes=2, **SMALL)
+    assert (model.cfg.backbone.norm, model.cfg.backbone.trainable_layers) == ("bn", 5)
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert MaskRCNN(num_classes=2, norm="frozen_bn", **SMALL).cfg.backbone.norm == "frozen_bn"
+    assert MaskRCNN(num_classes=2, trainable_layers=3, **SMALL).cfg.backbone.norm == "bn"
+    assert MaskRCNN(num_classes=2, trainable_layers=3, **SMALL).cfg.backbone.trainable_layers == 3
+    path = tmp_path / "mine.ini"
+    path.write_text("[backbone]\nnorm = frozen_bn\n")
+    assert MaskRCNN(config=str(path), **SMALL).cfg.backbone.norm == "frozen_bn"
+    explicit = apply_overrides(load_config(DEFAULT_CONFIG), {"norm": "gn"})
+    assert MaskRCNN(config=explicit, **SMALL).cfg.backbone.norm == "gn"
+
+
+def test_our_checkpoint_rebuilds_its_architecture(tmp_path):
+    """A training checkpoint carries its config: pretrained= (and from_checkpoint) rebuild
+    that architecture and keep its categories, whatever the defaults say."""
+    from tools.checkpoint import atomic_save, plain
+    small = dict(SMALL, backbone="resnet18", fpn_channels=64, representation_size=128)
+    source = MaskRCNN(num_classes=2, **small)
+    path = atomic_save({"model": source.state_dict(), "config": plain(source.cfg),
+                        "class_names": ["cat", "dog"], "cat_ids": [7, 9]}, tmp_path / "c.pth")
+    for loaded in (MaskRCNN(pretrained=str(path)), MaskRCNN.from_checkpoint(path)):
+        assert loaded.cfg.backbone.backbone == "resnet18" and loaded.num_classes == 2
+        assert loaded.categories == {1: ("cat", 7), 2: ("dog", 9)}
+        for key, value in source.state_dict().items():
+            assert torch.equal(value, loaded.state_dict()[key]), key
+    scored = MaskRCNN.from_checkpoint(path, box_score_thresh=0.6)
+    assert scored.roi_heads.box_score_thresh == 0.6

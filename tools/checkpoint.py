@@ -12,13 +12,18 @@ with `torch.load(weights_only=True)` and can never execute code:
     config                                the full config as a plain {section: {key: value}}
 
 Files are `model_0001000.pth` in the output directory; `last_checkpoint` names the newest.
+A save writes `.model_0001000.pth.<random>.tmp` and renames it, so a crash (even SIGKILL)
+never leaves a half-written file under a checkpoint name; the next save deletes such
+leftover temp files. Resuming takes the newest checkpoint that loads: one cut short by a
+full disk or an interrupted copy is skipped with a warning naming it.
 """
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,8 +31,16 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from tools.zoo import UnsafeCheckpointError, _torch_load
+
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^model_(\d+)\.pth$")
+# mkstemp names of atomic_save / _atomic_write_text: a killed save leaves one behind
+_TEMP = re.compile(r"^\.(model_\d+\.pth|last_checkpoint)\..+\.tmp$")
+# Test hook (tests/tools/test_faults.py): when this variable names a checkpoint file,
+# atomic_save SIGKILLs its own process after writing that file's temp file and before
+# renaming it, the worst moment for a crash. Inert unless set.
+KILL_SAVING_ENV = "MASKRCNN_TEST_KILL_SAVING"
 
 
 def checkpoint_path(output_dir: PathLike, iteration: int) -> Path:
@@ -45,6 +58,8 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(KILL_SAVING_ENV) == path.name:
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -70,15 +85,49 @@ def list_checkpoints(output_dir: PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _newest_first(output_dir: PathLike) -> list[Path]:
+    """Checkpoints to resume from, best first: the one `last_checkpoint` names, then the
+    others by iteration, highest first."""
+    output_dir = Path(output_dir)
+    found = list_checkpoints(output_dir)[::-1]
+    pointer = output_dir / "last_checkpoint"
+    if pointer.is_file():
+        named = output_dir / pointer.read_text().strip()
+        if named.is_file():
+            found = [named] + [p for p in found if p != named]
+    return found
+
+
 def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
     """The newest checkpoint: the one `last_checkpoint` names, else the highest iteration."""
-    pointer = Path(output_dir) / "last_checkpoint"
-    if pointer.is_file():
-        path = Path(output_dir) / pointer.read_text().strip()
-        if path.is_file():
-            return path
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    found = _newest_first(output_dir)
+    return found[0] if found else None
+
+
+def load_latest_checkpoint(output_dir: PathLike, verbose: bool = True
+                           ) -> tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the newest checkpoint of output_dir that loads, (None, None) when
+    there is none. One that does not load (truncated by a full disk or an interrupted
+    copy, or unsafe) is skipped with a one-line warning on stderr naming it and why, so
+    a crash during a copy costs the iterations since the previous checkpoint, not the run.
+
+    Raises:
+        FileNotFoundError naming every file tried and why, when none of them loads.
+    """
+    tried = []
+    for path in _newest_first(output_dir):
+        try:
+            return path, _load(path)
+        except ValueError as err:
+            tried.append(str(err))
+            if verbose:
+                print(f"warning: resume skips a checkpoint that does not load: {err}",
+                      file=sys.stderr)
+    if tried:
+        raise FileNotFoundError(
+            f"cannot resume: no checkpoint in {output_dir} loads ({'; '.join(tried)}). "
+            f"Restore a good copy of one, or train without resuming")
+    return None, None
 
 
 def save_checkpoint(state: dict, output_dir: PathLike, iteration: int,
@@ -91,26 +140,62 @@ def save_checkpoint(state: dict, output_dir: PathLike, iteration: int,
         for old in list_checkpoints(output_dir)[:-keep_last]:
             if old != path:
                 old.unlink(missing_ok=True)
+    _remove_temp_files(output_dir)
     return path
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with torch.load(weights_only=True).
+def _remove_temp_files(output_dir: PathLike) -> None:
+    """Delete the temp files of saves killed before their rename. Their names never
+    match a checkpoint's, so they were never candidates; this only reclaims the disk.
+    Only one process (rank 0) saves to an output_dir, so none is in use."""
+    for path in Path(output_dir).iterdir():
+        if _TEMP.match(path.name):
+            path.unlink(missing_ok=True)
 
-    Raises:
-        FileNotFoundError if missing; ValueError naming the file when it holds anything
-        but tensors and plain containers (a pickled object is refused, never run).
-    """
-    path = Path(path)
+
+def _load(path: Path) -> dict:
+    """torch.load(weights_only=True) on the CPU through tools.zoo's reader: its errors are
+    one line naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    return _torch_load(path, str(path))
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with torch.load(weights_only=True): never runs code from it.
+
+    Raises, each with one line naming the file and what to do:
+        FileNotFoundError if missing; UnsafeCheckpointError (a ValueError) when it pickles
+        anything but tensors and plain containers (a pickled object is refused, never
+        run); ValueError when it is truncated (a full disk, an interrupted copy) or not a
+        checkpoint at all.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to load: the file holds pickled Python objects "
-                         f"that weights_only loading does not allow ({err}). Only load "
-                         f"checkpoints written by this library or that you trust, after "
-                         f"converting them to plain tensors and containers.") from None
+        state = _load(Path(path))
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(_with_hint(err, "load only checkpoints from a source you "
+                                    "trust, re-saved as tensors and plain containers")
+                                    ) from err.__cause__
+    except ValueError as err:
+        raise ValueError(_with_hint(err, "copy the file again, or use an older checkpoint")
+                         ) from err.__cause__
+    return state if map_location in (None, "cpu") else _to_device(state, map_location)
+
+
+def _with_hint(err: Exception, hint: str) -> str:
+    """err's one-line message followed by what to do about it."""
+    return f"{str(err).rstrip('.')}; {hint}"
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    """value with its tensors on `device` (_load reads everything onto the CPU)."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 # --------------------------------------------------------------------- plain values

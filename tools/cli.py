@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from maskrcnn import DEFAULT_CONFIG, PACKAGE_DIR, apply_overrides, load_config
+import configs
+from maskrcnn import DEFAULT_CONFIG, __version__, apply_overrides, load_config
 
-DEMO_CONFIG = PACKAGE_DIR / "configs" / "demo.ini"
+# The demo recipe shipped with the package (found wherever it is installed).
+DEMO_CONFIG = configs.shipped("demo.ini")
 # The target for the demo (held-out synthetic shapes, 10 minutes on 2 cores).
 DEMO_TARGET = {"AP": 0.40, "AP50": 0.60}
 
@@ -48,6 +50,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrcnn", description="Mask R-CNN: train, evaluate, predict, demo.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model from a config file",
@@ -265,7 +268,7 @@ def cmd_zoo(args, parser) -> int:
 def cmd_demo(args, parser) -> int:
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes {args.minutes}: must be > 0")
-    base = DEMO_CONFIG if DEMO_CONFIG.is_file() else DEFAULT_CONFIG
+    base = DEMO_CONFIG
     cfg = _config(parser, base, args.sets)
     try:
         summary = run_demo(cfg, Path(args.out), args.minutes, args.progress)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from maskrcnn import MaskRCNN, _resolve_config, _schema, apply_overrides, build_model
+from maskrcnn import MaskRCNN, _known_keys, _resolve_config, apply_overrides, build_model
 from tools import zoo
 from tools.checkpoint import load_checkpoint
 from tools.evaluate import detections_to_coco
@@ -73,13 +73,6 @@ def _load_zoo_model(name: str, device, overrides: dict):
                 cat_ids=[categories.get(i, (str(i), i))[1] for i in labels],
                 config=model.cfg, iteration=None)
     return model, meta
-
-
-def _known_keys(config: dict) -> dict:
-    """The checkpoint's config without keys this version no longer has."""
-    schema = _schema()
-    return {s: {k: v for k, v in keys.items() if k in schema.get(s, {})}
-            for s, keys in config.items() if s in schema}
 
 
 def collect_images(paths: Sequence[Union[str, Path]]) -> list[Path]:

@@ -35,8 +35,8 @@ from torch import nn
 
 from maskrcnn import apply_overrides, build_model
 from tools import distributed as dist_utils
-from tools.checkpoint import (latest_checkpoint, load_checkpoint, plain, rng_state,
-                              save_checkpoint, set_rng_state)
+from tools.checkpoint import (latest_checkpoint, load_checkpoint, load_latest_checkpoint,
+                              plain, rng_state, save_checkpoint, set_rng_state)
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 
@@ -242,8 +242,9 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
 
     Args:
         cfg: a full config (maskrcnn.load_config, with overrides applied).
-        resume: continue from the newest checkpoint in solver.output_dir (a fresh start
-            when there is none).
+        resume: continue from the newest checkpoint in solver.output_dir that loads (a
+            newer one cut short by a full disk or a copy is skipped with a warning; a
+            fresh start when there is none).
         progress: show a tqdm bar (rank 0).
     Returns:
         dict(iterations, last_losses {name: float}, checkpoint (path of the last one, or
@@ -252,6 +253,7 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
         MaskRCNN, unwrapped from DDP)).
     Raises:
         NonFiniteLossError when a loss becomes NaN/inf (the last good checkpoint stays).
+        FileNotFoundError naming the files tried when resuming and none of them loads.
     """
     distributed = dist_utils.init_distributed()
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -278,10 +280,9 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_iter, epoch, batch_in_epoch, elapsed = 0, 0, 0, 0.0
-    last_ckpt = latest_checkpoint(out_dir) if resume else None
+    # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    last_ckpt, state = load_latest_checkpoint(out_dir, verbose=main) if resume else (None, None)
     if last_ckpt is not None:
-        # CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        state = load_checkpoint(last_ckpt, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])

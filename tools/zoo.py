@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 PathLike = Union[str, os.PathLike]
 
+# The folder holding the top-level packages: the repository root in a checkout.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("torchvision", "detectron2")
 OFFLINE_ENV = "MASKRCNN_OFFLINE"
@@ -101,8 +102,10 @@ class ZooEntry:
 
     @property
     def preset_path(self) -> Path:
-        """The preset config as an absolute path."""
-        return PACKAGE_ROOT / self.preset
+        """The preset config as an absolute path: the package's shipped copy (see
+        configs.shipped), wherever the package is installed."""
+        import configs
+        return configs.shipped(Path(self.preset).relative_to("configs").as_posix())
 
     @property
     def categories(self) -> dict[int, tuple[str, int]]:
