@@ -475,6 +475,12 @@ def build_backbone(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> 
     return backbone
 
 
+def _set_frozen_bn_op(model: nn.Module, op: str) -> None:
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.op = op
+
+
 def build_rpn(cfg: EasyDict) -> RPN:
     a, r = cfg.anchors, cfg.rpn
     anchors = AnchorGenerator(sizes=a.anchor_sizes, aspect_ratios=a.aspect_ratios,
@@ -539,6 +545,7 @@ def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> "Ma
     model = MaskRCNN.from_parts(build_backbone(cfg, pretrained_backbone), build_rpn(cfg),
                                 build_roi_heads(cfg), build_transform(cfg),
                                 cfg.model.num_classes, cfg)
+    _set_frozen_bn_op(model, b.frozen_bn_op)
     # One switch for every fused inference path (trunk, FPN, box and mask heads), and one
     # for the Winograd convs (trunk, FPN, RPN head, box and mask heads), which need the
     # first.

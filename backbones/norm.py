@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORMS = ("frozen_bn", "bn", "gn")
+FROZEN_BN_OPS = ("torchvision", "detectron2")
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -23,11 +25,17 @@ class FrozenBatchNorm2d(nn.Module):
         num_features: C, the channels of the input Tensor[N, C, H, W].
         eps: added to the variance. 1e-5 by default; torchvision's COCO Mask R-CNN v1
             weights were trained with 0.0 (torchvision sets it when loading them).
+        op: "torchvision" (the formula above, always) or "detectron2" (F.batch_norm
+            when no gradient is needed, as detectron2's FrozenBatchNorm2d: the same
+            values, rounded differently).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, op: str = "torchvision"):
         super().__init__()
+        if op not in FROZEN_BN_OPS:
+            raise ValueError(f"frozen BatchNorm op must be one of {FROZEN_BN_OPS}, got {op!r}")
         self.eps = eps
+        self.op = op
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -41,6 +49,9 @@ class FrozenBatchNorm2d(nn.Module):
                                       missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.op == "detectron2" and not x.requires_grad:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, training=False, eps=self.eps)
         w = self.weight.reshape(1, -1, 1, 1)
         b = self.bias.reshape(1, -1, 1, 1)
         rv = self.running_var.reshape(1, -1, 1, 1)
