@@ -151,32 +151,12 @@ def normalise_batchnorm(tv, image) -> None:
 
 
 def calibrate(tv, image) -> None:
-    """Random weights give near-constant class scores; set the class biases from the
-    logits on `image` so the classes compete (varied labels, ~100 detections above the
-    0.05 threshold), and the RPN bias so the proposals pass its thresholds
-    (tests/test_maskrcnn.py does the same)."""
-    import torch
+    """Random weights calibrated to make ~100 detections of varied classes on `image`
+    (the tests' oracle: tests/zoo/torchvision_oracle.py), in eval mode."""
+    from tests.zoo.torchvision_oracle import calibrate as calibrate_oracle
 
     was_training = tv.training
-    tv.eval()
-    with torch.no_grad():
-        tv.rpn.head.cls_logits.bias.fill_(1.0)
-        images, _ = tv.transform([image])
-        features = tv.backbone(images.tensors)
-        # Objectness logits with std 1, so proposal scores are not near-ties (whose
-        # order would be decided by rounding).
-        head = tv.rpn.head
-        objectness = torch.cat([head.cls_logits(head.conv(f)).flatten()
-                                for f in features.values()])
-        head.cls_logits.weight.div_((objectness - head.cls_logits.bias[0]).std())
-        proposals, _ = tv.rpn(images, features)
-        pooled = tv.roi_heads.box_roi_pool(features, proposals, images.image_sizes)
-        logits, _ = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
-        predictor = tv.roi_heads.box_predictor.cls_score
-        scale = 1.5 / logits.std(0).mean()
-        predictor.weight.mul_(scale)
-        predictor.bias.mul_(scale).sub_(logits.mean(0) * scale)
-        predictor.bias[1:] += 1.0
+    calibrate_oracle(tv.eval(), image)
     tv.train(was_training)
 
 

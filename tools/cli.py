@@ -5,6 +5,7 @@
     maskrcnn predict --weights outputs/model_0001000.pth img1.png folder/ --out preds/
     maskrcnn predict --weights coco photo.jpg           # the COCO model of the zoo
     maskrcnn zoo                                        # the zoo: AP, cached or not
+    maskrcnn export-weights --weights outputs/model_0001000.pth --out model.safetensors
     maskrcnn demo [--out outputs/demo] [--minutes 10]
 
     torchrun --nproc-per-node 4 -m tools.cli train --config my.ini     # DDP, one GPU each
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the newest checkpoint in output_dir")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar: one line per [solver] log_every iterations instead "
+                        "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_train, command_parser=p)
 
     p = sub.add_parser("eval", help="COCO bbox/segm AP of a checkpoint on a data set",
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_set(p, "model inference keys, e.g. box_score_thresh=0.01")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar over the images")
     p.set_defaults(func=cmd_eval, command_parser=p)
 
     p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
@@ -104,8 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_set(p, "model inference keys")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar over the images")
     p.set_defaults(func=cmd_predict, command_parser=p)
+
+    p = sub.add_parser("export-weights", help="model-only weights file of a checkpoint",
+                       description="Write a training checkpoint's model weights, config and "
+                                   "categories as a safetensors file (no optimizer or RNG "
+                                   "state); MaskRCNN(pretrained=FILE) and "
+                                   "MaskRCNN.from_checkpoint(FILE) load it like the "
+                                   "checkpoint.")
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="training checkpoint (outputs/model_*.pth)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the weights file to write (e.g. model.safetensors); replaced "
+                        "atomically")
+    p.set_defaults(func=cmd_export_weights, command_parser=p)
 
     p = sub.add_parser("zoo", help="list the COCO-pretrained models",
                        description="The model zoo: each entry's name (for pretrained= and "
@@ -125,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "demo.demo_minutes)")
     _add_set(p, "applied over configs/demo.ini")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar: one line per [solver] log_every iterations instead "
+                        "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_demo, command_parser=p)
     return parser
 
@@ -201,8 +217,9 @@ def cmd_eval(args, parser) -> int:
     from tools import distributed as dist_utils
     from tools.data import CocoInstances
     from tools.evaluate import evaluate, format_table
-    from tools.predict import load_model
-    _need_file(parser, "--weights", args.weights)
+    from tools.predict import is_zoo_name, load_model
+    if not is_zoo_name(args.weights):
+        _need_file(parser, "--weights", args.weights)
     _need_file(parser, "--data", args.data)
     _need_file(parser, "--images", args.images, folder=True)
     overrides = _inference_overrides(parser, args.sets)
@@ -223,7 +240,8 @@ def cmd_eval(args, parser) -> int:
         batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
         mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
                         else args.mask_threshold),
-        progress=False, compute_loss=args.loss, details=True, results_path=args.results)
+        progress=args.progress, table=False, compute_loss=args.loss, details=True,
+        results_path=args.results)
     if dist_utils.is_main_process():
         print(format_table(metrics, metrics["per_category"]))
         if "loss" in metrics:
@@ -249,6 +267,24 @@ def cmd_predict(args, parser) -> int:
     path = predict(model, args.images, args.out, meta["class_names"], meta["cat_ids"],
                    args.score_threshold, args.mask_threshold, device, args.progress)
     print(f"wrote overlays and {path}")
+    return 0
+
+
+def cmd_export_weights(args, parser) -> int:
+    from tools.export import export_weights
+    _need_file(parser, "--weights", args.weights)
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a folder; name the file to write "
+                     f"(e.g. {Path(args.out) / 'model.safetensors'})")
+    try:
+        path = export_weights(args.weights, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"--weights {err}")
+    except OSError as err:
+        parser.error(f"--out {err}")
+    size, source = path.stat().st_size, Path(args.weights).stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB; the checkpoint {args.weights} is "
+          f"{source / 2**20:.1f} MiB)")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -162,43 +163,55 @@ def run_inference(model, dataset, batch_size: int = 1, device="cpu",
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     indices = list(range(rank, len(dataset), world))
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        batches = tqdm(batches, desc="eval", dynamic_ncols=True)
+        # over this rank's images; leave=None: kept when alone (maskrcnn eval), cleared
+        # when it sits below the training bar (evaluation during training)
+        bar = tqdm(total=len(indices), desc="eval", unit="img", leave=None,
+                   dynamic_ncols=True, file=sys.stderr)
     results, loss_sums = [], {}
-    for batch in batches:
-        samples = [dataset[i] for i in batch]
-        images = [img.to(device) for img, _ in samples]
-        if compute_loss:
-            targets = [{k: v.to(device) for k, v in t.items() if torch.is_tensor(v)}
-                       for _, t in samples]
-            detections, losses = model(images, targets)
-            for k, v in losses.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + float(v) * len(batch)
-            loss_sums["num_images"] = loss_sums.get("num_images", 0) + len(batch)
-        else:
-            detections = model(images)
-        for (_, target), det in zip(samples, detections):
-            results += detections_to_coco(det, target["image_id"], dataset.cat_ids,
-                                          mask_threshold)
+    try:
+        for batch in batches:
+            samples = [dataset[i] for i in batch]
+            images = [img.to(device) for img, _ in samples]
+            if compute_loss:
+                targets = [{k: v.to(device) for k, v in t.items() if torch.is_tensor(v)}
+                           for _, t in samples]
+                detections, losses = model(images, targets)
+                for k, v in losses.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + float(v) * len(batch)
+                loss_sums["num_images"] = loss_sums.get("num_images", 0) + len(batch)
+            else:
+                detections = model(images)
+            for (_, target), det in zip(samples, detections):
+                results += detections_to_coco(det, target["image_id"], dataset.cat_ids,
+                                              mask_threshold)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
     return results, loss_sums
 
 
 def evaluate(model, dataset, batch_size: int = 1, device="cpu", mask_threshold: float = 0.5,
              progress: bool = True, compute_loss: bool = False, details: bool = False,
-             results_path: Optional[str] = None) -> dict:
+             results_path: Optional[str] = None, table: Optional[bool] = None) -> dict:
     """COCO bbox (and segm, when the model predicts masks) AP of model on dataset.
 
     Args:
         model: a MaskRCNN (put in eval mode here).
         dataset: a CocoInstances with train=False (every image, its `coco` the GT).
+        progress: a tqdm bar over the images on stderr (rank 0).
         compute_loss: also average the validation losses (result key "loss").
         details: also return "per_category" {iou_type: {class name: AP}}.
         results_path: write the COCO results JSON (rank 0) there.
+        table: print the AP table with the per-category AP (rank 0); None: as progress.
     Returns:
         {"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}} fractions in [0, 1]
         (-1 where the set has no GT of that size range, as pycocotools), the same on every
-        rank; printed as a table with the per-category AP when progress is set.
+        rank.
     """
     results, loss_sums = run_inference(model, dataset, batch_size, device, mask_threshold,
                                        progress, compute_loss)
@@ -224,6 +237,6 @@ def evaluate(model, dataset, batch_size: int = 1, device="cpu", mask_threshold: 
             out["loss"] = {k: v / n for k, v in total.items()}
         if details:
             out["per_category"] = per_category
-        if progress:
+        if progress if table is None else table:
             print(format_table(metrics, per_category))
     return dist_utils.broadcast_object(out)

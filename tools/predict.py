@@ -22,6 +22,7 @@ from maskrcnn import MaskRCNN, _known_keys, _resolve_config, apply_overrides, bu
 from tools import zoo
 from tools.checkpoint import load_checkpoint
 from tools.evaluate import detections_to_coco
+from tools.export import is_safetensors
 from tools.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -32,14 +33,15 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
 
     Args:
         weights: a checkpoint written by tools/train.py (it holds the config and the
-            class mapping; loaded with weights_only=True), or "coco" / a model-zoo name
-            (tools.zoo.ZOO: downloaded once, verified, with its COCO categories).
+            class mapping; loaded with weights_only=True), a weights file exported from
+            one (`maskrcnn export-weights`), or "coco" / a model-zoo name (tools.zoo.ZOO:
+            downloaded once, verified, with its COCO categories).
         overrides: config keys to change for inference (e.g. box_score_thresh).
     Returns:
         (model, dict(class_names, cat_ids, config, iteration)).
     """
-    if is_zoo_name(weights):
-        return _load_zoo_model(weights, device, overrides or {})
+    if is_zoo_name(weights) or is_safetensors(weights):
+        return _load_pretrained(weights, device, overrides or {})
     state = load_checkpoint(weights)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{weights}: not a training checkpoint of this library (expected "
@@ -65,8 +67,9 @@ def is_zoo_name(weights) -> bool:
     return str(weights) == "coco" or str(weights) in zoo.ZOO
 
 
-def _load_zoo_model(name: str, device, overrides: dict):
-    model = MaskRCNN(pretrained=name, **overrides).to(device).eval()
+def _load_pretrained(weights, device, overrides: dict):
+    """A zoo model or an exported weights file: MaskRCNN(pretrained=...) rebuilds it."""
+    model = MaskRCNN(pretrained=str(weights), **overrides).to(device).eval()
     labels = range(1, model.num_classes + 1)
     categories = model.categories or {}
     meta = dict(class_names=[categories.get(i, (str(i), i))[0] for i in labels],

@@ -3,7 +3,9 @@ convert it to our parameter names, and load it (class-specific predictors re-ini
 when the number of classes differs).
 
 Formats, detected from the content (never from the file name):
-    ours         a state dict, or a training checkpoint {"model": ..., "config": ...}
+    ours         a state dict, or a training checkpoint {"model": ..., "config": ...}, or
+                 a model-only weights file (safetensors: the state, and the config and
+                 categories as JSON metadata; tools.export)
     torchvision  a MaskRCNN state dict (v1 or v2): keys `backbone.fpn.inner_blocks.*`, ...
     detectron2   a model-zoo .pkl ({"model": {name: array}}) or a training .pth
                  ({"model": {name: tensor}}): keys `backbone.bottom_up.*`, ...
@@ -22,6 +24,7 @@ from backbones import convert_torchvision_backbone_state_dict
 from heads import convert_torchvision_roi_heads_state_dict
 from proposal import convert_torchvision_rpn_state_dict
 from tools.convert import convert_detectron2_state, is_detectron2_state
+from tools.export import is_safetensors, read_safetensors
 from tools.zoo import categories_for, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -38,7 +41,8 @@ class ModelWeights:
 
     state: {our parameter name: Tensor}; source: "maskrcnn", "torchvision" or
     "detectron2"; config: the {section: {key: value}} stored with our training
-    checkpoints (else None); categories: label -> (name, COCO id), when known.
+    checkpoints and exported weights files (else None); categories: label -> (name,
+    COCO id), when known.
     """
     state: dict[str, Tensor]
     source: str
@@ -82,7 +86,8 @@ def read_model_weights(path: PathLike) -> ModelWeights:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    raw = read_checkpoint(path)
+    # safetensors: an 8-byte header length, then a JSON header `{`; torch / pickle otherwise
+    raw = read_safetensors(path) if is_safetensors(path) else read_checkpoint(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else raw
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a model checkpoint (expected a state dict of tensors, "

@@ -15,7 +15,19 @@ kernels may be non-deterministic).
 
 Outputs in solver.output_dir: model_<iter>.pth checkpoints (the last keep_last),
 log.jsonl (one JSON object per log_every iterations: iter, lr, time, the losses averaged
-over those iterations; and eval results), loss.png (loss curves and AP over training).
+over those iterations; and eval results), loss.png (loss curves and AP over training);
+with evaluation during training, model_best.pth (the checkpoint, same format, of the
+evaluation with the best segm AP, bbox AP for box-only models); with [solver]
+tensorboard = true, TensorBoard scalars in tensorboard/ (losses, lr, AP).
+
+Watching a run (rank 0): with progress=True a tqdm bar (losses, lr, s/iter, ETA, peak
+memory) and a bar over the images at each evaluation; with progress=False one flushed
+stdout line per log_every iterations instead:
+
+    iter 40/900  loss=2.1034 rpn_cls=0.3121 ... lr=2.000e-03 s/iter=0.412 eta=0:05:54 max_mem=812MiB
+
+(max_mem: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU).
+Each evaluation prints one line with its AP, and the best so far.
 """
 from __future__ import annotations
 
@@ -35,8 +47,9 @@ from torch import nn
 
 from maskrcnn import apply_overrides, build_model
 from tools import distributed as dist_utils
-from tools.checkpoint import (latest_checkpoint, load_checkpoint, load_latest_checkpoint,
-                              plain, rng_state, save_checkpoint, set_rng_state)
+from tools.checkpoint import (atomic_save, latest_checkpoint, load_checkpoint,
+                              load_latest_checkpoint, plain, rng_state, save_checkpoint,
+                              set_rng_state)
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 
@@ -260,6 +273,8 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
     main = rank == 0
     device = dist_utils.device_for_rank()
     solver = cfg.solver
+    # every rank checks (an error on rank 0 alone would leave the others waiting)
+    summary_writer = _summary_writer_class() if solver.tensorboard else None
     if solver.batch_size % world:
         raise ValueError(f"[solver] batch_size = {solver.batch_size} is not divisible by the "
                          f"{world} processes")
@@ -311,9 +326,19 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
 
     log = JsonLog(out_dir / "log.jsonl", main, start_iter)
     budget_s = solver.max_minutes * 60.0
+    bar = _progress_bar(progress and main, start_iter, solver.max_iter, budget_s, device)
+    writer = None
+    if summary_writer is not None and main:
+        # purge_step: TensorBoard hides what an interrupted run logged after the resume point
+        writer = summary_writer(str(out_dir / "tensorboard"), flush_secs=30,
+                                purge_step=start_iter + 1 if start_iter else None)
+    monitor = _Monitor(main, not progress, bar, writer, solver.max_iter, budget_s, device,
+                       start_iter, elapsed)
     ctx = _Loop(cfg, model, optimizer, schedule, scaler, device, use_amp, main, log,
-                train_set, val_set)
-    bar = _progress_bar(progress and main, start_iter, solver.max_iter, budget_s)
+                train_set, val_set, monitor, progress and main)
+    if last_ckpt is not None:
+        ctx.best = dist_utils.broadcast_object(
+            _best_in_log(log.path, ctx.best_kind) if main else None)
 
     iteration, eval_s, saved_iter = start_iter, 0.0, start_iter if last_ckpt else -1
     window = _LossWindow()
@@ -341,32 +366,37 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
                 bar.update(iteration, elapsed, last_losses, lr)
                 window.add(last_losses)
                 if iteration % max(solver.log_every, 1) == 0 or iteration == solver.max_iter:
-                    log.write(window.record(iteration, lr, elapsed))
+                    record = window.record(iteration, lr, elapsed)
+                    log.write(record)
+                    monitor.log(record, elapsed)
                 if solver.checkpoint_every > 0 and iteration % solver.checkpoint_every == 0:
                     ckpt_path = ctx.save(iteration, epoch, batch_in_epoch, elapsed, ckpt_path)
                     saved_iter = iteration
                 if cfg.eval.eval_every > 0 and iteration % cfg.eval.eval_every == 0 \
                         and not done() and val_set is not None:
                     t0 = time.perf_counter()
-                    ctx.evaluate(iteration)
+                    ctx.evaluate(iteration, epoch, batch_in_epoch, elapsed)
                     eval_s += time.perf_counter() - t0
                 if done():
                     break
         elapsed = time.perf_counter() - t_start - eval_s
         if window.count:                      # the last iterations, stopped by the budget
-            log.write(window.record(iteration, schedule.last_lr, elapsed))
+            record = window.record(iteration, schedule.last_lr, elapsed)
+            log.write(record)
+            monitor.log(record, elapsed)
         if saved_iter != iteration:
             ckpt_path = ctx.save(iteration, epoch, batch_in_epoch, elapsed, ckpt_path)
         bar.close()
         if val_set is not None:
             t0 = time.perf_counter()
-            metrics = ctx.evaluate(iteration)
+            metrics = ctx.evaluate(iteration, epoch, batch_in_epoch, elapsed)
             eval_s += time.perf_counter() - t0
         if main:
             from tools.visualize import plot_training
             plot_training(out_dir / "log.jsonl", out_dir / "loss.png")
     finally:
         bar.close()
+        monitor.close()
     return dict(iterations=iteration, last_losses=last_losses,
                 checkpoint=str(ckpt_path) if ckpt_path else None, elapsed_s=elapsed,
                 eval_s=eval_s, metrics=metrics, model=_unwrap(model))
@@ -376,10 +406,14 @@ class _Loop:
     """One training step, checkpointing and evaluation, sharing the run's state."""
 
     def __init__(self, cfg, model, optimizer, schedule, scaler, device, use_amp, main, log,
-                 train_set, val_set):
+                 train_set, val_set, monitor, progress):
         self.cfg, self.model, self.optimizer, self.schedule = cfg, model, optimizer, schedule
         self.scaler, self.device, self.use_amp, self.main = scaler, device, use_amp, main
         self.log, self.train_set, self.val_set = log, train_set, val_set
+        self.monitor, self.progress = monitor, progress
+        # model_best.pth follows this AP; best: (AP, iteration) of the best evaluation
+        self.best_kind = "segm" if cfg.model.mask_on else "bbox"
+        self.best: Optional[tuple] = None
 
     def step(self, iteration: int, images, targets, ckpt_path) -> dict:
         """Forward, NaN/inf check, backward, (clip), optimizer step. Returns the losses
@@ -409,12 +443,9 @@ class _Loop:
         self.scaler.update()
         return values
 
-    def save(self, iteration, epoch, batch_in_epoch, elapsed, previous) -> Optional[Path]:
-        rngs = dist_utils.all_gather_object(rng_state())
-        if not self.main:
-            dist_utils.barrier()
-            return previous
-        state = {
+    def state(self, iteration, epoch, batch_in_epoch, elapsed, rngs) -> dict:
+        """The checkpoint content (see tools/checkpoint.py); rngs: every rank's RNG state."""
+        return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
@@ -427,17 +458,41 @@ class _Loop:
             "class_names": [str(n) for n in self.train_set.class_names],
             "config": plain(self.cfg),
         }
-        path = save_checkpoint(state, self.cfg.solver.output_dir, iteration,
+
+    def save(self, iteration, epoch, batch_in_epoch, elapsed, previous) -> Optional[Path]:
+        rngs = dist_utils.all_gather_object(rng_state())
+        if not self.main:
+            dist_utils.barrier()
+            return previous
+        path = save_checkpoint(self.state(iteration, epoch, batch_in_epoch, elapsed, rngs),
+                               self.cfg.solver.output_dir, iteration,
                                self.cfg.solver.keep_last)
         dist_utils.barrier()
         return path
 
-    def evaluate(self, iteration: int) -> dict:
+    def evaluate(self, iteration: int, epoch: int, batch_in_epoch: int,
+                 elapsed: float) -> dict:
+        """COCO AP on the val set (a bar over its images with progress), logged; writes
+        model_best.pth when the AP of best_kind beats every earlier evaluation's; prints
+        one line (rank 0)."""
         from tools.evaluate import evaluate
+        rng = rng_state()              # the training state's, as a checkpoint now holds
         metrics = evaluate(_unwrap(self.model), self.val_set,
                            batch_size=self.cfg.eval.eval_batch_size, device=self.device,
-                           mask_threshold=self.cfg.eval.mask_threshold, progress=False)
+                           mask_threshold=self.cfg.eval.mask_threshold,
+                           progress=self.progress, table=False)
         self.log.write({"iter": iteration, "eval": metrics})
+        kind = self.best_kind if self.best_kind in metrics else "bbox"
+        ap = float(metrics[kind]["AP"])
+        improved = self.best is None or ap > self.best[0]    # same on every rank
+        if improved:
+            self.best = (ap, iteration)
+            rngs = dist_utils.all_gather_object(rng)
+            if self.main:
+                atomic_save(self.state(iteration, epoch, batch_in_epoch, elapsed, rngs),
+                            Path(self.cfg.solver.output_dir) / "model_best.pth")
+            dist_utils.barrier()
+        self.monitor.evaluation(iteration, metrics, kind, self.best, improved)
         self.model.train()
         return metrics
 
@@ -461,11 +516,14 @@ class _LossWindow:
 
 
 class _progress_bar:
-    """tqdm bar with losses, lr and ETA (by iterations, or by the time budget)."""
+    """tqdm bar with losses, lr, s/iter, ETA (by iterations, or by the time budget) and
+    peak memory."""
 
-    def __init__(self, enabled: bool, start: int, max_iter: int, budget_s: float):
+    def __init__(self, enabled: bool, start: int, max_iter: int, budget_s: float,
+                 device: Optional[torch.device] = None):
         self.bar = None
         self.budget_s, self.max_iter, self.start = budget_s, max_iter, start
+        self.device = device or torch.device("cpu")
         self.t0 = time.perf_counter()
         if enabled:
             from tqdm import tqdm
@@ -487,7 +545,8 @@ class _progress_bar:
         self.bar.set_postfix_str(
             f"it={iteration} loss={sum(losses.values()):.3f} "
             + " ".join(f"{k[5:]}={v:.3f}" for k, v in losses.items())
-            + f" lr={lr:.2e} eta={_fmt_s(eta)}", refresh=False)
+            + f" lr={lr:.2e} s/iter={rate:.3f} eta={_fmt_s(eta)} "
+              f"max_mem={peak_memory_mib(self.device):.0f}MiB", refresh=False)
         self.bar.update(0)
 
     def close(self) -> None:
@@ -499,3 +558,121 @@ class _progress_bar:
 def _fmt_s(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------- watching a run
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB: torch.cuda.max_memory_allocated on a
+    CUDA device, else the peak resident set size (ru_maxrss; /proc VmHWM where the
+    resource module is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # B / KiB
+    except ImportError:                                    # Windows
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 10
+        except OSError:
+            pass
+    return 0.0
+
+
+def _summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter; [solver] tensorboard = true without the
+    tensorboard package is an error at the start of training, saying what to do."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            f"[solver] tensorboard = true needs the tensorboard package ({err}): "
+            f"pip install tensorboard, or set [solver] tensorboard = false") from err
+    return SummaryWriter
+
+
+def _best_in_log(path: Path, kind: str) -> Optional[tuple]:
+    """(AP, iteration) of the best `kind` AP among log.jsonl's evaluations, or None."""
+    best = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                ap = float(record["eval"][kind]["AP"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if best is None or ap > best[0]:
+                best = (ap, int(record["iter"]))
+    return best
+
+
+class _Monitor:
+    """What rank 0 shows of a run: one flushed console line per log interval when the
+    bar is off, TensorBoard scalars when a writer is given, one line per evaluation."""
+
+    def __init__(self, main: bool, console: bool, bar: _progress_bar, writer,
+                 max_iter: int, budget_s: float, device: torch.device, start_iter: int,
+                 start_elapsed: float):
+        self.main, self.console, self.bar, self.writer = main, console, bar, writer
+        self.max_iter, self.budget_s, self.device = max_iter, budget_s, device
+        self.last_iter, self.last_elapsed = start_iter, start_elapsed
+
+    def log(self, record: dict, elapsed: float) -> None:
+        """record: a _LossWindow record (losses averaged over the interval)."""
+        if not self.main:
+            return
+        iteration = record["iter"]
+        s_iter = (elapsed - self.last_elapsed) / max(iteration - self.last_iter, 1)
+        self.last_iter, self.last_elapsed = iteration, elapsed
+        if self.console:
+            eta = max(self.max_iter - iteration, 0) * s_iter
+            if self.budget_s > 0:
+                eta = min(eta, max(self.budget_s - elapsed, 0.0))
+            self._print(
+                f"iter {iteration}/{self.max_iter}  loss={record['loss']:.4f} "
+                + " ".join(f"{k[5:] if k.startswith('loss_') else k}={v:.4f}"
+                           for k, v in record["losses"].items())
+                + f" lr={record['lr']:.3e} s/iter={s_iter:.3f} eta={_fmt_s(eta)} "
+                  f"max_mem={peak_memory_mib(self.device):.0f}MiB")
+        if self.writer is not None:
+            self.writer.add_scalar("loss/total", record["loss"], iteration)
+            for k, v in record["losses"].items():
+                self.writer.add_scalar(f"loss/{k}", v, iteration)
+            self.writer.add_scalar("lr", record["lr"], iteration)
+
+    def evaluation(self, iteration: int, metrics: dict, kind: str, best: tuple,
+                   improved: bool) -> None:
+        """One line: AP and AP50 of each IoU type (the one model_best.pth follows
+        first), the best so far and whether model_best.pth was just written."""
+        if not self.main:
+            return
+        from tools.evaluate import IOU_TYPES, METRIC_NAMES
+        types = [kind] + [t for t in IOU_TYPES if t in metrics and t != kind]
+        shown = "  ".join(f"{t} AP={metrics[t]['AP']:.4f} AP50={metrics[t]['AP50']:.4f}"
+                          for t in types)
+        note = (f"new best {kind} AP: saved model_best.pth" if improved
+                else f"best {kind} AP={best[0]:.4f} @ iter {best[1]}")
+        self._print(f"eval @ iter {iteration}/{self.max_iter}: {shown}  ({note})")
+        if self.writer is not None:
+            for t in types:
+                for name in METRIC_NAMES:
+                    if metrics[t][name] >= 0:                 # -1: no GT of that size
+                        self.writer.add_scalar(f"eval/{t}_{name}", metrics[t][name],
+                                               iteration)
+            self.writer.flush()
+
+    def _print(self, line: str) -> None:
+        if self.bar.bar is not None:          # above the bar, without breaking it
+            from tqdm import tqdm
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

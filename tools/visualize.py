@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 # Distinct colours (tab10), one per class label (cycled).
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -29,37 +29,77 @@ def to_pil(image: Tensor) -> Image.Image:
 def draw_detections(image: Tensor, detection: dict, class_names: Sequence[str],
                     score_threshold: float = 0.5, mask_threshold: float = 0.5,
                     alpha: float = 0.45) -> Image.Image:
-    """Overlay of the detections scoring >= score_threshold.
+    """Overlay of the detections scoring >= score_threshold: masks blended in their
+    class colour (torchvision.utils.draw_segmentation_masks; where masks overlap, the
+    higher-scoring detection's colour), box outlines (draw_bounding_boxes) and a label
+    "name score" ("person 0.87") on the box's colour just above the box (inside it at
+    the image's top edge), where it hides none of a small object's mask.
 
     Args:
         image: Tensor[3, H, W] in [0, 1].
         detection: dict(boxes Tensor[D, 4] (x1, y1, x2, y2), labels Tensor[D] in 1..K,
             scores Tensor[D], optional masks Tensor[D, 1, H, W] probabilities).
-        class_names: name of label l is class_names[l - 1].
+        class_names: name of label l is class_names[l - 1] (else the label's number).
+    Returns:
+        An RGB PIL image of the input's size; pixels no detection touches keep their
+        value.
     """
-    base = np.asarray(to_pil(image)).astype(np.float32)
-    keep = (detection["scores"] >= score_threshold).nonzero().flatten().tolist()
+    image = image.detach().float().clamp(0, 1).cpu()
+    scores = detection["scores"].detach().float().cpu()
+    # highest score first: drawn on top, and its colour wins where masks overlap
+    keep = [i for i in scores.argsort(descending=True, stable=True).tolist()
+            if scores[i] >= score_threshold]
+    if not keep:
+        return to_pil(image)
+    labels = [int(detection["labels"][i]) for i in keep]
+    colors = [_color(label) for label in labels]
     masks = detection.get("masks")
-    for i in keep:
-        if masks is not None:
-            color = np.array(_color(int(detection["labels"][i])), dtype=np.float32)
-            m = (masks[i, 0] >= mask_threshold).cpu().numpy()
-            base[m] = (1 - alpha) * base[m] + alpha * color
-    out = Image.fromarray(base.round().clip(0, 255).astype(np.uint8))
+    if masks is not None:
+        masks = masks.detach().cpu()
+        masks = masks[:, 0] if masks.dim() == 4 else masks
+        drawn = masks[keep] >= mask_threshold
+        covered = torch.zeros(drawn.shape[1:], dtype=torch.bool)
+        for m in drawn:                          # each pixel shows one (the top) mask
+            m &= ~covered
+            covered |= m
+        # floats in, so pixels outside every mask come back unchanged
+        image = draw_segmentation_masks(image, drawn, alpha=alpha, colors=colors)
+    pixels = (image * 255).round().clamp(0, 255).to(torch.uint8)
+    boxes = detection["boxes"].detach().float().cpu()[keep]
+    # lowest score first, so the highest-scoring outline ends on top
+    pixels = draw_bounding_boxes(pixels, boxes.flip(0), colors=colors[::-1], width=1)
+    out = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    _draw_labels(out, boxes, detection_labels(detection, class_names, keep), colors)
+    return out
+
+
+def detection_labels(detection: dict, class_names: Sequence[str],
+                     indices: Optional[Sequence[int]] = None) -> list[str]:
+    """The label texts of draw_detections, "name score" (e.g. "person 0.87"), for the
+    detections `indices` (default: all)."""
+    if indices is None:
+        indices = range(len(detection["scores"]))
+    texts = []
+    for i in indices:
+        label = int(detection["labels"][i])
+        name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
+        texts.append(f"{name} {float(detection['scores'][i]):.2f}")
+    return texts
+
+
+def _draw_labels(out: Image.Image, boxes: Tensor, texts: Sequence[str],
+                 colors: Sequence[tuple]) -> None:
+    """Each text in white on its colour, above its box's top-left corner (inside the box
+    when the box touches the image's top; moved left when it would run off the right
+    edge). Drawn last first, so the highest-scoring detection's label is on top."""
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
-    for i in keep:
-        label = int(detection["labels"][i])
-        color = _color(label)
-        x1, y1, x2, y2 = [float(v) for v in detection["boxes"][i]]
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=1)
-        name = class_names[label - 1] if 1 <= label <= len(class_names) else str(label)
-        text = f"{name} {float(detection['scores'][i]):.2f}"
-        tx, ty = x1, max(y1 - 11, 0)
-        box = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle(box, fill=color)
+    for box, text, color in reversed(list(zip(boxes.tolist(), texts, colors))):
+        x1, y1 = box[0], box[1]
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tx, ty = max(min(x1, out.width - right - 1), 0), max(y1 - bottom - 1, 0)
+        draw.rectangle(draw.textbbox((tx, ty), text, font=font), fill=color)
         draw.text((tx, ty), text, fill=(255, 255, 255), font=font)
-    return out
 
 
 def _color(label: int) -> tuple:

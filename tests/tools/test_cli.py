@@ -161,7 +161,7 @@ class Pickled:
 def test_help_documents_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo"}
+    assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo", "export-weights"}
     for name, subparser in sub.choices.items():
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
@@ -177,3 +177,46 @@ def test_console_script_is_installed():
     run = subprocess.run([str(PACKAGE_DIR / ".venv" / "bin" / "maskrcnn"), "demo", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "--minutes" in run.stdout
+
+
+def test_eval_progress_bar_follows_no_progress(trained, shapes_data, capsys):
+    _, out = trained
+    vj, vi = shapes_data["val"]
+    argv = ["eval", "--weights", str(latest_checkpoint(out)), "--data", str(vj),
+            "--images", str(vi)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "eval" in stderr and "4/4" in stderr                     # the bar, 4 val images
+    assert stdout.count("category") == 1                            # the table once
+    assert main(argv + ["--no-progress"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "4/4" not in stderr and stdout.count("category") == 1
+
+
+def test_predict_progress_bar_follows_no_progress(trained, shapes_data, tmp_path, capsys):
+    _, out = trained
+    vi = shapes_data["val"][1]
+    n = len(list(vi.glob("*.png")))
+    argv = ["predict", "--weights", str(latest_checkpoint(out)), str(vi)]
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert f"{n}/{n}" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert f"{n}/{n}" not in capsys.readouterr().err
+
+
+def test_train_without_bar_prints_a_line_per_log_interval(trained, tmp_path, capsys):
+    config, _ = trained
+    argv = ["train", "--config", str(config), "--set", "max_iter=2", "log_every=1",
+            f"output_dir={tmp_path / 'run'}", *TINY_SETS]
+    capsys.readouterr()
+    assert main(argv + ["--no-progress"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert [ln.split("  ")[0] for ln in stdout.splitlines()
+            if ln.startswith("iter ")] == ["iter 1/2", "iter 2/2"]
+    assert "train:" not in stderr
+    assert main(argv) == 0                                          # the bar instead
+    stdout, stderr = capsys.readouterr()
+    assert "train:" in stderr and not [ln for ln in stdout.splitlines()
+                                       if ln.startswith("iter ")]

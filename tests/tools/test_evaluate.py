@@ -141,3 +141,16 @@ def test_validation_loss_is_the_mean_eval_mode_loss(tiny_cfg, val_set, tmp_path)
     for k in expected:
         assert metrics["loss"][k] == pytest.approx(expected[k], rel=1e-5), k
     assert (tmp_path / "results.json").is_file()
+
+
+def test_progress_bar_and_table_are_separate_switches(val_set, capsys):
+    oracle = Oracle(_gt_detections(val_set))
+    evaluate(oracle, val_set, batch_size=1, progress=True, table=False)
+    out, err = capsys.readouterr()
+    assert "eval" in err and "4/4" in err and out == ""        # the bar, over the 4 images
+    evaluate(oracle, val_set, batch_size=1, progress=False)
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "")
+    evaluate(oracle, val_set, batch_size=2, progress=True)      # the table by default
+    out, err = capsys.readouterr()
+    assert "4/4" in err and out.count("segm") == 2 and "category" in out

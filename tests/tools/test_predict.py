@@ -86,3 +86,15 @@ def test_plot_training(tmp_path):
     path = plot_training(log, tmp_path / "plot.png")
     assert Image.open(path).size[0] > Image.open(path).size[1]            # two panels
     assert plot_training(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
+
+
+def test_predict_progress_bar_over_a_folder(tiny_cfg, shapes_data, tmp_path, capsys):
+    model, meta = predict_mod.load_model(_tiny_checkpoint(tiny_cfg, tmp_path))
+    image_dir = shapes_data["val"][1]
+    n = len(list(image_dir.glob("*.png")))
+    capsys.readouterr()
+    for progress in (True, False):
+        predict_mod.predict(model, [image_dir], tmp_path / f"p{progress}", meta["class_names"],
+                            meta["cat_ids"], progress=progress)
+        err = capsys.readouterr().err
+        assert ("predict" in err and f"{n}/{n}" in err) == progress, err

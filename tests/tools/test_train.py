@@ -1,6 +1,9 @@
 """Training: schedule values, loss goes down, exact resume, NaN stop, time budget, log."""
+import io
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +225,178 @@ def test_pretrained_key_finetunes_with_other_classes(tiny_cfg, tmp_path, capsys)
     saved = load_checkpoint(summary["checkpoint"])
     assert saved["config"]["model"]["pretrained"] == str(path)
     assert saved["config"]["model"]["num_classes"] == 3
+
+
+# ------------------------------------------------------------- watching a run (issue)
+
+def _log_records(cfg):
+    return [json.loads(line) for line in
+            open(f"{cfg.solver.output_dir}/log.jsonl").read().splitlines()]
+
+
+def _fields(line):
+    """'iter 2/4  loss=1.2 rpn_cls=0.3 ...' -> (2, 4, {"loss": "1.2", ...})."""
+    head, _, rest = line.partition("  ")
+    done, total = head.split()[1].split("/")
+    return int(done), int(total), dict(tok.split("=", 1) for tok in rest.split())
+
+
+def _seconds(hms):
+    h, m, s = (int(x) for x in hms.split(":"))
+    return 3600 * h + 60 * m + s
+
+
+class _FlushSpy(io.StringIO):
+    """sys.stdout stand-in recording what had been written at each flush()."""
+
+    def __init__(self):
+        super().__init__()
+        self.flushed = []
+
+    def flush(self):
+        self.flushed.append(self.getvalue())
+        super().flush()
+
+
+def test_without_bar_one_flushed_console_line_per_log_interval(tiny_cfg, monkeypatch):
+    import resource
+    spy = _FlushSpy()
+    monkeypatch.setattr(sys, "stdout", spy)
+    cfg = tiny_cfg(max_iter=4, log_every=2)
+    train(cfg, progress=False)
+    lines = [ln for ln in spy.getvalue().splitlines() if ln.startswith("iter ")]
+    records = _log_records(cfg)
+    assert [r["iter"] for r in records] == [2, 4]
+    assert [_fields(ln)[:2] for ln in lines] == [(2, 4), (4, 4)]       # one per interval
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = [0.0] + [r["time"] for r in records]
+    for k, (line, record) in enumerate(zip(lines, records)):
+        # pushed out at once (SLURM / nohup / CI: stdout is a file, block-buffered)
+        assert any(s.endswith(line + "\n") for s in spy.flushed), line
+        it, _, f = _fields(line)
+        assert float(f["loss"]) == pytest.approx(record["loss"], abs=1e-4)
+        for name, value in record["losses"].items():                  # every loss term
+            assert float(f[name[5:]]) == pytest.approx(value, abs=1e-4), name
+        assert float(f["lr"]) == pytest.approx(record["lr"], rel=1e-3)
+        s_iter = (times[k + 1] - times[k]) / 2                         # 2 iterations each
+        assert float(f["s/iter"]) == pytest.approx(s_iter, rel=0.02, abs=2e-3)
+        assert abs(_seconds(f["eta"]) - (4 - it) * s_iter) <= 1.0
+        assert f["max_mem"].endswith("MiB") and 0 < float(f["max_mem"][:-3]) <= peak_mib + 1
+    assert _seconds(_fields(lines[-1])[2]["eta"]) == 0
+
+
+def test_with_bar_no_console_lines_but_bars_for_training_and_evaluation(
+        tiny_cfg, shapes_data, capsys):
+    vj, vi = shapes_data["val"]
+    train(tiny_cfg(max_iter=2, log_every=1, eval_every=1, val_json=str(vj),
+                   val_images=str(vi)), progress=True)
+    out, err = capsys.readouterr()
+    assert not [ln for ln in out.splitlines() if ln.startswith("iter ")]
+    assert "train:" in err and "max_mem=" in err and "s/iter=" in err       # bar postfix
+    assert "eval" in err and "4/4" in err             # the 4 val images, each evaluation
+    assert len([ln for ln in out.splitlines() if ln.startswith("eval @ iter")]) == 2
+
+
+def test_evaluation_bar_is_off_without_progress(tiny_cfg, shapes_data, capsys):
+    vj, vi = shapes_data["val"]
+    train(tiny_cfg(max_iter=1, val_json=str(vj), val_images=str(vi)), progress=False)
+    out, err = capsys.readouterr()
+    assert "4/4" not in err and "eval:" not in err
+    assert [ln for ln in out.splitlines() if ln.startswith("eval @ iter 1/1: segm AP=")]
+
+
+def _metrics(segm, bbox):
+    fill = lambda ap: {"AP": ap, "AP50": min(ap + 0.1, 1.0), "AP75": ap, "APs": -1.0,
+                       "APm": ap, "APl": ap}
+    return {"bbox": fill(bbox), **({"segm": fill(segm)} if segm is not None else {})}
+
+
+@pytest.mark.parametrize("mask_on, segm, bbox, best_iter", [
+    (True, [0.2, 0.5, 0.3, 0.4], [0.9, 0.1, 0.8, 0.95], 2),     # segm AP decides
+    (False, None, [0.3, 0.1, 0.6, 0.6], 3),                    # box-only: bbox AP; ties keep
+])
+def test_best_checkpoint_follows_the_ap_and_each_evaluation_prints_a_line(
+        tiny_cfg, shapes_data, monkeypatch, capsys, mask_on, segm, bbox, best_iter):
+    import tools.evaluate
+    import tools.train
+    vj, vi = shapes_data["val"]
+    script = iter(_metrics(s, b) for s, b in zip(segm or [None] * 4, bbox))
+    monkeypatch.setattr(tools.evaluate, "evaluate", lambda model, dataset, **kw: next(script))
+    saved = []
+    real_save = tools.train.atomic_save
+
+    def spy(obj, path):
+        saved.append((Path(path).name, obj["iteration"]))
+        return real_save(obj, path)
+    monkeypatch.setattr(tools.train, "atomic_save", spy)
+    cfg = tiny_cfg(max_iter=4, eval_every=1, checkpoint_every=1, keep_last=0,
+                   mask_on=mask_on, val_json=str(vj), val_images=str(vi))
+    train(cfg, progress=False)
+    out_dir = Path(cfg.solver.output_dir)
+    kind = "segm" if mask_on else "bbox"
+    aps = segm if mask_on else bbox
+    best_so_far = [i + 1 for i, ap in enumerate(aps) if ap > max(aps[:i], default=-1)]
+    assert saved == [("model_best.pth", i) for i in best_so_far]       # atomic, on gains
+    best = load_checkpoint(out_dir / "model_best.pth")
+    regular = load_checkpoint(out_dir / f"model_{best_iter:07d}.pth")
+    assert best.keys() == regular.keys() and best["iteration"] == best_iter
+    assert best["data"] == regular["data"] and best["config"] == regular["config"]
+    for key in regular["model"]:
+        assert torch.equal(best["model"][key], regular["model"][key]), key
+    assert [p.name for p in list_checkpoints(out_dir)][-1] == "model_0000004.pth"
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eval @")]
+    assert len(lines) == 4                                  # 3 periodic + the final one
+    for i, line in enumerate(lines):
+        assert line.startswith(f"eval @ iter {i + 1}/4: {kind} AP={aps[i]:.4f}"), line
+        assert f"bbox AP={bbox[i]:.4f}" in line
+        assert ("model_best.pth" in line) == (i + 1 in best_so_far), line
+
+
+def test_best_checkpoint_of_a_real_evaluation_loads_for_inference(tiny_cfg, shapes_data):
+    from tools.predict import load_model
+    vj, vi = shapes_data["val"]
+    cfg = tiny_cfg(max_iter=1, val_json=str(vj), val_images=str(vi))
+    summary = train(cfg, progress=False)
+    model, meta = load_model(Path(cfg.solver.output_dir) / "model_best.pth")
+    assert meta["iteration"] == 1 and meta["class_names"] == ["circle", "square", "triangle"]
+    trained = summary["model"].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+
+def test_tensorboard_scalars_equal_the_log(tiny_cfg, shapes_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    vj, vi = shapes_data["val"]
+    cfg = tiny_cfg(max_iter=2, log_every=1, eval_every=1, tensorboard=True,
+                   val_json=str(vj), val_images=str(vi))
+    train(cfg, progress=False)
+    events = EventAccumulator(f"{cfg.solver.output_dir}/tensorboard")
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)}
+               for tag in events.Tags()["scalars"]}
+    records = _log_records(cfg)
+    train_records = [r for r in records if "losses" in r]
+    assert [r["iter"] for r in train_records] == [1, 2]
+    for r in train_records:
+        assert scalars["loss/total"][r["iter"]] == pytest.approx(r["loss"], rel=1e-6)
+        assert scalars["lr"][r["iter"]] == pytest.approx(r["lr"], rel=1e-6)
+        for name, value in r["losses"].items():
+            assert scalars[f"loss/{name}"][r["iter"]] == pytest.approx(value, rel=1e-6)
+    evals = [r for r in records if "eval" in r]
+    assert [r["iter"] for r in evals] == [1, 2]
+    for r in evals:
+        for kind in ("segm", "bbox"):
+            for metric in ("AP", "AP50"):
+                assert scalars[f"eval/{kind}_{metric}"][r["iter"]] == pytest.approx(
+                    r["eval"][kind][metric], abs=1e-6)
+
+
+def test_tensorboard_missing_is_a_clear_error_at_start(tiny_cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # not installed
+    cfg = tiny_cfg(tensorboard=True)
+    with pytest.raises(ImportError) as err:
+        train(cfg, progress=False)
+    assert "[solver] tensorboard = true" in str(err.value)
+    assert "pip install tensorboard" in str(err.value)
+    assert not Path(cfg.solver.output_dir).exists()                 # before any training
+    assert train(tiny_cfg(max_iter=1), progress=False)["iterations"] == 1   # off: fine
