@@ -67,9 +67,10 @@ TRAINING_KEYS = (
     "solver.max_iter", "solver.batch_size", "solver.clip_grad", "solver.amp",
     "solver.checkpoint_every", "solver.keep_last", "solver.seed", "solver.log_every",
     "solver.output_dir", "solver.lr_schedule", "solver.min_lr_factor", "solver.max_minutes",
-    "solver.init_weights",
+    "solver.init_weights", "solver.tensorboard",
     "data.train_json", "data.train_images", "data.val_json", "data.val_images",
-    "data.skip_empty", "data.flip_prob", "data.num_workers",
+    "data.skip_empty", "data.flip_prob", "data.num_workers", "data.lsj", "data.lsj_scale",
+    "data.lsj_size",
     "eval.eval_batch_size", "eval.mask_threshold", "eval.eval_every",
     "demo.demo_minutes", "demo.demo_image_size", "demo.demo_num_classes",
     "demo.demo_num_train", "demo.demo_num_val",
@@ -419,7 +420,12 @@ class ImageTransform(nn.Module):
         image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size)[0]
         if target is None:
             return image, None
-        if "masks" in target:
+        valid = target.get("mask_valid")
+        if "masks" in target and valid is not None and not bool(valid.any()):
+            # box-only instances: their masks are all zero and no target, nothing to resample
+            target["masks"] = torch.zeros((len(target["masks"]), *image.shape[-2:]),
+                                          dtype=torch.uint8, device=image.device)
+        elif "masks" in target:
             masks = target["masks"][:, None].float()
             target["masks"] = F.interpolate(masks, **size)[:, 0].byte()
         target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
@@ -768,8 +774,13 @@ class MaskRCNN(nn.Module):
         Args:
             images: per image Tensor[3, H, W] float in [0, 1] (sizes may differ).
             targets: per image dict(boxes Tensor[M, 4] float (x1, y1, x2, y2) pixels,
-                labels Tensor[M] int64 in 1..K, masks Tensor[M, H, W] uint8/bool); required
-                in training mode.
+                labels Tensor[M] int64 in 1..K, masks Tensor[M, H, W] uint8/bool (with
+                mask_on only), optional mask_valid Tensor[M] bool); required in training
+                mode. mask_valid False marks an instance without a mask (box-only
+                annotations): it counts for the RPN and box losses, and the mask loss uses
+                only the positive RoIs matched to instances with mask_valid True (the
+                masks of the others are ignored: all zero will do). Without mask_valid
+                every mask is valid.
         Returns:
             training mode: dict(loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask).
             eval mode: per image dict(boxes Tensor[D, 4] original pixels, labels Tensor[D]
@@ -923,7 +934,10 @@ class MaskRCNN(nn.Module):
                          f"in [0, 1]: {hint}")
 
     def _validate_target(self, i: int, image: Tensor, target: dict) -> None:
-        """Target i's types, devices, shapes and values against image i (validated)."""
+        """Target i's types, devices, shapes and values against image i (validated).
+        masks are required with mask_on only; the optional mask_valid (a bool Tensor[M],
+        False: instance without a mask, excluded from the mask loss) is checked when given,
+        and a target without it has all its masks valid."""
         needed = ("boxes", "labels", "masks") if self.roi_heads.mask_on else ("boxes", "labels")
         if not isinstance(target, dict):
             raise ValueError(f"target {i}: expected a dict with {list(needed)}, got "
@@ -931,7 +945,8 @@ class MaskRCNN(nn.Module):
         missing = [k for k in needed if k not in target]
         if missing:
             raise ValueError(f"target {i}: missing {missing}")
-        for key in needed:
+        mask_valid = target.get("mask_valid")
+        for key in needed + (("mask_valid",) if mask_valid is not None else ()):
             if not isinstance(target[key], Tensor):
                 raise ValueError(f"target {i}: {key} must be a Tensor, got "
                                  f"{type(target[key]).__name__}")
@@ -952,9 +967,16 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"target {i}: masks must be Tensor[M, {image.shape[-2]}, "
                              f"{image.shape[-1]}] (the image size), got "
                              f"{tuple(masks.shape)}")
+        if mask_valid is not None and (mask_valid.dim() != 1
+                                       or mask_valid.dtype != torch.bool):
+            raise ValueError(f"target {i}: mask_valid must be a bool Tensor[M] (False: the "
+                             f"instance has no mask), got {tuple(mask_valid.shape)} "
+                             f"{mask_valid.dtype}")
         counts = {"boxes": len(boxes), "labels": len(labels)}
         if masks is not None:
             counts["masks"] = len(masks)
+        if mask_valid is not None:
+            counts["mask_valid"] = len(mask_valid)
         if len(set(counts.values())) != 1:
             raise ValueError(f"target {i}: count mismatch {counts}")
         finite = torch.isfinite(boxes).all(1)

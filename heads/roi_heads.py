@@ -114,8 +114,13 @@ class RoIHeads(nn.Module):
         return losses
 
     def _mask_loss(self, features, samples: RoITargets, image_sizes, targets) -> Tensor:
-        # Only positive RoIs carry a mask target.
+        # Only positive RoIs carry a mask target, and only those matched to an instance
+        # with a mask (target "mask_valid", Tensor[M] bool; all instances without it):
+        # box-only instances train the box branch only. No such RoI: a zero loss.
         pos = [torch.where(lab > 0)[0] for lab in samples.labels]
+        if any("mask_valid" in t for t in targets):
+            pos = [i if "mask_valid" not in t else i[t["mask_valid"][m[i]]]
+                   for i, m, t in zip(pos, samples.matched_idxs, targets)]
         boxes = [p[i] for p, i in zip(samples.proposals, pos)]
         matched = [m[i] for m, i in zip(samples.matched_idxs, pos)]
         labels = mask_target_labels([t["labels"] for t in targets], matched)

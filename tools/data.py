@@ -19,6 +19,11 @@ annotation with the image file and the annotation id):
   pycocotools. An instance whose mask is empty is dropped (it would teach the mask head
   to predict nothing). When the box and the mask's tight box overlap with IoU below
   `min_mask_box_iou`, the mask is trusted: the box is replaced by the mask's box.
+- Box-only instances: an annotation without a segmentation (no key, null or [], as
+  box-only exporters write) is kept with its box and label, an all-zero mask and
+  `mask_valid` False. A box-only detector (mask_on = false) trains on such data as it is;
+  a Mask R-CNN trains its RPN and box head on every instance and its mask head only on
+  the instances with `mask_valid` True.
 - Image-level problems (missing or unreadable file, an RLE or a file whose size differs
   from the JSON's width/height) raise an error naming the file with on_error="raise"
   (default). With on_error="skip" they are logged and the sample is replaced by the next
@@ -26,11 +31,15 @@ annotation with the image file and the annotation id):
 - Images are converted to RGB float32 in [0, 1]: grayscale is repeated over the channels,
   alpha is dropped, palettes are expanded, and 16-bit images are scaled by 1/65535.
 
+Large-scale jitter (lsj=True, training only; detectron2's LSJ recipe): see
+`large_scale_jitter`. Every sample becomes lsj_size x lsj_size.
+
 Determinism: `build_loader` yields, with every index, a per-sample seed derived from
-(seed, epoch, position in the epoch), and the dataset draws its flip from that seed. The
-batches are thus the same for any num_workers, and a resumed run reproduces an epoch's
-order exactly (`loader.sampler.set_epoch(epoch, start_batch=k)` skips k batches without
-loading them). Indexing the dataset with a plain int draws the flip from torch's global
+(seed, epoch, position in the epoch), and the dataset draws its flip (first) and its
+large-scale jitter (then) from that seed. The batches are thus the same for any
+num_workers, and a resumed run reproduces an epoch's order exactly
+(`loader.sampler.set_epoch(epoch, start_batch=k)` skips k batches without loading them).
+Indexing the dataset with a plain int draws the flip and the jitter from torch's global
 RNG instead (in a worker, the worker's seeded RNG).
 """
 from __future__ import annotations
@@ -42,7 +51,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -134,10 +143,15 @@ class CocoInstances(Dataset):
         on_error: "raise" (default) or "skip" for unusable images (see the module doc).
         min_mask_box_iou: below this IoU between the box and the mask's tight box, the
             mask's box is used.
+        lsj: with train=True, large-scale jitter (`large_scale_jitter`) of each sample.
+        lsj_scale: (min, max) of its random scale (detectron2's LSJ: 0.1, 2.0).
+        lsj_size: the side of its square output (1024).
 
     `dataset[i]` -> (image Tensor[3, H, W] float32 in [0, 1], target dict(
         boxes Tensor[M, 4] float32 (x1, y1, x2, y2) pixels, labels Tensor[M] int64 in 1..K,
-        masks Tensor[M, H, W] uint8, image_id int (the COCO image id))).
+        masks Tensor[M, H, W] uint8, mask_valid Tensor[M] bool (False: the annotation has
+        no segmentation, its mask is all zero and not a target), image_id int (the COCO
+        image id))).
 
     Attributes: coco (pycocotools COCO), ids (COCO image ids in dataset order), cat_ids
     (COCO category ids, sorted; label l <-> cat_ids[l - 1]), class_names (same order),
@@ -146,11 +160,18 @@ class CocoInstances(Dataset):
 
     def __init__(self, json_path: PathLike, image_dir: PathLike, train: bool = False,
                  skip_empty: bool = True, flip_prob: float = 0.0, on_error: str = "raise",
-                 min_mask_box_iou: float = 0.5):
+                 min_mask_box_iou: float = 0.5, lsj: bool = False,
+                 lsj_scale: Sequence[float] = (0.1, 2.0), lsj_size: int = 1024):
         if on_error not in _ON_ERROR:
             raise ValueError(f"CocoInstances: on_error={on_error!r}; use one of {_ON_ERROR}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"CocoInstances: flip_prob={flip_prob} must be in [0, 1]")
+        lsj_scale = tuple(float(v) for v in lsj_scale)
+        if len(lsj_scale) != 2 or not 0.0 < lsj_scale[0] <= lsj_scale[1]:
+            raise ValueError(f"CocoInstances: lsj_scale={lsj_scale} must be (min, max) with "
+                             f"0 < min <= max, e.g. (0.1, 2.0)")
+        if int(lsj_size) < 1:
+            raise ValueError(f"CocoInstances: lsj_size={lsj_size} must be >= 1")
         self.json_path = Path(json_path)
         self.image_dir = Path(image_dir)
         self.train = train
@@ -158,6 +179,7 @@ class CocoInstances(Dataset):
         self.flip_prob = float(flip_prob)
         self.on_error = on_error
         self.min_mask_box_iou = float(min_mask_box_iou)
+        self.lsj, self.lsj_scale, self.lsj_size = bool(lsj), lsj_scale, int(lsj_size)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"CocoInstances: image directory {self.image_dir} does "
                                     f"not exist (for {self.json_path})")
@@ -169,6 +191,12 @@ class CocoInstances(Dataset):
         self.num_classes = len(self.cat_ids)
         self._label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         _validate(self.coco, self.json_path)
+        box_only = sum(1 for a in self.coco.anns.values()
+                       if not a.get("iscrowd", 0) and not a.get("segmentation"))
+        if box_only:
+            logger.info("%s: %d of %d annotations have no segmentation: kept as box-only "
+                        "instances (mask_valid False: no mask target)", self.json_path,
+                        box_only, len(self.coco.anns))
 
         ids = sorted(self.coco.imgs)
         if train and skip_empty:
@@ -205,8 +233,13 @@ class CocoInstances(Dataset):
         else:
             raise RuntimeError(f"CocoInstances: no readable image in {self.json_path} "
                                f"(on_error='skip' skipped all {len(self)})")
-        if self.train and self.flip_prob > 0 and _draw(seed) < self.flip_prob:
-            image, target = hflip(image, target)
+        if self.train:
+            rand = _uniforms(seed)
+            if self.flip_prob > 0 and rand() < self.flip_prob:    # the seed's first draw
+                image, target = hflip(image, target)
+            if self.lsj:    # after the flip, as detectron2: the padding stays bottom-right
+                image, target = large_scale_jitter(image, target, self.lsj_size,
+                                                   self.lsj_scale, rand)
         return image, target
 
     # --------------------------------------------------------------- loading
@@ -231,7 +264,7 @@ class CocoInstances(Dataset):
             raise ImageError(f"image file {path} is {image.shape[2]}x{image.shape[1]} "
                              f"(width x height) but {self.json_path} says {width}x{height} "
                              f"for image id {image_id}")
-        boxes, labels, masks = [], [], []
+        boxes, labels, masks = [], [], []     # masks: uint8[H, W], or None (box only)
         for ann in self._anns(image_id):
             if ann.get("iscrowd", 0):
                 continue
@@ -240,24 +273,34 @@ class CocoInstances(Dataset):
                 boxes.append(instance[0])
                 labels.append(self._label_of[ann["category_id"]])
                 masks.append(instance[1])
+        valid = [m is not None for m in masks]
+        if all(valid) and masks:
+            stacked = torch.from_numpy(np.stack(masks))
+        else:
+            stacked = torch.zeros((len(masks), height, width), dtype=torch.uint8)
+            for k, mask in enumerate(masks):
+                if mask is not None:
+                    stacked[k] = torch.from_numpy(mask)
         target = dict(
             boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             labels=torch.tensor(labels, dtype=torch.int64),
-            masks=(torch.from_numpy(np.stack(masks)) if masks
-                   else torch.zeros((0, height, width), dtype=torch.uint8)),
+            masks=stacked,
+            mask_valid=torch.tensor(valid, dtype=torch.bool),
             image_id=int(image_id),
         )
         return image, target
 
     def _instance(self, ann: dict, path: Path, height: int, width: int
-                  ) -> Optional[tuple[list[float], np.ndarray]]:
-        """(box [x1, y1, x2, y2], mask uint8[H, W]) of one non-crowd annotation, or None
-        when it is dropped (logged)."""
+                  ) -> Optional[tuple[list[float], Optional[np.ndarray]]]:
+        """(box [x1, y1, x2, y2], mask uint8[H, W] or None when the annotation has no
+        segmentation) of one non-crowd annotation, or None when it is dropped (logged)."""
         box = _xywh_to_clipped_xyxy(ann["bbox"], width, height)
         if not (box[2] > box[0] and box[3] > box[1]):
             self._note(ann, path, f"box {ann['bbox']} (x, y, w, h) is empty after clipping "
                                   f"to the {width}x{height} image; instance dropped")
             return None
+        if not ann.get("segmentation"):       # no key, null, [] or {}: a box-only instance
+            return box, None
         mask = self._mask(ann, path, height, width)
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:
@@ -353,11 +396,11 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _draw(seed: Optional[int]) -> float:
-    """A uniform [0, 1) number from the sample seed, or from torch's global RNG."""
-    if seed is None:
-        return float(torch.rand(()))
-    return float(torch.rand((), generator=torch.Generator().manual_seed(seed)))
+def _uniforms(seed: Optional[int]) -> Callable[[], float]:
+    """() -> successive uniform [0, 1) numbers from the sample seed's own generator, or
+    from torch's global RNG when seed is None."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return lambda: float(torch.rand((), generator=generator))
 
 
 def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
@@ -367,8 +410,96 @@ def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
     boxes = target["boxes"]
     target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1],
                                    width - boxes[:, 0], boxes[:, 3]], dim=1)
-    target["masks"] = _flip_last(target["masks"])
+    valid = target.get("mask_valid")
+    if valid is None or bool(valid.any()):     # box-only targets' masks are all zero
+        target["masks"] = _flip_last(target["masks"])
     return _flip_last(image), target
+
+
+# Padding colour of the large-scale jitter: the ImageNet mean (RGB in [0, 1]), which the
+# model's normalisation maps to 0 like its own batch padding (torchvision's LSJ recipe).
+LSJ_FILL = (0.485, 0.456, 0.406)
+
+
+def large_scale_jitter(image: Tensor, target: dict, size: int = 1024,
+                       scale_range: Sequence[float] = (0.1, 2.0),
+                       rand: Optional[Callable[[], float]] = None,
+                       fill: Sequence[float] = LSJ_FILL) -> tuple[Tensor, dict]:
+    """Large-scale jitter, detectron2's LSJ (ResizeScale + FixedSizeCrop), on
+    torchvision.transforms.v2 tv_tensors so the image, boxes and masks move together.
+
+    1. Resize (aspect ratio kept; bilinear with antialiasing, masks nearest) so the image
+       fits a square of side size * s, s uniform in scale_range.
+    2. Crop size x size at a random offset (where the resized image is larger) and pad
+       the bottom / right to size x size (where it is smaller) with `fill`.
+    Boxes are clipped to the crop. An instance with a mask (target["mask_valid"]; all,
+    without that field) gets its transformed mask's tight box, as detectron2 recomputes
+    boxes after a crop (a clipped box of a non-rectangular object overshoots it). An
+    instance that vanishes (empty box; or empty mask, where it has one) is dropped from
+    boxes, labels, masks and mask_valid alike; other fields are kept as they are.
+
+    Args:
+        image: Tensor[3, H, W] float in [0, 1]; target: dict(boxes Tensor[M, 4] x1y1x2y2,
+            labels Tensor[M], masks Tensor[M, H, W] uint8, optional mask_valid Tensor[M]).
+        rand: () -> uniform [0, 1): three draws, the scale then the crop's top and left
+            (fractions of the room to move); default torch's global RNG.
+    Returns:
+        (Tensor[3, size, size], target of size x size).
+    """
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as TF
+    rand = rand or (lambda: float(torch.rand(())))
+    height, width = image.shape[-2:]
+    low, high = (float(v) for v in scale_range)
+    scale = low + (high - low) * rand()
+    factor = min(size * scale / height, size * scale / width)
+    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    crop_h, crop_w = min(size, new_h), min(size, new_w)
+    top, left = round((new_h - crop_h) * rand()), round((new_w - crop_w) * rand())
+    pad = [0, 0, size - crop_w, size - crop_h]               # left, top, right, bottom
+
+    def geometry(x, fill_value):
+        x = TF.resize(x, [new_h, new_w], antialias=True)
+        return TF.pad(TF.crop(x, top, left, crop_h, crop_w), pad, fill=fill_value)
+
+    out_image = geometry(tv_tensors.Image(image), list(fill)).as_subclass(Tensor)
+    boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY",
+                                     canvas_size=(height, width))
+    boxes = geometry(boxes, 0).as_subclass(Tensor).clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, crop_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, crop_h)
+    masks = target["masks"]
+    valid = target.get("mask_valid")
+    has_mask = (torch.ones(len(masks), dtype=torch.bool, device=masks.device)
+                if valid is None else valid.to(torch.bool))
+    out_masks = masks.new_zeros((len(masks), size, size))
+    keep = torch.ones_like(has_mask)
+    if bool(has_mask.any()):                  # box-only instances' masks stay all zero
+        out_masks[has_mask] = geometry(tv_tensors.Mask(masks[has_mask]), 0).as_subclass(Tensor)
+        boxes[has_mask], keep[has_mask] = _mask_boxes(out_masks[has_mask])
+    keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    target = dict(target, boxes=boxes[keep], labels=target["labels"][keep],
+                  masks=out_masks[keep])
+    if valid is not None:
+        target["mask_valid"] = valid[keep]
+    return out_image, target
+
+
+def _mask_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """(tight boxes Tensor[M, 4] float32 x1y1x2y2 of masks Tensor[M, H, W], nonempty
+    Tensor[M] bool); an empty mask's box is all zero."""
+    rows, cols = masks.amax(dim=2) > 0, masks.amax(dim=1) > 0   # bool [M, H], [M, W]
+    (y1, y2), (x1, x2) = _first_last(rows), _first_last(cols)
+    return torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32), rows.any(1)
+
+
+def _first_last(hit: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of hit Tensor[M, L] bool: (first True index, last True index + 1); (0, 0)
+    for a row without True."""
+    index = torch.arange(hit.shape[1], device=hit.device)
+    last = torch.where(hit, index + 1, 0).amax(1)
+    first = torch.where(hit, index, hit.shape[1]).amin(1)
+    return torch.minimum(first, last), last
 
 
 def _flip_last(x: Tensor) -> Tensor:

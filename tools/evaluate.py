@@ -223,7 +223,9 @@ def evaluate(model, dataset, batch_size: int = 1, device="cpu", mask_threshold: 
             Path(results_path).parent.mkdir(parents=True, exist_ok=True)
             Path(results_path).write_text(json.dumps(results))
         has_masks = getattr(getattr(model, "roi_heads", None), "mask_on", True)
-        iou_types = IOU_TYPES if has_masks else ("bbox",)
+        # Box-only ground truth has nothing to score masks against (pycocotools would fail).
+        gt_masks = all(a.get("segmentation") for a in dataset.coco.dataset["annotations"])
+        iou_types = IOU_TYPES if has_masks and gt_masks else ("bbox",)
         metrics, per_category = coco_evaluate(dataset.coco, results, iou_types,
                                               image_ids=dataset.ids,
                                               class_names=dataset.class_names)

@@ -165,7 +165,8 @@ def build_datasets(cfg: EasyDict):
         if not Path(d[key]).exists():
             raise FileNotFoundError(f"[data] {key} = {d[key]}: not found")
     train_set = CocoInstances(d.train_json, d.train_images, train=True,
-                              skip_empty=d.skip_empty, flip_prob=d.flip_prob)
+                              skip_empty=d.skip_empty, flip_prob=d.flip_prob, lsj=d.lsj,
+                              lsj_scale=d.lsj_scale, lsj_size=d.lsj_size)
     if len(train_set) == 0:
         raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
     val_set = None

@@ -301,3 +301,65 @@ def test_roi_heads_training_requires_targets():
     feats, proposals, sizes = _inputs()
     with pytest.raises(ValueError, match="targets"):
         ours.train()(feats, proposals, sizes)
+
+
+# ------------------------------------------ instances without masks (target "mask_valid")
+
+def _apart_instances(sizes):
+    """Per image two instances whose boxes do not touch (so no RoI can have IoU >= 0.5 with
+    both), random 0/1 masks; proposals: 5 jittered copies of each box plus 20 random."""
+    g = torch.Generator().manual_seed(11)
+    boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0], [80.0, 75.0, 150.0, 125.0]]),
+             torch.tensor([[5.0, 6.0, 50.0, 40.0], [64.0, 48.0, 120.0, 92.0]])]
+    targets, proposals = [], []
+    for (h, w), b in zip(sizes, boxes):
+        targets.append(dict(boxes=b, labels=torch.tensor([1, 3]),
+                            masks=(torch.rand(2, h, w, generator=g) > 0.5).to(torch.uint8)))
+        jittered = b.repeat(5, 1) + torch.randn(10, 4, generator=g) * 2.0
+        proposals.append(torch.cat([jittered, _random_boxes(20, float(min(h, w)),
+                                                            generator=g)]))
+    return targets, proposals
+
+
+def _train_losses(heads, feats, proposals, sizes, targets):
+    torch.manual_seed(7)                    # the RoI sampler's draws
+    return heads(feats, proposals, sizes, targets)[1]
+
+
+def test_mask_loss_uses_only_instances_with_masks():
+    """mask_valid False: the instance trains the box branch but not the mask branch. The
+    mask loss equals the one of the instances with masks alone (every positive RoI is
+    sampled here), does not read the other masks, and the box losses do not change."""
+    heads, _ = _pair()
+    heads.train()
+    feats, _, sizes = _inputs()
+    targets, proposals = _apart_instances(sizes)
+    valid = [torch.tensor([True, False]), torch.tensor([False, True])]
+    marked = [dict(t, mask_valid=v) for t, v in zip(targets, valid)]
+    alone = [dict(boxes=t["boxes"][v], labels=t["labels"][v], masks=t["masks"][v])
+             for t, v in zip(targets, valid)]
+    scrambled = [dict(t, masks=torch.where(v[:, None, None], t["masks"], 1 - t["masks"]))
+                 for t, v in zip(marked, valid)]
+
+    got = _train_losses(heads, feats, proposals, sizes, marked)
+    alone_loss = _train_losses(heads, feats, proposals, sizes, alone)["loss_mask"]
+    torch.testing.assert_close(got["loss_mask"], alone_loss, rtol=1e-6, atol=0)
+    assert torch.equal(got["loss_mask"],
+                       _train_losses(heads, feats, proposals, sizes, scrambled)["loss_mask"])
+    all_valid = _train_losses(heads, feats, proposals, sizes, targets)
+    assert not torch.isclose(got["loss_mask"], all_valid["loss_mask"])
+    for key in ("loss_cls", "loss_box"):
+        assert torch.equal(got[key], all_valid[key]), key
+
+
+def test_mask_loss_without_any_mask_is_zero_and_connected():
+    heads, _ = _pair()
+    heads.train()
+    feats, _, sizes = _inputs()
+    targets, proposals = _apart_instances(sizes)
+    boxes_only = [dict(t, mask_valid=torch.zeros(2, dtype=torch.bool)) for t in targets]
+    losses = _train_losses(heads, feats, proposals, sizes, boxes_only)
+    assert losses["loss_mask"].item() == 0 and losses["loss_box"].item() > 0
+    sum(losses.values()).backward()       # graph-connected
+    grad = heads.mask_predictor.mask_fcn_logits.weight.grad
+    assert grad is not None and not grad.any()

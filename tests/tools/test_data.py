@@ -2,6 +2,7 @@
 and hand-computed boxes. Every data set is written here in tmp_path (PIL + JSON)."""
 import json
 import logging
+import math
 import struct
 import zlib
 
@@ -376,7 +377,7 @@ def test_empty_mask_for_box_is_dropped(tmp_path, caplog):
     anns = [dict(image_id=1, category_id=7, bbox=[2.0, 2.0, 10.0, 10.0], id=5,
                  segmentation=compressed_rle(np.zeros((h, w), np.uint8))),
             dict(image_id=1, category_id=7, bbox=[2.0, 2.0, 10.0, 10.0], id=6,
-                 segmentation=[]),
+                 segmentation=[[2, 2, 12, 2]]),        # < 3 points: draws nothing
             dict(image_id=1, category_id=12, bbox=[2.0, 2.0, 10.0, 10.0], id=7,
                  segmentation=[[2, 2, 12, 2, 12, 12, 2, 12]])]
     json_path, image_dir = _one_image_set(tmp_path, anns, size=(w, h))
@@ -546,3 +547,183 @@ def test_loader_on_plain_dataset():
     data = [(torch.full((3, 2, 2), float(i)), dict(image_id=i)) for i in range(5)]
     loader = build_loader(data, batch_size=2, shuffle=False)
     assert [[t["image_id"] for t in ts] for _, ts in loader] == [[0, 1], [2, 3], [4]]
+
+
+# ----------------------------------------------------------------- box-only data
+
+def _drop_segmentation(json_path, out_path, drop):
+    """A copy of a COCO file without `segmentation` in the annotations drop(ann, anns of
+    its image) selects."""
+    data = json.loads(open(json_path).read())
+    by_image = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    for ann in data["annotations"]:
+        if drop(ann, by_image[ann["image_id"]]):
+            del ann["segmentation"]
+    out_path.write_text(json.dumps(data))
+    return out_path
+
+
+def _apart(ann, anns):
+    """The annotation's box overlaps no other box of its image."""
+    x, y, w, h = ann["bbox"]
+    return all(x + w <= b[0] or b[0] + b[2] <= x or y + h <= b[1] or b[1] + b[3] <= y
+               for b in (a["bbox"] for a in anns if a is not ann))
+
+
+def mixed_drop(ann, anns):
+    """Which shapes annotations lose their mask in the mixed file: even ids whose box
+    touches no other box (so a proposal cannot match both a masked and a maskless box)."""
+    return ann["id"] % 2 == 0 and _apart(ann, anns)
+
+
+def test_box_only_instances_are_kept(shapes_data, tmp_path):
+    """A COCO file without segmentations (a box-only detector's data) keeps every instance:
+    boxes and labels as in the JSON, mask_valid False, all-zero masks of the image size."""
+    json_path, image_dir = shapes_data["train"]
+    box_only = _drop_segmentation(json_path, tmp_path / "boxes.json", lambda a, anns: True)
+    ds = CocoInstances(box_only, image_dir, train=True)
+    coco = COCO(str(box_only))
+    assert len(ds) == len(coco.imgs) == 8
+    for i, image_id in enumerate(ds.ids):
+        _, target = ds[i]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert len(anns) > 0
+        assert target["boxes"].tolist() == [xywh_to_xyxy(a["bbox"]) for a in anns]
+        assert target["labels"].tolist() == [a["category_id"] for a in anns]   # ids 1..3
+        assert target["mask_valid"].tolist() == [False] * len(anns)
+        assert target["mask_valid"].dtype == torch.bool
+        assert target["masks"].shape == (len(anns), 64, 64) and not target["masks"].any()
+
+
+def test_mixed_file_marks_instances_without_masks(shapes_data, tmp_path):
+    json_path, image_dir = shapes_data["train"]
+    mixed = _drop_segmentation(json_path, tmp_path / "mixed.json", mixed_drop)
+    full, ds = CocoInstances(json_path, image_dir), CocoInstances(mixed, image_dir)
+    coco = COCO(str(mixed))
+    n_without = 0
+    for i, image_id in enumerate(ds.ids):
+        _, target = ds[i]
+        _, reference = full[i]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        has_mask = ["segmentation" in a for a in anns]
+        n_without += has_mask.count(False)
+        assert target["mask_valid"].tolist() == has_mask
+        assert torch.equal(target["boxes"], reference["boxes"])
+        assert torch.equal(target["labels"], reference["labels"])
+        assert torch.equal(target["masks"][target["mask_valid"]],
+                           reference["masks"][target["mask_valid"]])
+        assert not target["masks"][~target["mask_valid"]].any()
+        assert reference["mask_valid"].all()
+    assert n_without == 6                      # annotations 2, 6, 12, 14 (alone), 18, 20
+
+
+def test_empty_segmentation_list_is_box_only_and_flips(tmp_path):
+    """`segmentation: []` or null (what box-only exporters write) means no mask, like a
+    missing key; a segmentation that draws nothing is still dropped (above)."""
+    w, h = 30, 20
+    anns = [dict(image_id=1, category_id=7, bbox=[2.0, 3.0, 10.0, 5.0], id=1, segmentation=[]),
+            dict(image_id=1, category_id=3, bbox=[4.0, 4.0, 6.0, 6.0], id=2,
+                 segmentation=[[4, 4, 10, 4, 10, 10, 4, 10]]),
+            dict(image_id=1, category_id=12, bbox=[20.0, 1.0, 5.0, 5.0], id=3,
+                 segmentation=None)]
+    json_path, image_dir = _one_image_set(tmp_path, anns, size=(w, h))
+    _, target = CocoInstances(json_path, image_dir)[0]
+    assert target["labels"].tolist() == [2, 1, 3]
+    assert target["mask_valid"].tolist() == [False, True, False]
+    assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 8.0], [4.0, 4.0, 10.0, 10.0],
+                                        [20.0, 1.0, 25.0, 6.0]]
+    np.testing.assert_array_equal(target["masks"][1].numpy(), rect_mask(h, w, 4, 10, 4, 10))
+    _, flipped = CocoInstances(json_path, image_dir, train=True, flip_prob=1.0)[0]
+    assert flipped["mask_valid"].tolist() == [False, True, False]
+    assert flipped["boxes"][0].tolist() == [w - 12.0, 3.0, w - 2.0, 8.0]
+    np.testing.assert_array_equal(flipped["masks"].numpy(), target["masks"].numpy()[..., ::-1])
+
+
+def _log_losses(cfg):
+    return [json.loads(line)["losses"] for line in
+            open(f"{cfg.solver.output_dir}/log.jsonl").read().splitlines()]
+
+
+def test_box_only_file_trains_a_box_model(shapes_data, tiny_cfg, tmp_path):
+    """End to end: a COCO file without any segmentation trains a box-only model."""
+    from tools.train import train
+    json_path, image_dir = shapes_data["train"]
+    box_only = _drop_segmentation(json_path, tmp_path / "boxes.json", lambda a, anns: True)
+    cfg = tiny_cfg(train_json=str(box_only), train_images=str(image_dir), mask_on=False,
+                   max_iter=3, flip_prob=0.5)
+    summary = train(cfg, progress=False)
+    assert summary["iterations"] == 3 and not summary["model"].roi_heads.mask_on
+    records = _log_losses(cfg)
+    assert set(records[0]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert all(r["loss_box"] > 0 for r in records)       # the boxes are there: positives
+
+
+def test_mixed_file_mask_loss_counts_only_instances_with_masks(shapes_data, tiny_cfg,
+                                                               tmp_path):
+    """mask_on with some annotations lacking a segmentation: training runs, loss_mask is
+    finite and equals the loss_mask of the same batch without those instances (the
+    maskless boxes touch no other box, and 512 RoIs per image keep every positive)."""
+    from maskrcnn import build_model
+    from tools.train import train
+    json_path, image_dir = shapes_data["train"]
+    mixed = _drop_segmentation(json_path, tmp_path / "mixed.json", mixed_drop)
+    cfg = tiny_cfg(train_json=str(mixed), train_images=str(image_dir), max_iter=2,
+                   box_batch_size_per_image=512)
+    dataset = CocoInstances(mixed, image_dir, train=True)
+    images, targets = collate([dataset[i] for i in range(len(dataset))])
+    alone = [dict(boxes=t["boxes"][v], labels=t["labels"][v], masks=t["masks"][v])
+             for t, v in ((t, t["mask_valid"]) for t in targets)]
+    as_if_valid = [dict(t, mask_valid=torch.ones_like(t["mask_valid"])) for t in targets]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+
+    def loss_mask(targets):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return model(images, targets)["loss_mask"]
+
+    got = loss_mask(targets)
+    assert torch.isfinite(got) and got > 0
+    torch.testing.assert_close(got, loss_mask(alone), rtol=1e-5, atol=0)
+    assert not torch.isclose(got, loss_mask(as_if_valid))     # zero masks would be targets
+
+    summary = train(cfg, progress=False)
+    assert summary["iterations"] == 2
+    assert all(math.isfinite(r["loss_mask"]) for r in _log_losses(cfg))
+
+
+def test_mask_valid_is_checked_and_box_only_masks_are_not_resampled(tiny_cfg):
+    from maskrcnn import build_model
+    model = build_model(tiny_cfg()).train()
+    image = torch.rand(3, 40, 50)
+    target = dict(boxes=torch.tensor([[2.0, 3.0, 20.0, 30.0], [10.0, 5.0, 45.0, 35.0]]),
+                  labels=torch.tensor([1, 2]),
+                  masks=torch.zeros(2, 40, 50, dtype=torch.uint8))
+    for bad, pattern in [(torch.tensor([1, 0], dtype=torch.uint8),
+                          "mask_valid must be a bool"),
+                         (torch.tensor([True]), r"count mismatch.*'mask_valid': 1"),
+                         ([True, False], "mask_valid must be a Tensor")]:
+        with pytest.raises(ValueError, match=f"target 0: {pattern}"):
+            model([image], [dict(target, mask_valid=bad)])
+    # no instance with a mask: the model's resize makes zero masks of the new size
+    no_masks = torch.zeros(2, dtype=torch.bool)
+    _, resized = model.transform.resize(image, dict(target, mask_valid=no_masks))
+    assert resized["masks"].shape == (2, 51, 64) and resized["masks"].dtype == torch.uint8
+    assert not resized["masks"].any()
+
+
+def test_mask_model_on_box_only_validation_data_reports_bbox_ap(shapes_data, tiny_cfg,
+                                                               tmp_path):
+    """A mask model evaluated on box-only ground truth: bbox AP, no segm (pycocotools has
+    no masks to score against); and [data] lsj reaches the training data set."""
+    from tools.train import train
+    json_path, image_dir = shapes_data["val"]
+    box_only = _drop_segmentation(json_path, tmp_path / "val_boxes.json", lambda a, anns: True)
+    cfg = tiny_cfg(val_json=str(box_only), val_images=str(image_dir), max_iter=1,
+                   lsj=True, lsj_size=64)
+    summary = train(cfg, progress=False)
+    assert summary["model"].roi_heads.mask_on
+    assert set(summary["metrics"]) == {"bbox"} and summary["metrics"]["bbox"]["AP"] >= 0
