@@ -1,6 +1,6 @@
 """The fast path (BatchNorm folded into the convs, Winograd 3x3 convs) on trained weights:
-the demo recipe trained here for 300 iterations (about a minute) on synthetic shapes, then evaluated twice on
-held-out images, fast (the default) and exact (fuse_bn = false). pycocotools is the
+the demo recipe trained here for 600 iterations (about two minutes) on synthetic shapes,
+then evaluated twice on held-out images, fast (the default) and exact (fuse_bn = false). pycocotools is the
 oracle for AP; the detections are matched one to one.
 
 Random weights amplify rounding (features of 1e2..1e5); trained ones do not, which is why
@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(checkpoint path, val dataset) of the demo recipe after 300 iterations (a fixed
+    """(checkpoint path, val dataset) of the demo recipe after 600 iterations (a fixed
     count, not a time budget: the result must not depend on the machine's load)."""
     from tools.data import CocoInstances
     from tools.shapes import make_shapes
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     cfg = apply_overrides(cfg, {
         "train_json": str(train_json), "train_images": str(train_images),
         "val_json": "none", "output_dir": str(root / "out"), "num_classes": 3,
-        "max_iter": 300, "warmup_iters": 30, "checkpoint_every": 0, "log_every": 50})
+        "max_iter": 600, "warmup_iters": 50, "checkpoint_every": 0, "log_every": 50})
     summary = train(cfg, progress=False)
     return summary["checkpoint"], CocoInstances(str(val_json), str(val_images), train=False)
 
