@@ -1,7 +1,7 @@
 """The fast path (BatchNorm folded into the convs, Winograd 3x3 convs) on trained weights:
 the demo recipe trained here for 600 iterations (about two minutes) on synthetic shapes,
-then evaluated twice on held-out images, fast (the default) and exact (fuse_bn = false). pycocotools is the
-oracle for AP; the detections are matched one to one.
+then evaluated twice on held-out images, fast (the default) and exact (fuse_bn = false).
+pycocotools is the oracle for AP; the detections are matched one to one.
 
 Random weights amplify rounding (features of 1e2..1e5); trained ones do not, which is why
 the fast path is the default. Shapes: D detections.

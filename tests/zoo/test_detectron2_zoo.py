@@ -129,3 +129,18 @@ def test_a_content_check_failure_is_never_loaded(tmp_path, monkeypatch):
         MaskRCNN(pretrained=name)
     assert not zoo.cached_file(zoo.ZOO[name]).exists()
     assert not list(zoo.cache_dir().glob("*partial*"))
+
+
+def test_detectron2_training_checkpoint_loads_like_the_pkl(tmp_path):
+    """detectron2's own training checkpoints (torch.save of {"model": tensors, ...})
+    load with weights_only and give the same model as its model-zoo .pkl."""
+    name = "mask_rcnn_R_50_FPN_3x"
+    model, image = _d2_pkl(name, tmp_path / "model_final.pkl", seed=7)
+    torch.save({"model": model.state_dict(), "iteration": 269999, "scheduler": {}},
+               tmp_path / "model_final.pth")
+    preset = zoo.ZOO[f"detectron2/{name}"].preset
+    from_pkl = MaskRCNN(pretrained=str(tmp_path / "model_final.pkl"), config=preset)
+    from_pth = MaskRCNN(pretrained=str(tmp_path / "model_final.pth"), config=preset)
+    for key, value in from_pkl.state_dict().items():
+        assert torch.equal(value, from_pth.state_dict()[key]), key
+    assert from_pth.categories == from_pkl.categories
