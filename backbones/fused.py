@@ -97,7 +97,16 @@ def winograd_pays(x: Tensor, in_channels: int) -> bool:
     2 cores, forward + backward, lost below ~120 tiles at 256 channels (63 tiles: 0.84x)
     and below ~250 at 512 (117 tiles: 0.93x; ResNet layer4 at 800 px has 63)."""
     n, _, h, w = x.shape
+    # RoI maps (7x7 box-head, 14x14 mask-head convs) lose however many RoIs: their border
+    # tiles are mostly padding (a 7x7 map fills 49 of 64 tile outputs).
+    if min(h, w) < MIN_WINOGRAD_SIDE:
+        return False
     return n * ((h + 3) // 4) * ((w + 3) // 4) >= max(128, in_channels // 2)
+
+
+# Smallest map side on which the Winograd convs run (bench/winograd.py-style timings, 2
+# cores, 256 channels: 1000 RoIs of 7x7 0.93x, 100 of 14x14 0.88x, 8 of 28x28 1.07x).
+MIN_WINOGRAD_SIDE = 16
 
 
 def winograd_applies(x: Tensor, conv: FoldedConv) -> bool:

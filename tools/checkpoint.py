@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from tools.zoo import UnsafeCheckpointError, _torch_load
+from tools.zoo import UnsafeCheckpointError, torch_load_safe
 
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^model_(\d+)\.pth$")
@@ -158,7 +158,7 @@ def _load(path: Path) -> dict:
     one line naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return _torch_load(path, str(path))
+    return torch_load_safe(path, str(path))
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:

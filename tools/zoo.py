@@ -284,7 +284,9 @@ def _to_torch(value: Any) -> Any:
     return value
 
 
-def _torch_load(path: Path, shown: str) -> Any:
+def torch_load_safe(path: Path, shown: str) -> Any:
+    """torch.load(weights_only=True) on the CPU, its refusals and read errors turned into
+    one-line ValueErrors naming `shown` (the file as the user knows it)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -311,7 +313,7 @@ def _read(path: Path, shown: str) -> dict:
         magic = f.read(2)
         f.seek(0)
         if magic == b"PK":   # torch's zip format
-            state = _torch_load(path, shown)
+            state = torch_load_safe(path, shown)
         elif magic[:1] == b"\x80":   # a pickle (protocol >= 2): detectron2 or legacy torch
             try:
                 state = _ArraysOnlyUnpickler(f, shown).load()
@@ -322,7 +324,7 @@ def _read(path: Path, shown: str) -> dict:
                                  f"{type(err).__name__}: {err}") from err
             # A legacy torch.save file is a sequence of pickles, the first the magic number.
             if isinstance(state, int) and state == torch.serialization.MAGIC_NUMBER:
-                state = _torch_load(path, shown)
+                state = torch_load_safe(path, shown)
         else:
             raise ValueError(f"{shown} is not a checkpoint: it is neither a torch zip file "
                              f"nor a pickle (starts with {magic!r}); is it truncated or an "

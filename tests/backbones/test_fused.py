@@ -268,9 +268,9 @@ def test_winograd_rpn_head_and_mask_head_close_to_plain(monkeypatch):
     from proposal import RPNHead
     torch.manual_seed(0)
     rpn_head, mask_head = RPNHead(16, 3), MaskHead(16, (16, 8))
-    # 280 and 128 tiles, 10 x 16 tiles: all large enough for Winograd
+    # 280 and 128 tiles, 10 x 16 tiles of 16x16 maps: all large enough for Winograd
     features = [torch.randn(2, 16, 40, 56), torch.randn(2, 16, 32, 32)]
-    rois = torch.randn(10, 16, 14, 14, requires_grad=True)
+    rois = torch.randn(10, 16, 16, 16, requires_grad=True)
     calls = _count_winograd(monkeypatch)
     results = []
     for on in (True, False):
@@ -297,3 +297,15 @@ def test_config_key_winograd_switches_every_winograd_conv(kwargs, expected):
     model = MaskRCNN(num_classes=2, backbone="resnet18", **kwargs)
     flags = [m.winograd for m in model.modules() if hasattr(m, "winograd")]
     assert len(flags) == 4 and all(f is expected for f in flags)  # trunk, FPN, RPN, mask
+
+
+@pytest.mark.parametrize("side", [7, 14])
+def test_roi_sized_maps_never_take_winograd(side):
+    """Box-head (7x7) and mask-head (14x14) maps lose to the direct conv however many
+    RoIs there are (docs/benchmarks.md): they stay on oneDNN."""
+    from backbones.fused import FoldedConv, MIN_WINOGRAD_SIDE, winograd_applies
+    assert side < MIN_WINOGRAD_SIDE
+    conv = FoldedConv(torch.randn(256, 256, 3, 3), torch.zeros(256), (1, 1), (1, 1),
+                      (1, 1), 1)
+    assert not winograd_applies(torch.randn(1000, 256, side, side), conv)
+    assert winograd_applies(torch.randn(8, 256, 28, 28), conv)
