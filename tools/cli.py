@@ -188,7 +188,7 @@ def _need_file(parser, option: str, path, folder: bool = False) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_train(args, parser) -> int:
-    from tools.train import NonFiniteLossError, train
+    from tools.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
     try:
@@ -196,7 +196,7 @@ def cmd_train(args, parser) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingPackageError) as err:
         parser.error(str(err))
     from tools.distributed import is_main_process
     if is_main_process():

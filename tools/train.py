@@ -583,13 +583,17 @@ def peak_memory_mib(device: torch.device) -> float:
     return 0.0
 
 
+class MissingPackageError(ImportError):
+    """An optional package that the config asks for is not installed."""
+
+
 def _summary_writer_class():
     """torch.utils.tensorboard.SummaryWriter; [solver] tensorboard = true without the
     tensorboard package is an error at the start of training, saying what to do."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise ImportError(
+        raise MissingPackageError(
             f"[solver] tensorboard = true needs the tensorboard package ({err}): "
             f"pip install tensorboard, or set [solver] tensorboard = false") from err
     return SummaryWriter
