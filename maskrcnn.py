@@ -527,7 +527,8 @@ def build_roi_heads(cfg: EasyDict) -> RoIHeads:
         positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
         box_loss=bh.box_loss, box_smooth_l1_beta=bh.box_smooth_l1_beta,
         box_score_thresh=h.box_score_thresh, box_nms_thresh=h.box_nms_thresh,
-        box_detections_per_img=h.box_detections_per_img, box_min_size=h.box_min_size)
+        box_detections_per_img=h.box_detections_per_img, box_min_size=h.box_min_size,
+        box_drop_empty=h.box_drop_empty)
 
 
 def build_transform(cfg: EasyDict) -> ImageTransform:

@@ -139,13 +139,17 @@ def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Ten
 def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                   image_sizes: list[tuple[int, int]], box_coder: BoxCoder,
                   score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                  detections_per_img: int = 100, min_size: float = 1e-2
+                  detections_per_img: int = 100, min_size: float = 1e-2,
+                  drop_empty: bool = False
                   ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Softmax, class-specific decode, clip, drop background, threshold, NMS, top-k.
 
     Args:
         class_logits: Tensor[R, K+1]; box_regression: Tensor[R, 4(K+1)].
         proposals: per image Tensor[R_i, 4]; image_sizes: per image (h, w).
+        min_size: before NMS, drop boxes with a side < this (torchvision; 0: none).
+        drop_empty: after the top-k, drop boxes with a side of 0 (detectron2's
+            postprocess: a box clipped to nothing, e.g. one outside the image).
     Returns:
         per image boxes Tensor[D_i, 4], scores Tensor[D_i], labels Tensor[D_i] int64
         (in 1..K), sorted by decreasing score.
@@ -159,14 +163,15 @@ def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[
                                    pred_scores.split(per_image, 0), image_sizes):
         boxes, scores, labels = _select_detections(
             clip_boxes_to_image(boxes, size), scores, num_classes, score_thresh, nms_thresh,
-            detections_per_img, min_size)
+            detections_per_img, min_size, drop_empty)
         for out, value in zip(results, (boxes, scores, labels)):
             out.append(value)
     return results
 
 
 def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_thresh: float,
-                       nms_thresh: float, detections_per_img: int, min_size: float):
+                       nms_thresh: float, detections_per_img: int, min_size: float,
+                       drop_empty: bool = False):
     """One image: boxes Tensor[R, K+1, 4], scores Tensor[R, K+1] -> top detections."""
     labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
     # Every (RoI, object class) pair becomes a candidate; background is dropped.
@@ -180,4 +185,7 @@ def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_th
         keep = remove_small_boxes(boxes, min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    if drop_empty:
+        kept = boxes[keep]
+        keep = keep[(kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])]
     return boxes[keep], scores[keep], labels[keep]

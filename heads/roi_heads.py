@@ -32,6 +32,7 @@ class RoIHeads(nn.Module):
         box_loss, box_smooth_l1_beta: "smooth_l1" with beta 1/9, or "l1".
         box_score_thresh, box_nms_thresh, box_detections_per_img, box_min_size:
             inference (0.05, 0.5, 100, 1e-2; box_min_size 0 removes nothing).
+        box_drop_empty: drop empty boxes after the top-k (detectron2's postprocess).
     """
 
     def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module,
@@ -43,7 +44,7 @@ class RoIHeads(nn.Module):
                  bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_loss: str = "smooth_l1",
                  box_smooth_l1_beta: float = 1.0 / 9, box_score_thresh: float = 0.05,
                  box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
-                 box_min_size: float = 1e-2):
+                 box_min_size: float = 1e-2, box_drop_empty: bool = False):
         super().__init__()
         mask_parts = (mask_roi_pool, mask_head, mask_predictor)
         if any(p is None for p in mask_parts) and any(p is not None for p in mask_parts):
@@ -69,6 +70,7 @@ class RoIHeads(nn.Module):
         self.box_nms_thresh = box_nms_thresh
         self.box_detections_per_img = box_detections_per_img
         self.box_min_size = box_min_size
+        self.box_drop_empty = box_drop_empty
 
     def forward(self, features: list[Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]],
@@ -133,7 +135,7 @@ class RoIHeads(nn.Module):
         boxes, scores, labels = box_inference(
             class_logits, box_regression, proposals, image_sizes, self.box_coder,
             self.box_score_thresh, self.box_nms_thresh, self.box_detections_per_img,
-            self.box_min_size)
+            self.box_min_size, self.box_drop_empty)
         detections = [dict(boxes=b, labels=lab, scores=s)
                       for b, s, lab in zip(boxes, scores, labels)]
         if self.mask_on:

@@ -363,3 +363,32 @@ def test_mask_loss_without_any_mask_is_zero_and_connected():
     sum(losses.values()).backward()       # graph-connected
     grad = heads.mask_predictor.mask_fcn_logits.weight.grad
     assert grad is not None and not grad.any()
+
+
+def test_box_inference_matches_detectron2_with_its_postprocess():
+    """detectron2 mode (box_min_size 0, box_drop_empty): detectron2's own
+    fast_rcnn_inference_single_image, then its postprocess's empty-box filter, on the
+    same boxes and scores; some top boxes lie outside the image (clipped to nothing)."""
+    fast_rcnn = pytest.importorskip("detectron2.modeling.roi_heads.fast_rcnn",
+                                    reason="detectron2 (the oracle) is not installed")
+    torch.manual_seed(3)
+    size, k = (120, 160), 3
+    proposals = [torch.tensor([[10.0, 10, 60, 50]] * 40)]
+    proposals[0][:8] += torch.tensor([200.0, 0, 200, 0])        # right of the image
+    logits, deltas = torch.randn(40, k + 1) * 2, torch.randn(40, 4 * (k + 1)) * 0.3
+    logits[:8, 1:] += 4.0                                         # and scoring highest
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    (boxes,), (scores,), (labels,) = box_inference(logits, deltas, proposals, [size], coder,
+                                                   min_size=0.0, drop_empty=True)
+    # detectron2: background last, class-specific boxes without background rows
+    d2_scores = torch.cat([logits[:, 1:], logits[:, :1]], 1).softmax(-1)
+    d2_boxes = coder.decode(deltas, proposals[0])[:, 1:].reshape(40, -1)
+    ref, _ = fast_rcnn.fast_rcnn_inference_single_image(d2_boxes, d2_scores, size, 0.05,
+                                                         0.5, 100)
+    nonempty = ref.pred_boxes.nonempty()
+    assert (~nonempty).sum() > 0, "no empty box among the candidates: weak test"
+    assert torch.equal(labels, ref.pred_classes[nonempty] + 1)
+    torch.testing.assert_close(boxes, ref.pred_boxes.tensor[nonempty], rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, ref.scores[nonempty], rtol=0, atol=1e-6)
+    kept_all = box_inference(logits, deltas, proposals, [size], coder, min_size=0.0)
+    assert len(kept_all[0][0]) == len(ref)                       # without the filter
