@@ -40,3 +40,31 @@ def tiny_cfg(shapes_data, tmp_path):
         base.update(overrides)
         return apply_overrides(load_config(DEFAULT_CONFIG), base)
     return make
+
+
+def _ini_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) + ","     # "64," is a one-element tuple
+    return str(value)
+
+
+def _write_ini(cfg, path):
+    """cfg's keys that differ from config.ini, as a config file for `maskrcnn train`."""
+    defaults = load_config(DEFAULT_CONFIG)
+    lines = []
+    for section, keys in cfg.items():
+        changed = [f"{k} = {_ini_value(v)}" for k, v in keys.items()
+                   if v != defaults[section][k]]
+        lines += [f"[{section}]", *changed] if changed else []
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def write_ini():
+    """write_ini(cfg, path) -> path: a full config as a config file (its non-default keys)."""
+    return _write_ini

@@ -222,19 +222,11 @@ def test_train_without_bar_prints_a_line_per_log_interval(trained, tmp_path, cap
                                        if ln.startswith("iter ")]
 
 
-def test_train_without_tensorboard_is_a_usage_error(tiny_cfg, tmp_path, monkeypatch, capsys):
+def test_train_without_tensorboard_is_a_usage_error(tiny_cfg, tmp_path, monkeypatch, capsys,
+                                                    write_ini):
     """[solver] tensorboard = true without the package: one usage line, not a traceback."""
     import sys
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # not installed
-    cfg = tiny_cfg(tensorboard=True)
-    ini = tmp_path / "tb.ini"
-    ini.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {_ini(v)}\n" for k, v in keys.items())
-                           for s, keys in cfg.items()))
+    ini = write_ini(tiny_cfg(tensorboard=True), tmp_path / "tb.ini")
     err = _usage_error(capsys, ["train", "--config", str(ini), "--no-progress"])
     assert "pip install tensorboard" in err and "Traceback" not in err
-
-
-def _ini(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "")
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

@@ -12,32 +12,10 @@ import time
 import pytest
 import torch
 
-from maskrcnn import DEFAULT_CONFIG, PACKAGE_DIR, load_config
+from maskrcnn import PACKAGE_DIR
 from tools import checkpoint
 from tools.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from tools.cli import main
-
-
-def _ini_value(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value) + ","     # "64," is a one-element tuple
-    return str(value)
-
-
-def _write_ini(cfg, path):
-    """cfg's keys that differ from config.ini, as a config file for `maskrcnn train`."""
-    defaults = load_config(DEFAULT_CONFIG)
-    lines = []
-    for section, keys in cfg.items():
-        changed = [f"{k} = {_ini_value(v)}" for k, v in keys.items()
-                   if v != defaults[section][k]]
-        lines += [f"[{section}]", *changed] if changed else []
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _truncate(path):
@@ -50,12 +28,12 @@ def _iters_logged(out):
     return [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_skips_a_truncated_newest_checkpoint(tiny_cfg, tmp_path, capsys):
+def test_resume_skips_a_truncated_newest_checkpoint(tiny_cfg, tmp_path, capsys, write_ini):
     """The issue's report: `--resume` died with torch's "PytorchStreamReader failed
     reading zip archive", naming no file. Now it warns and resumes from the one before."""
     cfg = tiny_cfg(max_iter=2, checkpoint_every=1, keep_last=3)
     out = tmp_path / "out"
-    ini = _write_ini(cfg, tmp_path / "tiny.ini")
+    ini = write_ini(cfg, tmp_path / "tiny.ini")
     assert main(["train", "--config", str(ini), "--no-progress"]) == 0
     _truncate(checkpoint_path(out, 2))
     capsys.readouterr()
@@ -70,10 +48,11 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny_cfg, tmp_path, capsys):
     assert _iters_logged(out) == [1, 2, 3]
 
 
-def test_resume_with_no_valid_checkpoint_names_the_files_tried(tiny_cfg, tmp_path, capsys):
+def test_resume_with_no_valid_checkpoint_names_the_files_tried(tiny_cfg, tmp_path, capsys,
+                                                               write_ini):
     """No checkpoint loads: a one-line usage error naming each file and why."""
     cfg = tiny_cfg(max_iter=2, checkpoint_every=1, keep_last=3)
-    ini = _write_ini(cfg, tmp_path / "tiny.ini")
+    ini = write_ini(cfg, tmp_path / "tiny.ini")
     assert main(["train", "--config", str(ini), "--no-progress"]) == 0
     for it in (1, 2):
         _truncate(checkpoint_path(tmp_path / "out", it))
@@ -141,7 +120,7 @@ def _assert_identical(a, b, where="checkpoint"):
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_resume_is_bit_identical(tiny_cfg, tmp_path):
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(tiny_cfg, tmp_path, write_ini):
     """`maskrcnn train` in a subprocess, SIGKILLed inside a checkpoint write, right after
     a checkpoint appears and at random moments, resumed with --resume each time: the
     final checkpoint equals an uninterrupted run's bit for bit, no file under a checkpoint
@@ -149,8 +128,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tiny_cfg, tmp_path):
     common = dict(max_iter=10, checkpoint_every=2, keep_last=2, warmup_iters=2, steps="5,",
                   flip_prob=0.5)
     reference, out = tmp_path / "reference", tmp_path / "out"
-    ref_ini = _write_ini(tiny_cfg(output_dir=str(reference), **common), tmp_path / "ref.ini")
-    ini = _write_ini(tiny_cfg(output_dir=str(out), **common), tmp_path / "tiny.ini")
+    ref_ini = write_ini(tiny_cfg(output_dir=str(reference), **common), tmp_path / "ref.ini")
+    ini = write_ini(tiny_cfg(output_dir=str(out), **common), tmp_path / "tiny.ini")
     straight = _start(ref_ini, tmp_path / "reference.log")
     assert straight.wait(timeout=120) == 0, (tmp_path / "reference.log").read_text()
     logs = iter(tmp_path / f"run{i}.log" for i in range(100))
