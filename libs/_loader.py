@@ -20,7 +20,7 @@ import cffi
 
 __all__ = ["ABI_VERSION", "HEADER", "BUILD_DIR", "get_lib", "check", "backend_info", "ffi"]
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 _HERE = Path(__file__).resolve().parent
 HEADER = _HERE / "csrc" / "mrcnn_kernels.h"
 BUILD_DIR = _HERE / "build"
@@ -118,7 +118,7 @@ def check(lib, device_type: str, rc: int, what: str) -> None:
 
 def backend_info() -> dict:
     """Which implementation each device type uses, e.g.
-    ``{"cpu": "native (libs/build/libmrcnn_cpu.so, ABI 4)", "cuda": "fallback: ..."}``."""
+    ``{"cpu": "native (libs/build/libmrcnn_cpu.so, ABI 5)", "cuda": "fallback: ..."}``."""
     import torch
 
     info = {}

@@ -12,7 +12,7 @@ Shapes: N images, C channels, H/W feature size, K RoIs, PH/PW pooled size, n box
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,8 @@ from . import _loader, reference
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_multilevel",
            "roi_align_multilevel_backward", "nms", "conv3x3_winograd",
-           "conv3x3_winograd_backward", "winograd_available"]
+           "conv3x3_winograd_backward", "winograd_available", "force_roi_align_path",
+           "roi_align_paths_taken", "ROI_ALIGN_CPU_PATHS"]
 
 # dtype codes of the C ABI; CPU kernels take the first two.
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -172,6 +173,49 @@ def _roi_align_backward_grad(ctx, grad_grad_input):
 
 roi_align_backward.register_autograd(_roi_align_backward_grad,
                                      setup_context=_setup_roi_align_backward)
+
+
+# ------------------------------------------------------- CPU roi_align paths (test hooks)
+
+# Names of the CPU RoIAlign paths (MRC_ROI_PATH_* of mrcnn_kernels.h; docs/kernels.md).
+ROI_ALIGN_CPU_PATHS = ("blocked", "blocked_nhwc", "unblocked_nchw", "unblocked_nhwc")
+_FORCE_CODE = {None: "MRC_ROI_FORCE_AUTO", "blocked": "MRC_ROI_FORCE_BLOCKED",
+               "unblocked": "MRC_ROI_FORCE_UNBLOCKED"}
+
+
+def _cpu_lib_for_hooks():
+    lib = _loader.get_lib("cpu")
+    if lib is None:
+        raise RuntimeError("the CPU RoIAlign path hooks need the native CPU library "
+                           "(python libs/build_libs.py)")
+    return lib
+
+
+def force_roi_align_path(path: Optional[str], avx2: bool = True) -> None:
+    """Test hook: the path the CPU RoIAlign calls that follow take, process-wide.
+
+    path: None (automatic, the default), "blocked" (the channel-blocked paths wherever they
+    can run, whatever C and the sample density) or "unblocked" (never a blocked path; NCHW
+    or NHWC by the input's layout). avx2=False keeps the AVX2 kernel copies off. Results
+    are bit-identical on every path; roi_align_paths_taken() says which one ran."""
+    if path not in _FORCE_CODE:
+        raise ValueError(f"force_roi_align_path: path must be one of {list(_FORCE_CODE)}, "
+                         f"got {path!r}")
+    lib = _cpu_lib_for_hooks()
+    _loader.check(lib, "cpu", lib.mrc_roi_align_cpu_force(getattr(lib, _FORCE_CODE[path]),
+                                                          int(bool(avx2))),
+                  "force_roi_align_path")
+
+
+def roi_align_paths_taken() -> frozenset:
+    """The paths (names of ROI_ALIGN_CPU_PATHS, plus "avx2" when a blocked path ran its
+    AVX2 copy) that this thread's latest native CPU RoIAlign call took: one per level with
+    RoIs; empty when it pooled nothing."""
+    lib = _cpu_lib_for_hooks()
+    bits = lib.mrc_roi_align_cpu_paths_taken()
+    names = {name: getattr(lib, "MRC_ROI_PATH_" + name.upper())
+             for name in ROI_ALIGN_CPU_PATHS + ("avx2",)}
+    return frozenset(name for name, bit in names.items() if bits & bit)
 
 
 # ------------------------------------------------------------------ multi-level roi_align
@@ -357,7 +401,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         num_kept = torch.zeros(1, dtype=torch.int64)
         rc = lib.mrc_nms_cpu(code, _ptr(boxes), _ptr(scores, "double*"), n,
                              float(iou_threshold), _ptr(keep, "int64_t*"),
-                             _ptr(num_kept, "int64_t*"), torch.get_num_threads())
+                             _ptr(num_kept, "int64_t*"))
         _loader.check(lib, dev, rc, "nms")
         return keep[:int(num_kept.item())]
     # Stable: equal scores keep their original order, as torchvision's.
@@ -389,8 +433,9 @@ def _(boxes, scores, iou_threshold):
 # and output transforms B^T, A^T live in libs/csrc/winograd_cpu.cpp).
 _WINOGRAD_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
-# Tiles per band: V and M stay a few MB (in cache, and no big temporaries), and the
-# GEMMs keep ~170 GFLOP/s on 2 cores (256 tiles: ~160).
+# Tiles per band: V and M stay a few MB (in cache, and no big temporaries) while the
+# GEMMs are still large enough to run at full speed (docs/benchmarks.md, "Structure
+# refactor of the kernels").
 _WINOGRAD_BAND_TILES = 512
 
 
@@ -409,7 +454,8 @@ def winograd_weight_grad(grad_u: Tensor) -> Tensor:
 
 
 def _weight_u(lib, weight: Tensor) -> Tensor:
-    """winograd_weight in one pass (the einsum costs 6 ms for 256x256 filters)."""
+    """winograd_weight in one pass: the einsum of the readable version makes several
+    passes and temporaries over the weights (docs/benchmarks.md)."""
     K, C = weight.shape[:2]
     code = _DTYPE_CODE[weight.dtype]
     weight_ckk = weight.permute(1, 2, 3, 0).contiguous()   # output channels innermost

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#define MRC_ABI_VERSION 4
+#define MRC_ABI_VERSION 5
 
 /* Error codes returned by every mrc_* function. */
 enum {

@@ -3,6 +3,7 @@
 #define MRCNN_CPU_COMMON_H
 
 #include <omp.h>
+#include <stddef.h>
 
 /* Hot loops get an AVX2 copy through a function attribute, chosen at run time, so the
  * library itself is built for baseline x86-64 and runs on any such machine. */
@@ -31,6 +32,15 @@ inline bool cpu_has_avx2() {
 inline int resolve_threads(int num_threads) {
   return num_threads > 0 ? num_threads : omp_get_max_threads();
 }
+
+/* Asks for transparent huge pages on the 2 MiB-aligned middle of [p, p + bytes): a hint
+ * only (no THP, or memory that is not mmap'ed, changes nothing). cpu_scratch.cpp. */
+void hint_huge_pages(void* p, size_t bytes);
+
+/* A buffer of at least `bytes` owned by the calling thread (2 MiB-aligned, huge pages
+ * hinted), reused by its next calls and grown when needed: contents are not kept across
+ * a growth. nullptr when it cannot be allocated. cpu_scratch.cpp. */
+void* thread_scratch(size_t bytes);
 
 }  // namespace mrc
 

@@ -122,34 +122,6 @@ MRC_HD inline bool axis_tap(T v, int64_t size, AxisTap<T>* t) {
   return true;
 }
 
-/* Full bilinear tap: offsets (within one H x W plane, or pixel index for NHWC) and
- * weights of v[yl,xl], v[yl,xh], v[yh,xl], v[yh,xh], in that order. */
-template <typename T>
-struct Tap {
-  int64_t p1, p2, p3, p4;
-  T w1, w2, w3, w4;
-};
-
-template <typename T>
-MRC_HD inline bool bilinear_tap(T y, T x, int64_t H, int64_t W, Tap<T>* t) {
-  AxisTap<T> ty, tx;
-  /* torchvision tests y and x together before clamping either: same result. */
-  if (!(y >= static_cast<T>(-1) && y <= static_cast<T>(H) && x >= static_cast<T>(-1) &&
-        x <= static_cast<T>(W)))
-    return false;
-  axis_tap(y, H, &ty);
-  axis_tap(x, W, &tx);
-  t->p1 = ty.lo * W + tx.lo;
-  t->p2 = ty.lo * W + tx.hi;
-  t->p3 = ty.hi * W + tx.lo;
-  t->p4 = ty.hi * W + tx.hi;
-  t->w1 = ty.h * tx.h;
-  t->w2 = ty.h * tx.l;
-  t->w3 = ty.l * tx.h;
-  t->w4 = ty.l * tx.l;
-  return true;
-}
-
 /* Weighted sum of the four taps, torchvision's order. */
 template <typename T, typename V>
 MRC_HD inline T tap_sum(T w1, T w2, T w3, T w4, V v1, V v2, V v3, V v4) {

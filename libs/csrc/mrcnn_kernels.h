@@ -16,7 +16,7 @@
  *     grad_input (backward) is [N, C, H, W] NCHW-contiguous. The CPU backward
  *     overwrites it (no zero-fill needed); the CUDA backward accumulates into it, so the
  *     caller zero-fills it there.
- *   - CPU functions take num_threads (<= 0 means the OpenMP default).
+ *   - CPU functions that run threads take num_threads (<= 0 means the OpenMP default).
  *   - CUDA functions take the cudaStream_t as void* (the current torch stream) and
  *     never synchronise the device unless documented; all pointers are device pointers
  *     on the current device, and scratch memory is passed in by the caller.
@@ -67,12 +67,39 @@ int mrc_roi_align_multilevel_backward_cpu(int dtype, int64_t L, void** grad_inpu
                                           int64_t sampling_ratio, int aligned,
                                           int channels_last, int num_threads);
 
+/* Test hooks of the CPU RoIAlign (docs/kernels.md). Each call takes one path per level:
+ *   MRC_ROI_PATH_BLOCKED         channel blocks of 32 packed in a scratch plane (the
+ *                                forward; the backward of NCHW gradients)
+ *   MRC_ROI_PATH_BLOCKED_NHWC    backward of NHWC gradients in blocks of 32 channels,
+ *                                accumulated in place
+ *   MRC_ROI_PATH_UNBLOCKED_NCHW  per-plane NCHW kernel
+ *   MRC_ROI_PATH_UNBLOCKED_NHWC  per-pixel-run NHWC kernel (backward: NCHW temporary)
+ * and MRC_ROI_PATH_AVX2 when a blocked path ran its AVX2 copy.
+ * mrc_roi_align_cpu_paths_taken: the OR of the bits taken by the calling thread's latest
+ * CPU RoIAlign call (0 when it pooled nothing or failed).
+ * mrc_roi_align_cpu_force: process-wide, for the calls that follow (set it while no call
+ * runs). path: MRC_ROI_FORCE_AUTO (the default: by size and density), _BLOCKED (every
+ * level with RoIs takes a blocked path wherever it can run: any C, any density),
+ * _UNBLOCKED (never a blocked path). avx2 = 0 keeps the AVX2 copies off (the default 1
+ * uses them when the CPU has AVX2). Results are the same bits on every path. */
+enum {
+  MRC_ROI_PATH_BLOCKED = 1,
+  MRC_ROI_PATH_BLOCKED_NHWC = 2,
+  MRC_ROI_PATH_UNBLOCKED_NCHW = 4,
+  MRC_ROI_PATH_UNBLOCKED_NHWC = 8,
+  MRC_ROI_PATH_AVX2 = 16
+};
+enum { MRC_ROI_FORCE_AUTO = 0, MRC_ROI_FORCE_BLOCKED = 1, MRC_ROI_FORCE_UNBLOCKED = 2 };
+
+int mrc_roi_align_cpu_force(int path, int avx2);
+int mrc_roi_align_cpu_paths_taken(void);
+
 /* boxes: [n, 4] (x1, y1, x2, y2) in input order; scores: float64[n]. The CPU kernel sorts
  * itself (stable, descending, NaN first) and writes the INPUT indices of the kept boxes,
- * by descending score, to keep: int64[n]; num_kept: int64[1]. num_threads is accepted
- * for uniformity and ignored: NMS runs on the calling thread. */
+ * by descending score, to keep: int64[n]; num_kept: int64[1]. It runs on the calling
+ * thread (nms_cpu.cpp says why). */
 int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
-                double iou_threshold, int64_t* keep, int64_t* num_kept, int num_threads);
+                double iou_threshold, int64_t* keep, int64_t* num_kept);
 
 /* Winograd F(4x4, 3x3) transforms for 3x3, stride 1, padding 1 convolutions (dtype
  * float32 or float64; the caller runs the 36 GEMMs in between). x / y / dy / dx are
@@ -129,10 +156,6 @@ int mrc_roi_align_backward_cuda(int dtype, const void* grad_output, const void* 
  * num_kept: int64[1] device (the reduction runs on the device; no host copy inside). */
 int mrc_nms_cuda(int dtype, const void* sorted_boxes, int64_t n, double iou_threshold,
                  uint64_t* mask, int64_t* keep, int64_t* num_kept, void* stream);
-
-/* For the deterministic backward: bytes of device scratch it needs (0 if none). */
-int64_t mrc_roi_align_backward_cuda_workspace(int64_t N, int64_t C, int64_t H, int64_t W,
-                                              int64_t K, int64_t PH, int64_t PW, int dtype);
 
 #ifdef __cplusplus
 }

@@ -8,9 +8,10 @@
  * computes one vectorisable IoU row against them and the survivors are compacted in
  * place, so the work per kept box is proportional to the boxes still alive.
  *
- * Single-threaded on purpose: splitting each IoU row over threads means one fork/join per
- * kept box (thousands); on a busy machine every join waits for a descheduled thread, and
- * 20k boxes took 1.5 s with 2 threads against 56 ms with one.
+ * Single-threaded on purpose (so the ABI takes no thread count): splitting each IoU row
+ * over threads means one fork/join per kept box (thousands), and on a busy machine every
+ * join waits for a descheduled thread, which costs far more than the row itself
+ * (docs/benchmarks.md, "NMS single-threaded").
  */
 #include <stdint.h>
 
@@ -125,15 +126,13 @@ void nms_impl(const T* boxes, const int64_t* order, int64_t n, double iou_thresh
 }  // namespace
 
 extern "C" int mrc_nms_cpu(int dtype, const void* boxes, const double* scores, int64_t n,
-                           double iou_threshold, int64_t* keep, int64_t* num_kept,
-                           int num_threads) {
+                           double iou_threshold, int64_t* keep, int64_t* num_kept) {
   static const char* fn = "mrc_nms_cpu";
   int rc = mrc::check_nms_args(fn, dtype, false, boxes, n, keep, num_kept);
   if (rc) return rc;
   *num_kept = 0;
   if (n == 0) return MRC_OK;
   if (!scores) return mrc::set_error(MRC_ERR_INVALID, "%s: null scores pointer", fn);
-  (void)num_threads;  /* see the note at the top: NMS runs on the calling thread */
   try {
     const std::vector<int64_t> order = score_order(scores, n);
     if (dtype == MRC_F32)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from libs import _loader
+from libs import _loader, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -52,3 +52,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def roi_align_path():
+    """libs.ops.force_roi_align_path for the test (native CPU library required), back to
+    the automatic choice with the AVX2 copies on afterwards, whatever the test did."""
+    require_native("cpu")
+    yield ops.force_roi_align_path
+    ops.force_roi_align_path(None)

@@ -46,16 +46,105 @@ def err(api):
     return ffi.string(lib.mrc_last_error()).decode()
 
 
-def test_header_parses_with_cffi():
+# The whole C ABI (mrcnn_kernels.h), exactly: every exported function's C type. A change
+# here is an ABI change: bump MRC_ABI_VERSION (common.h) and libs/_loader.ABI_VERSION.
+_I64 = "int64_t"
+SIGNATURES = {
+    "mrc_abi_version": "int(*)(void)",
+    "mrc_last_error": "const char *(*)(void)",
+    "mrc_roi_align_forward_cpu":
+        f"int(*)(int, const void *, const void *, void *, {', '.join([_I64] * 7)}, double, "
+        f"{_I64}, int, int, int)",
+    "mrc_roi_align_backward_cpu":
+        f"int(*)(int, const void *, const void *, void *, {', '.join([_I64] * 7)}, double, "
+        f"{_I64}, int, int)",
+    "mrc_roi_align_multilevel_forward_cpu":
+        f"int(*)(int, {_I64}, void * *, const {_I64} *, const {_I64} *, const double *, "
+        f"const void *, const {_I64} *, void *, {', '.join([_I64] * 6)}, int, int, int)",
+    "mrc_roi_align_multilevel_backward_cpu":
+        f"int(*)(int, {_I64}, void * *, const {_I64} *, const {_I64} *, const double *, "
+        f"const void *, const void *, const {_I64} *, {', '.join([_I64] * 6)}, int, int, "
+        f"int)",
+    "mrc_roi_align_cpu_force": "int(*)(int, int)",
+    "mrc_roi_align_cpu_paths_taken": "int(*)(void)",
+    "mrc_nms_cpu": f"int(*)(int, const void *, const double *, {_I64}, double, {_I64} *, "
+                   f"{_I64} *)",
+    "mrc_winograd_weight_cpu": f"int(*)(int, const void *, void *, {_I64}, {_I64}, int)",
+    "mrc_winograd_input_cpu":
+        f"int(*)(int, const void *, void *, {', '.join([_I64] * 7)}, int)",
+    "mrc_winograd_output_cpu":
+        f"int(*)(int, const void *, const void *, void *, {', '.join([_I64] * 7)}, int, int)",
+    "mrc_winograd_output_adjoint_cpu":
+        f"int(*)(int, const void *, void *, {', '.join([_I64] * 7)}, int)",
+    "mrc_winograd_input_adjoint_cpu":
+        f"int(*)(int, const void *, void *, {', '.join([_I64] * 7)}, int)",
+    "mrc_cuda_abi_version": "int(*)(void)",
+    "mrc_cuda_last_error": "const char *(*)(void)",
+    "mrc_roi_align_forward_cuda":
+        f"int(*)(int, const void *, const void *, void *, {', '.join([_I64] * 7)}, double, "
+        f"{_I64}, int, int, void *)",
+    "mrc_roi_align_backward_cuda":
+        f"int(*)(int, const void *, const void *, void *, {', '.join([_I64] * 7)}, double, "
+        f"{_I64}, int, int, void *)",
+    "mrc_nms_cuda": f"int(*)(int, const void *, {_I64}, double, uint64_t *, {_I64} *, "
+                    f"{_I64} *, void *)",
+}
+# Values of the path constants of the CPU RoIAlign test hooks (also part of the ABI).
+CONSTANTS = {"MRC_ROI_PATH_BLOCKED": 1, "MRC_ROI_PATH_BLOCKED_NHWC": 2,
+             "MRC_ROI_PATH_UNBLOCKED_NCHW": 4, "MRC_ROI_PATH_UNBLOCKED_NHWC": 8,
+             "MRC_ROI_PATH_AVX2": 16, "MRC_ROI_FORCE_AUTO": 0, "MRC_ROI_FORCE_BLOCKED": 1,
+             "MRC_ROI_FORCE_UNBLOCKED": 2}
+
+
+def header_prototypes():
+    """name -> (return type, parameter list) of every function the header declares."""
+    text = re.sub(r"/\*.*?\*/", "", cdef_text(), flags=re.S)
+    found = re.findall(r"^\s*((?:const\s+)?\w+\s*\**)\s*(mrc_\w+)\s*\(([^)]*)\)\s*;",
+                       text, flags=re.M)
+    return {name: (ret, args) for ret, name, args in found}
+
+
+def test_header_declares_exactly_the_abi():
+    """The header declares exactly the functions of SIGNATURES, each with its C type (as
+    cffi parses it: parameter names dropped, types normalised)."""
     ffi = cffi.FFI()
     ffi.cdef(cdef_text())
-    for name in ("mrc_roi_align_forward_cpu", "mrc_roi_align_backward_cpu", "mrc_nms_cpu",
-                 "mrc_roi_align_multilevel_forward_cpu", "mrc_roi_align_multilevel_backward_cpu",
-                 "mrc_roi_align_forward_cuda", "mrc_nms_cuda",
-                 "mrc_roi_align_backward_cuda_workspace", "mrc_last_error"):
-        assert re.search(r"\b%s\s*\(" % name, cdef_text())
-    assert ffi.typeof("int(*)(int, void *, int64_t, double, uint64_t *, int64_t *, int64_t *, "
-                      "void *)") is not None
+    protos = header_prototypes()
+    assert sorted(protos) == sorted(SIGNATURES)
+    for name, (ret, args) in protos.items():
+        got = ffi.typeof(f"{ret} (*)({args})")
+        assert got is ffi.typeof(SIGNATURES[name]), (name, got.cname, SIGNATURES[name])
+    consts = ffi.dlopen(None)  # cffi exposes the header's enum values on any library
+    for name, value in CONSTANTS.items():
+        assert getattr(consts, name) == value, name
+
+
+def test_cpu_library_exports_the_declared_signatures(api):
+    """Every CPU function of the ABI is in the built library with the header's type."""
+    ffi, lib = api
+    for name, sig in SIGNATURES.items():
+        if "cuda" in name:
+            continue
+        assert ffi.typeof(getattr(lib, name)) is ffi.typeof(sig), name
+
+
+def test_cpu_path_hooks(api):
+    """mrc_roi_align_cpu_force takes 0 (auto), 1 (blocked), 2 (unblocked) and rejects
+    the rest; the paths taken are reset by every call (0 after a call with no work)."""
+    ffi, lib = api
+    try:
+        assert lib.mrc_roi_align_cpu_force(3, 1) != 0 and "invalid path" in err(api)
+        assert lib.mrc_roi_align_cpu_force(-1, 1) != 0
+        for path, bit in ((1, lib.MRC_ROI_PATH_BLOCKED), (2, lib.MRC_ROI_PATH_UNBLOCKED_NCHW)):
+            assert lib.mrc_roi_align_cpu_force(path, 0) == 0
+            forward(api, [(0, 0, 0, 2, 2)], 1, 1, 1, 0)
+            assert lib.mrc_roi_align_cpu_paths_taken() == bit
+        assert lib.mrc_roi_align_cpu_force(0, 1) == 0
+        assert lib.mrc_roi_align_forward_cpu(1, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 4, 0, 2,
+                                             2, 1.0, 0, 0, 0, 1) == 0
+        assert lib.mrc_roi_align_cpu_paths_taken() == 0
+    finally:
+        lib.mrc_roi_align_cpu_force(0, 1)
 
 
 def ramp(ffi, dtype="double"):
@@ -170,7 +259,7 @@ def nms(api, boxes, thr, dtype="float", scores=None):
                 else [float(len(boxes) - i) for i in range(len(boxes))])
     keep = ffi.new("int64_t[]", max(len(boxes), 1))
     nk = ffi.new("int64_t *")
-    rc = lib.mrc_nms_cpu({"float": 0, "double": 1}[dtype], b, s, len(boxes), thr, keep, nk, 0)
+    rc = lib.mrc_nms_cpu({"float": 0, "double": 1}[dtype], b, s, len(boxes), thr, keep, nk)
     assert rc == 0, err(api)
     return list(keep)[: nk[0]]
 
@@ -216,13 +305,13 @@ def test_error_paths(api):
     assert "null" in err(api)
     keep = ffi.new("int64_t[]", 4)
     nk = ffi.new("int64_t *")
-    assert lib.mrc_nms_cpu(5, buf, buf, 2, 0.5, keep, nk, 1) != 0 and "dtype" in err(api)
-    assert lib.mrc_nms_cpu(0, buf, buf, -1, 0.5, keep, nk, 1) != 0 and "negative" in err(api)
-    assert lib.mrc_nms_cpu(0, buf, ffi.NULL, 2, 0.5, keep, nk, 1) != 0 and "scores" in err(api)
+    assert lib.mrc_nms_cpu(5, buf, buf, 2, 0.5, keep, nk) != 0 and "dtype" in err(api)
+    assert lib.mrc_nms_cpu(0, buf, buf, -1, 0.5, keep, nk) != 0 and "negative" in err(api)
+    assert lib.mrc_nms_cpu(0, buf, ffi.NULL, 2, 0.5, keep, nk) != 0 and "scores" in err(api)
     # empty inputs succeed
     assert lib.mrc_roi_align_forward_cpu(1, ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 4, 4, 0, 2, 2,
                                          1.0, 0, 0, 0, 1) == 0
-    assert lib.mrc_nms_cpu(0, ffi.NULL, ffi.NULL, 0, 0.5, ffi.NULL, nk, 1) == 0 and nk[0] == 0
+    assert lib.mrc_nms_cpu(0, ffi.NULL, ffi.NULL, 0, 0.5, ffi.NULL, nk) == 0 and nk[0] == 0
 
 
 def test_matches_torchvision_bitwise(api):
@@ -252,7 +341,7 @@ def test_matches_torchvision_bitwise(api):
         assert lib.mrc_nms_cpu(code, ffi.cast("void *", boxes.data_ptr()),
                                ffi.cast("double *", s64.data_ptr()), 30, 0.3,
                                ffi.cast("int64_t *", keep.data_ptr()),
-                               ffi.cast("int64_t *", nk.data_ptr()), 1) == 0
+                               ffi.cast("int64_t *", nk.data_ptr())) == 0
         assert torch.equal(keep[: nk.item()], tvops.nms(boxes, scores, 0.3))
 
 

@@ -15,7 +15,20 @@ from tests.libs.conftest import require_native
 
 SEEDS = [0, 1, 2]
 SCALES = [1.0, 0.5, 0.25, 1 / 32]
+# Where bit-identity is not promised (below): a few float32 / float64 roundings.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def assert_matches_torchvision(got, expected, backend, device, msg):
+    """What is promised against torchvision: the native CPU kernels are bit-identical to
+    its CPU kernel (same operations in the same order, built with -ffp-contract=off);
+    the fallback (gathers, index_add_: another summation order) and CUDA (torchvision's
+    CUDA kernel contracts to FMA) agree to rounding (TOL)."""
+    if backend == "native" and device.type == "cpu":
+        diff = (got - expected).abs().max().item() if got.numel() else 0.0
+        assert torch.equal(got, expected), f"{msg}: not bit-identical (max diff {diff})"
+    else:
+        torch.testing.assert_close(got, expected, **TOL[got.dtype], msg=msg)
 
 
 def random_rois(g, K, N, H, W, scale, dtype):
@@ -78,14 +91,14 @@ def test_forward_backward_fuzz(kernel_backend, device, dtype, scale, sampling_ra
         msg = f"seed={seed} N,C,H,W={N, C, H, W} PH,PW={PH, PW}"
         expected = torchvision.ops.roi_align(x, rois, (PH, PW), scale, sampling_ratio, aligned)
         got = libs.roi_align(x, rois, (PH, PW), scale, sampling_ratio, aligned)
-        torch.testing.assert_close(got, expected, **TOL[dtype], msg=msg)
+        assert_matches_torchvision(got, expected, kernel_backend, device, msg)
 
         grad = torch.randn(expected.shape, generator=g, dtype=dtype).to(device)
         xt = x.clone().requires_grad_()
         torchvision.ops.roi_align(xt, rois, (PH, PW), scale, sampling_ratio, aligned).backward(grad)
         xo = x.clone().requires_grad_()
         libs.roi_align(xo, rois, (PH, PW), scale, sampling_ratio, aligned).backward(grad)
-        torch.testing.assert_close(xo.grad, xt.grad, **TOL[dtype], msg=msg)
+        assert_matches_torchvision(xo.grad, xt.grad, kernel_backend, device, msg + " (grad)")
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "non_contiguous"])
@@ -99,49 +112,125 @@ def test_layouts(kernel_backend, device, dtype, kind):
         xl = layout(x, kind).detach().requires_grad_()
         got = libs.roi_align(xl, rois, 4, 0.5, -1, True)
         assert got.is_contiguous()
-        torch.testing.assert_close(got, expected, **TOL[dtype], msg=f"seed={100 + seed}")
+        msg = f"seed={100 + seed} layout={kind}"
+        assert_matches_torchvision(got, expected, kernel_backend, device, msg)
         got.sum().backward()
         xt = x.detach().clone().requires_grad_()
         torchvision.ops.roi_align(xt, rois, 4, 0.5, -1, True).sum().backward()
-        torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=f"seed={100 + seed}")
+        assert_matches_torchvision(xl.grad, xt.grad, kernel_backend, device, msg + " (grad)")
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+# (forced path, layout of the maps) -> (forward path, backward path) that must run. The
+# single-map backward always writes NCHW gradients; the multi-level one writes the
+# layout of its maps (the NHWC backward paths).
+PATH_CASES = {
+    ("blocked", "contiguous"): ("blocked", "blocked"),
+    ("blocked", "channels_last"): ("blocked", "blocked_nhwc"),
+    ("unblocked", "contiguous"): ("unblocked_nchw", "unblocked_nchw"),
+    ("unblocked", "channels_last"): ("unblocked_nhwc", "unblocked_nhwc"),
+}
+# C = 32 and 70 (a partly filled last block of 32), 5 (fewer channels than one block),
+# 17 (an unblocked NCHW block of 16 plus a remainder); dense small maps and a few RoIs
+# on a large map.
+PATH_SHAPES = [(32, 60, 9, 11), (70, 80, 14, 10), (70, 2, 90, 80), (5, 40, 12, 13),
+               (17, 3, 40, 50)]
+
+
+@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "scalar"])
+@pytest.mark.parametrize("case", sorted(PATH_CASES), ids="-".join)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_many_channels_both_cpu_paths(monkeypatch, dtype, kind):
-    """C >= 32 takes the channel-blocked CPU kernel when the RoIs sample the map densely
-    (many RoIs, small map) and the per-plane kernel otherwise (few RoIs, large map);
-    C = 70 leaves a partly filled last block. Both match torchvision. (Native CPU only:
-    the fallback has no such paths.)"""
+def test_every_cpu_path_bit_identical(monkeypatch, roi_align_path, dtype, case, avx2):
+    """Each CPU path, forced (libs.ops.force_roi_align_path), is the one that runs (both
+    entry points: one map, and the multi-level op) and equals torchvision bit for bit,
+    forward and backward, with and without the AVX2 copies."""
     monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
-    require_native("cpu")
-    device = torch.device("cpu")
-    for seed, (C, K, H, W) in enumerate([(32, 60, 9, 11), (70, 80, 14, 10), (70, 2, 90, 80),
-                                         (64, 1, 40, 50)]):
+    force, kind = case
+    fwd_path, bwd_path = PATH_CASES[case]
+    roi_align_path(force, avx2=avx2)
+    extra = {"avx2"} if avx2 and force == "blocked" and cpu_has_avx2() else set()
+    for seed, (C, K, H, W) in enumerate(PATH_SHAPES):
         g = torch.Generator().manual_seed(300 + seed)
-        x = torch.randn(2, C, H, W, generator=g, dtype=dtype).to(device)
-        rois = random_rois(g, K, 2, H, W, 0.5, dtype).to(device)
+        x = torch.randn(2, C, H, W, generator=g, dtype=dtype)
+        rois = random_rois(g, K, 2, H, W, 0.5, dtype)
         for sr, aligned in ((2, False), (-1, True)):
             msg = f"seed={300 + seed} C,K,H,W={C, K, H, W} sr={sr} aligned={aligned}"
             expected = torchvision.ops.roi_align(x, rois, (5, 4), 0.5, sr, aligned)
-            xl = layout(x, kind).detach().requires_grad_()
-            got = libs.roi_align(xl, rois, (5, 4), 0.5, sr, aligned)
-            torch.testing.assert_close(got, expected, **TOL[dtype], msg=msg)
-            grad = torch.randn(expected.shape, generator=g, dtype=dtype).to(device)
-            got.backward(grad)
+            grad = torch.randn(expected.shape, generator=g, dtype=dtype)
             xt = x.detach().clone().requires_grad_()
             torchvision.ops.roi_align(xt, rois, (5, 4), 0.5, sr, aligned).backward(grad)
-            torch.testing.assert_close(xl.grad, xt.grad, **TOL[dtype], msg=msg)
+
+            xl = layout(x, kind).detach().requires_grad_()
+            got = libs.roi_align(xl, rois, (5, 4), 0.5, sr, aligned)
+            assert ops.roi_align_paths_taken() == {fwd_path} | extra, msg
+            assert torch.equal(got, expected), msg
+            got.backward(grad)
+            nchw_bwd = "blocked" if force == "blocked" else "unblocked_nchw"
+            assert ops.roi_align_paths_taken() == {nchw_bwd} | extra, msg
+            assert torch.equal(xl.grad, xt.grad), msg + " (grad)"
+
+            xm = layout(x, kind).detach().requires_grad_()
+            levels = torch.zeros(K, dtype=torch.int64)
+            got = ops.roi_align_multilevel([xm], rois, levels, [0.5], 5, 4, sr, aligned)
+            assert ops.roi_align_paths_taken() == {fwd_path} | extra, msg + " (multilevel)"
+            assert torch.equal(got, expected), msg + " (multilevel)"
+            got.backward(grad)
+            assert ops.roi_align_paths_taken() == {bwd_path} | extra, msg + " (multilevel)"
+            assert torch.equal(xm.grad, xt.grad), msg + " (multilevel grad)"
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_automatic_cpu_path_choice(monkeypatch, roi_align_path, kind):
+    """Without forcing: C >= 32 with RoIs dense on a small map takes the blocked path,
+    a few RoIs on a large map or C < 32 the unblocked one; NHWC gradients always take
+    the blocked (in-place) backward; every level of a pyramid chooses for itself."""
+    monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    roi_align_path(None)
+    unblocked = "unblocked_nchw" if kind == "contiguous" else "unblocked_nhwc"
+    cases = [((64, 80, 9, 11), "blocked"), ((64, 1, 90, 80), unblocked),
+             ((16, 80, 9, 11), unblocked)]
+    for seed, ((C, K, H, W), path) in enumerate(cases):
+        g = torch.Generator().manual_seed(400 + seed)
+        x = layout(torch.randn(2, C, H, W, generator=g), kind)
+        rois = random_rois(g, K, 2, H, W, 1.0, torch.float32)
+        got = libs.roi_align(x, rois, 7, 1.0, 2, False)
+        assert ops.roi_align_paths_taken() - {"avx2"} == {path}, f"seed={400 + seed}"
+        assert torch.equal(got, torchvision.ops.roi_align(x, rois, 7, 1.0, 2, False))
+    # a pyramid: level 0 sparse (one RoI on a large map), level 1 dense
+    g = torch.Generator().manual_seed(410)
+    maps = [layout(torch.randn(2, 64, 90, 80, generator=g), kind).requires_grad_(),
+            layout(torch.randn(2, 64, 9, 11, generator=g), kind).requires_grad_()]
+    rois = torch.cat([random_rois(g, 1, 2, 90, 80, 1.0, torch.float32),
+                      random_rois(g, 80, 2, 9, 11, 1.0, torch.float32)])
+    levels = torch.tensor([0] + [1] * 80)
+    out = ops.roi_align_multilevel(maps, rois, levels, [1.0, 1.0], 7, 7, 2, False)
+    assert ops.roi_align_paths_taken() - {"avx2"} == {"blocked", unblocked}
+    out.backward(torch.randn(out.shape, generator=g))
+    expected = {"blocked", "unblocked_nchw"} if kind == "contiguous" else {"blocked_nhwc"}
+    assert ops.roi_align_paths_taken() - {"avx2"} == expected
+
+
+def test_force_path_rejects_unknown_names(roi_align_path):
+    with pytest.raises(ValueError, match="path must be one of"):
+        ops.force_roi_align_path("fast")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_blocked_cpu_path_bad_rois_give_zero_rows(monkeypatch, threads):
+def test_blocked_cpu_path_bad_rois_give_zero_rows(monkeypatch, threads, seed):
     """The channel-blocked CPU kernel (C >= 32, RoIs dense on a small map) writes every
     output row: rows of RoIs with a batch index outside [0, N) or NaN coordinates are
     zero (the output starts uninitialised), the others equal torchvision bit for bit."""
     monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
     require_native("cpu")
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 48, 13, 17, generator=g)
     rois = random_rois(g, 300, 2, 13, 17, 1.0, torch.float32)
     bad = torch.randperm(300, generator=g)[:30]
@@ -156,9 +245,10 @@ def test_blocked_cpu_path_bad_rois_give_zero_rows(monkeypatch, threads):
         got = libs.roi_align(x, rois, (7, 7), 1.0, 2, False)
     finally:
         torch.set_num_threads(before)
+    assert ops.roi_align_paths_taken() - {"avx2"} == {"blocked"}, f"seed={seed}"
     expected = torchvision.ops.roi_align(x, rois[good], (7, 7), 1.0, 2, False)
-    assert torch.equal(got[good], expected)
-    assert torch.equal(got[~good], torch.zeros_like(got[~good]))
+    assert torch.equal(got[good], expected), f"seed={seed}"
+    assert torch.equal(got[~good], torch.zeros_like(got[~good])), f"seed={seed}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -170,20 +260,29 @@ def test_half(kernel_backend, device, dtype):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 4, 16, 16, generator=g)
     rois = random_rois(g, 20, 2, 16, 16, 0.5, torch.float32)
-    expected = torchvision.ops.roi_align(x, rois, 5, 0.5, 2, True)
-    got = libs.roi_align(x.to(device, dtype), rois.to(device, dtype), 5, 0.5, 2, True)
+    xh, rh = x.to(dtype), rois.to(dtype)
+    # The oracle sees the same rounded inputs (features and boxes rounded to `dtype`), so
+    # the rounding of the inputs, which moves the samples by up to half a pixel, is not
+    # part of the comparison. Both sides then compute in float32 (the kernels accumulate
+    # in float); ours rounds the float32 result to `dtype` once, which is off by at most
+    # half a unit in the last place of `dtype`; float32 differences in the last bits (the
+    # fallback sums in another order) may move that rounding to the next value: one unit
+    # in the last place, rtol = eps(dtype). atol covers results within a few float32
+    # roundings of zero.
+    expected = torchvision.ops.roi_align(xh.float(), rh.float(), 5, 0.5, 2, True)
+    got = libs.roi_align(xh.to(device), rh.to(device), 5, 0.5, 2, True)
     assert got.dtype == dtype
-    # rois rounded to half move the samples: compare loosely.
-    tol = 4e-3 if dtype == torch.float16 else 3e-2
-    torch.testing.assert_close(got.float().cpu(), expected, atol=tol * 10, rtol=tol * 10)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=1e-5,
+                               rtol=torch.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_features_float32_boxes_pool_in_float32(kernel_backend, device, dtype):
+def test_half_features_float32_boxes_pool_in_float32(kernel_backend, device, dtype, seed):
     """Autocast's case (half features, float32 boxes): the boxes are not rounded to half
     (up to half a pixel off at 1000 px); the maps are pooled in float32, then the result
     rounded to the features' dtype, as torchvision's autocast rule does."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 10 ** 6, ())))
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 40, 60, generator=g).to(dtype)
     rois = random_rois(g, 30, 2, 40, 60, 1 / 16, torch.float32)
     rois[:, 1:] += 500.25     # coordinates where float16 steps are half a pixel
@@ -191,7 +290,8 @@ def test_half_features_float32_boxes_pool_in_float32(kernel_backend, device, dty
     got = libs.roi_align(x.to(device), rois.to(device), 7, 1 / 16, 2, True)
     assert got.dtype == dtype
     # float32 results may differ in the last bit, so the rounding to half by one step
-    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=torch.finfo(dtype).eps)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=torch.finfo(dtype).eps,
+                               msg=f"seed={seed}")
 
 
 def test_list_of_boxes_form(kernel_backend, device):
@@ -201,19 +301,20 @@ def test_list_of_boxes_form(kernel_backend, device):
              for k in (5, 0, 7)]
     expected = torchvision.ops.roi_align(x, boxes, 3, 1.0, 2)
     got = libs.roi_align(x, boxes, 3, 1.0, 2)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_matches_torchvision(got, expected, kernel_backend, device, "seed=3")
     rois = libs.boxes_to_rois(boxes)
     assert rois[:, 0].tolist() == [0.0] * 5 + [2.0] * 7
 
 
 def test_empty(kernel_backend, device):
-    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g).to(device).requires_grad_()
     out = libs.roi_align(x, torch.zeros(0, 5, device=device), (2, 3), 1.0, 2)
     assert out.shape == (0, 3, 2, 3)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
     assert libs.roi_align(x, [torch.zeros(0, 4, device=device)] * 2, 2).shape == (0, 3, 2, 2)
-    empty_map = torch.randn(1, 3, 0, 5, device=device)
+    empty_map = torch.zeros(1, 3, 0, 5, device=device)
     rois = torch.tensor([[0, 0, 0, 4, 4.0]], device=device)
     assert torch.equal(libs.roi_align(empty_map, rois, 2), torch.zeros(1, 3, 2, 2, device=device))
 
@@ -221,7 +322,8 @@ def test_empty(kernel_backend, device):
 def test_degenerate_aligned_rois(kernel_backend, device):
     """Negative-size RoIs with aligned=True: no clamp, an empty adaptive grid, zero output
     (never a negative allocation); with aligned=False they are clamped to 1x1."""
-    x = torch.randn(1, 2, 10, 10, device=device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 10, 10, generator=g, dtype=torch.float64).to(device)
     rois = torch.tensor([[0, 6, 6, 2, 2], [0, 6, 2, 2, 6], [0, 3, 3, 3, 3]],
                         device=device, dtype=torch.float64)
     for sr in (-1, 2):
@@ -302,7 +404,8 @@ def test_cpu_backward_bit_identical_across_threads(kernel_backend, channels):
 
 def test_torch_compile_fullgraph(kernel_backend, device):
     torch._dynamo.reset()
-    x = torch.randn(2, 3, 12, 12, device=device, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, generator=g).to(device).requires_grad_()
     rois = torch.tensor([[0, 1, 1, 9, 9], [1, 2, 0, 20, 8.0]], device=device)
 
     def f(inp, r):
@@ -314,21 +417,23 @@ def test_torch_compile_fullgraph(kernel_backend, device):
     grad = x.grad.clone()
     x.grad = None
     f(x, rois).backward()
-    torch.testing.assert_close(got, f(x, rois))
-    torch.testing.assert_close(grad, x.grad)
+    # the same kernels run compiled or not: the same bits
+    assert torch.equal(got, f(x, rois))
+    assert torch.equal(grad, x.grad)
 
 
 def test_opcheck(kernel_backend, device):
-    x = torch.randn(2, 3, 9, 8, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64).to(device).requires_grad_()
     rois = torch.tensor([[0, 1, 1, 7, 6], [1, 0, 2, 5, 9.0]], device=device,
                         dtype=torch.float64)
     torch.library.opcheck(ops.roi_align, (x, rois, 0.5, 3, 2, 2, True))
-    grad = torch.randn(2, 3, 3, 2, device=device, dtype=torch.float64)
+    grad = torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64).to(device)
     torch.library.opcheck(ops.roi_align_backward, (grad, rois, 0.5, 3, 2, 2, True, 2, 3, 9, 8))
 
 
 def test_argument_errors():
-    x = torch.randn(1, 2, 5, 5)
+    x = torch.zeros(1, 2, 5, 5)
     rois = torch.tensor([[0, 0, 0, 2, 2.0]])
     with pytest.raises(ValueError, match="4-D float"):
         libs.roi_align(x[0], rois, 2)
@@ -369,7 +474,7 @@ def test_missing_library_warns_once_then_picks_up_late_build(monkeypatch, tmp_pa
     monkeypatch.setattr(_loader, "BUILD_DIR", tmp_path)
     _loader.reset_for_tests()
     try:
-        x = torch.randn(1, 1, 4, 4)
+        x = torch.arange(16.0).reshape(1, 1, 4, 4)
         rois = torch.tensor([[0, 0, 0, 3, 3.0]])
         with pytest.warns(RuntimeWarning, match=r"`python libs/build_libs.py`"):
             first = libs.roi_align(x, rois, 2)
@@ -380,7 +485,8 @@ def test_missing_library_warns_once_then_picks_up_late_build(monkeypatch, tmp_pa
         assert libs.backend_info()["cpu"].startswith("fallback")
         if real.exists():
             shutil.copy(real, tmp_path / "libmrcnn_cpu.so")  # "built later"
-            torch.testing.assert_close(libs.roi_align(x, rois, 2), first)
+            # fallback then native: agreement to rounding is what is promised
+            torch.testing.assert_close(libs.roi_align(x, rois, 2), first, **TOL[x.dtype])
             assert libs.backend_info()["cpu"].startswith("native")
     finally:
         _loader.reset_for_tests()

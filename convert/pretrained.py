@@ -20,10 +20,10 @@ from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
-from backbones import convert_torchvision_backbone_state_dict
-from heads import convert_torchvision_roi_heads_state_dict
-from proposal import convert_torchvision_rpn_state_dict
-from tools.convert import convert_detectron2_state, is_detectron2_state
+from convert.detectron2 import convert_detectron2_state, is_detectron2_state
+from convert.torchvision import (convert_torchvision_backbone_state_dict,
+                                 convert_torchvision_roi_heads_state_dict,
+                                 convert_torchvision_rpn_state_dict)
 from tools.export import is_safetensors, read_safetensors
 from tools.zoo import categories_for, read_checkpoint
 

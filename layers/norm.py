@@ -1,4 +1,4 @@
-"""Normalisation layers for the ResNet trunks.
+"""Normalisation layers: FrozenBatchNorm2d and the norm factories of the trunks, FPN and heads.
 
 FrozenBatchNorm2d keeps torchvision's buffer names (weight, bias, running_mean,
 running_var) so torchvision and ImageNet state dicts load unchanged.

@@ -1,13 +1,18 @@
-"""The fused inference path (backbones/fused.py) against the unfused modules (oracle:
+"""The fused inference path (layers/conv.py, backbones/fused_trunk.py) against the unfused modules (oracle:
 torch's own conv + norm layers, and the trunk's training-style forward)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import backbones.fused as fused
-from backbones import FrozenBatchNorm2d, build_resnet_fpn_backbone
-from backbones.fused import fold_conv_norm, norm_scale_shift
+import backbones.fused_trunk as fused_trunk
+import layers.conv as fused
+from backbones import build_resnet_fpn_backbone
+from layers import EXACT, FastPath, FrozenBatchNorm2d
+from layers.conv import fold_conv_norm, norm_scale_shift
+
+# Folding and oneDNN fusing without Winograd: what the folding tests compare.
+FOLDED = FastPath(fuse_bn=True, winograd=False)
 
 torch.set_num_threads(2)
 
@@ -65,16 +70,17 @@ def test_norm_scale_shift_matches_hand_computed_values():
 @pytest.mark.parametrize("depth,norm", [(18, "frozen_bn"), (50, "frozen_bn"), (50, "bn")])
 def test_fused_trunk_equals_unfused(depth, norm, onednn, monkeypatch):
     torch.manual_seed(depth)
-    backbone = build_resnet_fpn_backbone(depth=depth, norm=norm).eval()
+    backbone = build_resnet_fpn_backbone(depth=depth, norm=norm, fast_path=FOLDED).eval()
     _randomise(backbone)
     if not onednn:
         monkeypatch.setattr(fused, "use_onednn", lambda x: False)
+        monkeypatch.setattr(fused_trunk, "use_onednn", lambda x: False)
     x = torch.randn(2, 3, 96, 128)
     trunk = backbone.body
     with torch.no_grad():
         assert trunk.uses_fused_path()
         got = backbone(x)
-        trunk.fuse_inference = False
+        trunk.fast_path = EXACT
         assert not trunk.uses_fused_path()
         expected = backbone(x)
     assert len(got) == 5
@@ -85,14 +91,14 @@ def test_fused_trunk_equals_unfused(depth, norm, onednn, monkeypatch):
 
 def test_fused_weights_follow_weight_changes():
     torch.manual_seed(0)
-    backbone = build_resnet_fpn_backbone(depth=18).eval()
+    backbone = build_resnet_fpn_backbone(depth=18, fast_path=FOLDED).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         backbone(x)
         backbone.body.layer3[0].bn1.weight.mul_(3.0)  # in place: no stale folded weights
         backbone.body.layer4[1].conv2.weight.add_(0.01)
         got = backbone(x)
-        backbone.body.fuse_inference = False
+        backbone.body.fast_path = EXACT
         expected = backbone(x)
     for a, b in zip(got, expected):
         _rel_close(a, b, 1e-5, "after in-place weight changes")
@@ -100,7 +106,7 @@ def test_fused_weights_follow_weight_changes():
 
 def test_training_and_grad_use_the_unfused_modules():
     torch.manual_seed(0)
-    backbone = build_resnet_fpn_backbone(depth=18, norm="bn")
+    backbone = build_resnet_fpn_backbone(depth=18, norm="bn", fast_path=FOLDED)
     x = torch.randn(2, 3, 64, 64)
     backbone.train()
     assert not backbone.body.uses_fused_path()
@@ -121,13 +127,14 @@ def test_training_forward_and_grads_equal_unfused(depth, trainable):
     """Frozen-BatchNorm training: frozen stages run without autograd, trainable ones fold
     the norms in-graph; outputs and weight gradients equal the plain modules'."""
     torch.manual_seed(depth)
-    backbone = build_resnet_fpn_backbone(depth=depth, trainable_layers=trainable).train()
+    backbone = build_resnet_fpn_backbone(depth=depth, trainable_layers=trainable,
+                                         fast_path=FOLDED).train()
     _randomise(backbone)
     x = torch.randn(2, 3, 64, 96)
     results = []
     for fuse in (True, False):
         backbone.zero_grad(set_to_none=True)
-        backbone.body.fuse_inference = fuse
+        backbone.body.fast_path = FOLDED if fuse else EXACT
         out = backbone(x)
         sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in out) \
             .backward()
@@ -157,14 +164,15 @@ def test_fpn_and_mask_head_fast_path_equal_plain_modules(monkeypatch):
     oneDNN fast path against the same modules run plainly."""
     from heads import MaskHead, MaskPredictor
     torch.manual_seed(0)
-    backbone = build_resnet_fpn_backbone(depth=18).eval()
-    head, predictor = MaskHead(16, (16, 16)), MaskPredictor(16, 8, 4)
+    backbone = build_resnet_fpn_backbone(depth=18, fast_path=FOLDED).eval()
+    head = MaskHead(16, (16, 16), fast_path=FOLDED)
+    predictor = MaskPredictor(16, 8, 4, fast_path=FOLDED)
     x = torch.randn(1, 3, 96, 128)
     rois = torch.randn(5, 16, 14, 14)
     with torch.no_grad():
         c = backbone.body(x)
         got = backbone.fpn(c), predictor(head(rois))
-        monkeypatch.setattr(fused, "HEADS_FAST_PATH", False)
+        backbone.fpn.fast_path = head.fast_path = predictor.fast_path = EXACT
         expected = backbone.fpn(c), predictor(head(rois))
     for a, b in zip(got[0], expected[0]):
         _rel_close(a, b, 1e-5, "FPN")
@@ -175,7 +183,7 @@ def test_fpn_and_mask_head_fast_path_equal_plain_modules(monkeypatch):
 # ----------------------------------------------------------------------------- Winograd
 
 def _count_winograd(monkeypatch):
-    """Counts conv3x3_winograd calls made through backbones.fused."""
+    """Counts conv3x3_winograd calls made through layers.conv."""
     calls = []
     real = fused.kernel_ops.conv3x3_winograd
 
@@ -188,14 +196,15 @@ def _count_winograd(monkeypatch):
 
 def _set_winograd(module, on):
     for m in module.modules():
-        if hasattr(m, "winograd"):
-            m.winograd = on
+        if hasattr(m, "fast_path"):
+            m.fast_path = FastPath(fuse_bn=m.fast_path.fuse_bn, winograd=on)
 
 
 def test_winograd_applies_only_to_3x3_stride1_pad1_convs():
     x = torch.randn(1, 16, 48, 48)
-    conv = lambda **kw: fused._live_conv_of(nn.Conv2d(16, 16, **{"kernel_size": 3,  # noqa
-                                                                  "padding": 1, **kw}))
+    def conv(**kw):
+        return fold_conv_norm(nn.Conv2d(16, 16, **{"kernel_size": 3, "padding": 1, **kw}),
+                              detach=False)
     assert fused.winograd_applies(x, conv())
     assert not fused.winograd_applies(x, conv(stride=2))
     assert not fused.winograd_applies(x, conv(kernel_size=1, padding=0))
@@ -203,15 +212,15 @@ def test_winograd_applies_only_to_3x3_stride1_pad1_convs():
     assert not fused.winograd_applies(x, conv(groups=2))
     assert not fused.winograd_applies(x.double(), conv())          # float32 only
     assert not fused.winograd_applies(torch.randn(1, 12, 48, 48),
-                                      fused._live_conv_of(nn.Conv2d(12, 16, 3, padding=1)))
+                                      fold_conv_norm(nn.Conv2d(12, 16, 3, padding=1), detach=False))
 
 
 def test_winograd_only_for_maps_with_enough_tiles():
     """Small maps (ResNet layer4: 63 tiles at 800 px) keep the direct conv."""
-    conv = fused._live_conv_of(nn.Conv2d(512, 512, 3, padding=1))
+    conv = fold_conv_norm(nn.Conv2d(512, 512, 3, padding=1), detach=False)
     assert not fused.winograd_applies(torch.randn(1, 512, 25, 34), conv)     # 63 tiles
     assert fused.winograd_applies(torch.randn(1, 512, 64, 64), conv)         # 256 tiles
-    small = fused._live_conv_of(nn.Conv2d(16, 16, 3, padding=1))
+    small = fold_conv_norm(nn.Conv2d(16, 16, 3, padding=1), detach=False)
     assert not fused.winograd_applies(torch.randn(1, 16, 40, 48), small)     # 120 tiles
     assert fused.winograd_applies(torch.randn(2, 16, 32, 32), small)         # 128 tiles
 
@@ -230,7 +239,7 @@ def test_winograd_inference_close_to_plain_modules(depth, monkeypatch):
         got = backbone(x)
         assert len(calls) > 0 and (256, 256, 3, 3) in calls   # the FPN output convs
         _set_winograd(backbone, False)
-        backbone.body.fuse_inference = False
+        backbone.body.fast_path = EXACT
         expected = backbone(x)
     for level, (a, b) in enumerate(zip(got, expected)):
         _rel_close(a, b, 2e-4, f"P{level + 2}")
@@ -246,7 +255,7 @@ def test_winograd_training_forward_and_grads_close_to_plain(monkeypatch):
     for on in (True, False):
         backbone.zero_grad(set_to_none=True)
         _set_winograd(backbone, on)
-        backbone.body.fuse_inference = on
+        backbone.body.fast_path = FastPath(fuse_bn=on, winograd=on)
         out = backbone(x)
         sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in out) \
             .backward()
@@ -295,15 +304,16 @@ def test_winograd_rpn_head_and_mask_head_close_to_plain(monkeypatch):
 def test_config_key_winograd_switches_every_winograd_conv(kwargs, expected):
     from maskrcnn import MaskRCNN
     model = MaskRCNN(num_classes=2, backbone="resnet18", **kwargs)
-    flags = [m.winograd for m in model.modules() if hasattr(m, "winograd")]
-    assert len(flags) == 4 and all(f is expected for f in flags)  # trunk, FPN, RPN, mask
+    flags = [m.fast_path.winograd for m in model.modules() if hasattr(m, "fast_path")]
+    # trunk, FPN, RPN head, mask head, mask predictor: one value from the config
+    assert len(flags) == 5 and all(f is expected for f in flags)
 
 
 @pytest.mark.parametrize("side", [7, 14])
 def test_roi_sized_maps_never_take_winograd(side):
     """Box-head (7x7) and mask-head (14x14) maps lose to the direct conv however many
     RoIs there are (docs/benchmarks.md): they stay on oneDNN."""
-    from backbones.fused import FoldedConv, MIN_WINOGRAD_SIDE, winograd_applies
+    from layers.conv import FoldedConv, MIN_WINOGRAD_SIDE, winograd_applies
     assert side < MIN_WINOGRAD_SIDE
     conv = FoldedConv(torch.randn(256, 256, 3, 3), torch.zeros(256), (1, 1), (1, 1),
                       (1, 1), 1)

@@ -1,0 +1,155 @@
+"""The image transform: normalise, resize and pad a batch on the way in; map detections
+back to the original images (boxes rescaled, masks pasted) on the way out.
+
+Shape letters: N images, H/W an original image's size, Hr/Wr its resized size, Hp/Wp the
+padded batch's size, M GT instances, D detections.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads import PASTE_MASKS
+from tools.structures import ImageList
+
+
+def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
+    """Scale Tensor[M, 4] boxes from original_size (h, w) to new_size (float32 ratios,
+    torchvision's arithmetic)."""
+    ratio_h, ratio_w = [torch.tensor(s, dtype=torch.float32, device=boxes.device)
+                        / torch.tensor(s0, dtype=torch.float32, device=boxes.device)
+                        for s, s0 in zip(new_size, original_size)]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+class ImageTransform(nn.Module):
+    """Normalise, resize (shorter side to min_size, longer side capped at max_size) and
+    pad a batch; targets are resized the same way. `postprocess` maps detections back.
+
+    Args:
+        min_size: shorter side at test time; train_min_size: choices at training time.
+        max_size: cap on the longer side.
+        image_mean, image_std: normalisation, in input_format order and pixel_scale units.
+        size_divisible: the padded batch's sides are multiples of this.
+        mask_paste_padding: zero border added to masks before pasting (1; torchvision).
+        input_format: "RGB" or "BGR", the channel order the weights expect (images are
+            always given RGB).
+        pixel_scale: 1.0 or 255.0, the pixel range the weights expect (images are
+            always given in [0, 1]).
+        mask_paste: "torchvision" or "detectron2" (heads.mask_head.PASTE_MASKS).
+    """
+
+    def __init__(self, min_size: int = 800, max_size: int = 1333,
+                 image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+                 size_divisible: int = 32, train_min_size=None, mask_paste_padding: int = 1,
+                 input_format: str = "RGB", pixel_scale: float = 1.0,
+                 mask_paste: str = "torchvision"):
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        if mask_paste not in PASTE_MASKS:
+            raise ValueError(f"mask_paste must be one of {sorted(PASTE_MASKS)}, "
+                             f"got {mask_paste!r}")
+        self.input_format = input_format
+        self.pixel_scale = float(pixel_scale)
+        self.mask_paste = mask_paste
+        self.min_size = int(min_size)
+        self.train_min_size = tuple(train_min_size or (min_size,))
+        self.max_size = int(max_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.size_divisible = int(size_divisible)
+        self.mask_paste_padding = int(mask_paste_padding)
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None
+                ) -> tuple[ImageList, Optional[list[dict]]]:
+        """
+        Args:
+            images: per image Tensor[3, H, W] float in [0, 1].
+            targets: per image dict(boxes[M, 4], labels[M], masks[M, H, W]) or None;
+                not modified (resized copies are returned).
+        Returns:
+            (ImageList(tensors Tensor[N, 3, Hp, Wp], image_sizes [(Hr, Wr)]), targets).
+        """
+        resized, new_targets = [], None if targets is None else []
+        for i, image in enumerate(images):
+            target = None if targets is None else dict(targets[i])
+            image, target = self.resize(self.normalize(image), target)
+            resized.append(image)
+            if new_targets is not None:
+                new_targets.append(target)
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        return ImageList(self.batch_images(resized), sizes), new_targets
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """RGB [0, 1] -> the weights' channel order and pixel scale, normalised."""
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        if self.pixel_scale != 1.0:
+            image = image * self.pixel_scale
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def _choose_min_size(self) -> int:
+        if not self.training:
+            return self.min_size
+        # torchvision's torch_choice: drawn from torch's RNG so seeds reproduce it.
+        index = int(torch.empty(1).uniform_(0.0, float(len(self.train_min_size))).item())
+        return self.train_min_size[index]
+
+    def resize(self, image: Tensor, target: Optional[dict] = None):
+        """Image Tensor[3, H, W] -> Tensor[3, Hr, Wr]; target boxes and masks alike.
+
+        No side drops below 1 pixel: an image more than max_size / min_size times wider
+        than high would otherwise vanish (F.interpolate floors each side)."""
+        h, w = image.shape[-2:]
+        scale = min(self._choose_min_size() / min(h, w), self.max_size / max(h, w))
+        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
+        if new_h >= 1 and new_w >= 1:    # torchvision's arithmetic
+            size = dict(scale_factor=scale, recompute_scale_factor=True)
+        else:
+            size = dict(size=(max(new_h, 1), max(new_w, 1)))
+        image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size)[0]
+        if target is None:
+            return image, None
+        valid = target.get("mask_valid")
+        if "masks" in target and valid is not None and not bool(valid.any()):
+            # box-only instances: their masks are all zero and no target, nothing to resample
+            target["masks"] = torch.zeros((len(target["masks"]), *image.shape[-2:]),
+                                          dtype=torch.uint8, device=image.device)
+        elif "masks" in target:
+            masks = target["masks"][:, None].float()
+            target["masks"] = F.interpolate(masks, **size)[:, 0].byte()
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+        return image, target
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad to a common size, each side rounded up to size_divisible."""
+        stride = float(self.size_divisible)
+        max_h = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
+        max_w = int(math.ceil(max(img.shape[-1] for img in images) / stride) * stride)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+        for img, slot in zip(images, batch):
+            slot[:, :img.shape[-2], :img.shape[-1]].copy_(img)
+        return batch
+
+    def postprocess(self, detections: list[dict], image_sizes, original_sizes) -> list[dict]:
+        """Boxes back to original pixels; masks [D, 1, S, S] pasted to [D, 1, H, W]."""
+        out = []
+        for det, size, original in zip(detections, image_sizes, original_sizes):
+            det = dict(det)
+            det["boxes"] = resize_boxes(det["boxes"], size, original)
+            if "masks" in det:
+                det["masks"] = PASTE_MASKS[self.mask_paste](det["masks"], det["boxes"],
+                                                            original, self.mask_paste_padding)
+            out.append(det)
+        return out
+
+
+# ---------------------------------------------------------------------------- builder
