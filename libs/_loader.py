@@ -14,7 +14,6 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import cffi
 
@@ -140,7 +139,7 @@ def backend_info() -> dict:
     return info
 
 
-def reset_for_tests(warned: Optional[bool] = None) -> None:
+def reset_for_tests() -> None:
     """Forgets the opened libraries and warnings (tests simulate a late build)."""
     with _lock:
         _libs.clear()

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
@@ -241,22 +242,31 @@ def _compile(cmd: list[str], lib_path: str, stamp_path: str, digest: str,
     os.replace(tmp_stamp, stamp_path)
 
 
+def _build_if_stale(out_dir: str, lib_name: str, compiler: str, hashed_flags: list[str],
+                    link_flags: list[str], sources: list[str], force: bool,
+                    verbose: bool) -> tuple[str, Optional[float]]:
+    """Compiles `sources` into <out_dir>/<lib_name> unless its stamp says the sources,
+    compiler and flags are unchanged. Returns (path, seconds spent, None when up to date)."""
+    lib = os.path.join(out_dir, lib_name)
+    stamp = lib + ".stamp"
+    digest = stamp_hash(sources, compiler, hashed_flags)
+    if not force and _up_to_date(lib, stamp, digest):
+        return lib, None
+    t0 = time.time()
+    cmd = [compiler] + hashed_flags + link_flags + [os.path.join(CSRC, s) for s in sources]
+    _compile(cmd, lib, stamp, digest, verbose)
+    return lib, time.time() - t0
+
+
 def build_cpu(out_dir: str, force: bool = False, verbose: bool = False, env=None) -> str:
     """Builds <out_dir>/libmrcnn_cpu.so; returns its path."""
     os.makedirs(out_dir, exist_ok=True)
     cxx = cxx_compiler(env)
-    vs = _version_script(out_dir)
-    flags = CPU_FLAGS + [f"-Wl,--version-script={vs}"]
-    lib = os.path.join(out_dir, CPU_LIB)
-    stamp = os.path.join(out_dir, CPU_LIB + ".stamp")
-    digest = stamp_hash(CPU_SOURCES, cxx, CPU_FLAGS)
-    if not force and _up_to_date(lib, stamp, digest):
-        log(f"{lib}: up to date")
-        return lib
-    t0 = time.time()
-    _compile([cxx] + flags + [os.path.join(CSRC, s) for s in CPU_SOURCES], lib, stamp, digest,
-             verbose)
-    log(f"built {lib} (CPU, {os.path.basename(cxx)}, {time.time() - t0:.1f} s)")
+    link = [f"-Wl,--version-script={_version_script(out_dir)}"]
+    lib, seconds = _build_if_stale(out_dir, CPU_LIB, cxx, CPU_FLAGS, link, CPU_SOURCES, force,
+                                   verbose)
+    log(f"{lib}: up to date" if seconds is None else
+        f"built {lib} (CPU, {os.path.basename(cxx)}, {seconds:.1f} s)")
     return lib
 
 
@@ -276,20 +286,12 @@ def build_cuda(archs: list[str], out_dir: str, nvcc: str, force: bool = False,
                verbose: bool = False) -> str:
     """Builds <out_dir>/libmrcnn_cuda.so for `archs` (already validated); returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    vs = _version_script(out_dir)
-    flags = CUDA_FLAGS + gencode_flags(archs)
-    lib = os.path.join(out_dir, CUDA_LIB)
-    stamp = os.path.join(out_dir, CUDA_LIB + ".stamp")
-    digest = stamp_hash(CUDA_SOURCES, nvcc, flags)
-    if not force and _up_to_date(lib, stamp, digest):
-        log(f"{lib}: up to date ({', '.join(archs)})")
-        return lib
-    t0 = time.time()
-    cmd = [nvcc] + flags + [f"-Xlinker=--version-script={vs}"] + \
-        [os.path.join(CSRC, s) for s in CUDA_SOURCES]
-    _compile(cmd, lib, stamp, digest, verbose)
-    log(f"built {lib} (CUDA {nvcc_version(nvcc)}: {', '.join(archs)}; PTX for "
-        f"{sorted(archs, key=_arch_num)[-1]}; {time.time() - t0:.1f} s)")
+    link = [f"-Xlinker=--version-script={_version_script(out_dir)}"]
+    lib, seconds = _build_if_stale(out_dir, CUDA_LIB, nvcc, CUDA_FLAGS + gencode_flags(archs),
+                                   link, CUDA_SOURCES, force, verbose)
+    log(f"{lib}: up to date ({', '.join(archs)})" if seconds is None else
+        f"built {lib} (CUDA {nvcc_version(nvcc)}: {', '.join(archs)}; PTX for "
+        f"{sorted(archs, key=_arch_num)[-1]}; {seconds:.1f} s)")
     return lib
 
 

@@ -1,7 +1,9 @@
 /*
  * The arithmetic of the CPU RoIAlign, written once for every path:
  *   sum_bin       the weighted sum of one bin's taps (the bilinear average before the
- *                 divide), for a group of channels ("lanes") at once;
+ *                 divide), for a group of channels ("lanes") at once, tap by tap
+ *                 (add_tap), from any tap source: a stored list (RoiTaps) or taps formed
+ *                 as they are read (AxisTaps);
  *   pool_roi      one RoI's bins for a group of channels: sum_bin, then / count;
  *   scatter_roi   the adjoint: g_i = grad * w_i / count added to the four pixels.
  * Lane c of pixel q is at base[q * pixel_stride + c * lane_stride], which covers every
@@ -24,35 +26,40 @@
 namespace mrc {
 namespace roi_cpu {
 
-/* acc[c] = sum over taps [s0, s1) of w1 v[p1] + w2 v[p2] + w3 v[p3] + w4 v[p4], c < lanes. */
+/* acc[c] += w1 v[p1] + w2 v[p2] + w3 v[p3] + w4 v[p4] for one tap, c < lanes. */
 template <typename T, typename I>
-MRC_INLINE void sum_bin(const T* __restrict base, int64_t pixel_stride, int64_t lane_stride,
-                        int64_t lanes, const Tap<T, I>* __restrict taps, int64_t s0,
-                        int64_t s1, T* __restrict acc) {
-  for (int64_t c = 0; c < lanes; ++c) acc[c] = static_cast<T>(0);
-  for (int64_t s = s0; s < s1; ++s) {
-    const Tap<T, I> t = taps[s];
-    const T* __restrict v1 = base + static_cast<int64_t>(t.p1) * pixel_stride;
-    const T* __restrict v2 = base + static_cast<int64_t>(t.p2) * pixel_stride;
-    const T* __restrict v3 = base + static_cast<int64_t>(t.p3) * pixel_stride;
-    const T* __restrict v4 = base + static_cast<int64_t>(t.p4) * pixel_stride;
-    for (int64_t c = 0; c < lanes; ++c) {
-      const int64_t q = c * lane_stride;
-      acc[c] += t.w1 * v1[q] + t.w2 * v2[q] + t.w3 * v3[q] + t.w4 * v4[q];
-    }
+MRC_INLINE void add_tap(const T* __restrict base, int64_t pixel_stride, int64_t lane_stride,
+                        int64_t lanes, const Tap<T, I>& t, T* __restrict acc) {
+  const T* __restrict v1 = base + static_cast<int64_t>(t.p1) * pixel_stride;
+  const T* __restrict v2 = base + static_cast<int64_t>(t.p2) * pixel_stride;
+  const T* __restrict v3 = base + static_cast<int64_t>(t.p3) * pixel_stride;
+  const T* __restrict v4 = base + static_cast<int64_t>(t.p4) * pixel_stride;
+  for (int64_t c = 0; c < lanes; ++c) {
+    const int64_t q = c * lane_stride;
+    acc[c] += t.w1 * v1[q] + t.w2 * v2[q] + t.w3 * v3[q] + t.w4 * v4[q];
   }
+}
+
+/* acc[c] = the weighted sum of bin b's taps, c < lanes. Taps: a tap source
+ * (roi_align_cpu_taps.h). */
+template <typename T, typename Taps>
+MRC_INLINE void sum_bin(const T* __restrict base, int64_t pixel_stride, int64_t lane_stride,
+                        int64_t lanes, const Taps& r, int64_t b, T* __restrict acc) {
+  for (int64_t c = 0; c < lanes; ++c) acc[c] = static_cast<T>(0);
+  r.for_each_tap(b, [&](const auto& t) __attribute__((always_inline)) {
+    add_tap(base, pixel_stride, lane_stride, lanes, t, acc);
+  });
 }
 
 /* out[c * PHW + b] = (bin b's sum) / count for the cn <= lanes real channels; acc holds
  * `lanes` values (the caller's array, so its size is the caller's constant). */
-template <typename T, typename I>
+template <typename T, typename Taps>
 MRC_INLINE void pool_roi(const T* __restrict base, int64_t pixel_stride, int64_t lane_stride,
-                         int64_t lanes, int64_t cn, const RoiTaps<T, I>& r, int64_t PHW,
+                         int64_t lanes, int64_t cn, const Taps& r, int64_t PHW,
                          T* __restrict acc, T* __restrict out) {
-  const int64_t* __restrict bins = r.bins;
   const T count = r.count;
   for (int64_t b = 0; b < PHW; ++b) {
-    sum_bin(base, pixel_stride, lane_stride, lanes, r.taps, bins[b], bins[b + 1], acc);
+    sum_bin(base, pixel_stride, lane_stride, lanes, r, b, acc);
     for (int64_t c = 0; c < cn; ++c) out[c * PHW + b] = acc[c] / count;
   }
 }

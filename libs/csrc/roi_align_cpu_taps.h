@@ -3,8 +3,9 @@
  *
  * The bilinear taps are separable: per RoI one table of y samples (PH * gh entries) and
  * one of x samples (PW * gw entries) give every sample's four offsets and weights
- * (w1 = hy * hx, ... as torchvision computes them). A RoI's taps are formed once and
- * reused for every channel.
+ * (w1 = hy * hx, ... as torchvision computes them, make_tap). A RoI's taps are formed
+ * once and reused for every channel: stored (RoiTaps: LocalTaps, TapTables) where they
+ * are read more than once, formed as they are read (AxisTaps) where they are read once.
  */
 #ifndef MRCNN_ROI_ALIGN_CPU_TAPS_H
 #define MRCNN_ROI_ALIGN_CPU_TAPS_H
@@ -16,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "kernel_math.h"
 #include "roi_align_cpu.h"
 
@@ -81,12 +83,74 @@ struct Tap {
   T w1, w2, w3, w4;
 };
 
-/* The taps of one RoI: bin b owns taps[bins[b] .. bins[b + 1]). */
+/* The tap of the valid samples ey (y) and ex (x) of a map `width` pixels wide: the one
+ * place where a tap is formed (torchvision's expressions). */
+template <typename T, typename I>
+MRC_INLINE Tap<T, I> make_tap(const AxisSample<T>& ey, const AxisSample<T>& ex,
+                              int64_t width) {
+  Tap<T, I> t;
+  t.w1 = ey.h * ex.h;
+  t.w2 = ey.h * ex.l;
+  t.w3 = ey.l * ex.h;
+  t.w4 = ey.l * ex.l;
+  t.p1 = static_cast<I>(ey.lo * width + ex.lo);
+  t.p2 = static_cast<I>(ey.lo * width + ex.hi);
+  t.p3 = static_cast<I>(ey.hi * width + ex.lo);
+  t.p4 = static_cast<I>(ey.hi * width + ex.hi);
+  return t;
+}
+
+/* Tap sources: what the accumulate bodies (roi_align_cpu_accumulate.h) read a RoI's taps
+ * from. Each has `count` (the divisor: max(gh * gw, 1), invalid samples included) and
+ * for_each_tap(b, f), which calls f(tap) for the taps of bin b in order (samples y-major,
+ * as torchvision visits them). */
+
+/* A stored tap list: bin b owns taps[bins[b] .. bins[b + 1]). */
 template <typename T, typename I>
 struct RoiTaps {
   const Tap<T, I>* taps;
   const int64_t* bins;
-  T count; /* the divisor: max(gh * gw, 1), invalid samples included */
+  T count;
+
+  template <typename F>
+  MRC_INLINE void for_each_tap(int64_t b, F&& f) const {
+    for (int64_t s = bins[b]; s < bins[b + 1]; ++s) f(taps[s]);
+  }
+};
+
+/* The taps formed from a RoI's axis tables as they are read, nothing stored: for a path
+ * that reads each RoI's taps once (the unblocked NHWC forward), where writing the list
+ * and reading it back costs more than forming it. Same taps, same order as the list
+ * write_taps stores (which is built from this). */
+template <typename T, typename I>
+struct AxisTaps {
+  const AxisSample<T>* ys;
+  const AxisSample<T>* xs;
+  int64_t gh, gw, pooled_w, width;
+  T count;
+
+  AxisTaps(const AxisTables<T>& a, const RoiGeom<T>& g, int64_t width_, const Params& p)
+      : ys(a.ys.data()), xs(a.xs.data()), gh(g.gh), gw(g.gw), pooled_w(p.pooled_w),
+        width(width_), count(g.count) {}
+
+  /* f(tap) for the valid samples of bin (ph, pw) */
+  template <typename F>
+  MRC_INLINE void for_each_tap(int64_t ph, int64_t pw, F&& f) const {
+    for (int64_t iy = 0; iy < gh; ++iy) {
+      const AxisSample<T>& ey = ys[ph * gh + iy];
+      if (!ey.valid) continue;
+      for (int64_t ix = 0; ix < gw; ++ix) {
+        const AxisSample<T>& ex = xs[pw * gw + ix];
+        if (!ex.valid) continue;
+        f(make_tap<T, I>(ey, ex, width));
+      }
+    }
+  }
+  template <typename F>
+  MRC_INLINE void for_each_tap(int64_t b, F&& f) const {
+    const int64_t ph = b / pooled_w;
+    for_each_tap(ph, b - ph * pooled_w, f);
+  }
 };
 
 /* Exact number of valid samples of one RoI (what write_taps will write). */
@@ -105,32 +169,17 @@ int64_t count_taps(const AxisTables<T>& a, const RoiGeom<T>& g, const Params& p)
   return total;
 }
 
-/* Writes the valid taps of one RoI, bin by bin (samples y-major as torchvision visits
- * them), and bin_start[0 .. PH * PW]; returns the tap count. */
+/* Writes the valid taps of one RoI, bin by bin, and bin_start[0 .. PH * PW]; returns the
+ * tap count. */
 template <typename T, typename I>
 int64_t write_taps(const AxisTables<T>& a, const RoiGeom<T>& g, int64_t width,
                    const Params& p, Tap<T, I>* taps, int64_t* bin_start) {
+  const AxisTaps<T, I> src(a, g, width, p);
   int64_t n = 0;
   for (int64_t ph = 0; ph < p.pooled_h; ++ph) {
     for (int64_t pw = 0; pw < p.pooled_w; ++pw) {
       bin_start[ph * p.pooled_w + pw] = n;
-      for (int64_t iy = 0; iy < g.gh; ++iy) {
-        const AxisSample<T>& ey = a.ys[ph * g.gh + iy];
-        if (!ey.valid) continue;
-        for (int64_t ix = 0; ix < g.gw; ++ix) {
-          const AxisSample<T>& ex = a.xs[pw * g.gw + ix];
-          if (!ex.valid) continue;
-          Tap<T, I>& t = taps[n++];
-          t.w1 = ey.h * ex.h;
-          t.w2 = ey.h * ex.l;
-          t.w3 = ey.l * ex.h;
-          t.w4 = ey.l * ex.l;
-          t.p1 = static_cast<I>(ey.lo * width + ex.lo);
-          t.p2 = static_cast<I>(ey.lo * width + ex.hi);
-          t.p3 = static_cast<I>(ey.hi * width + ex.lo);
-          t.p4 = static_cast<I>(ey.hi * width + ex.hi);
-        }
-      }
+      src.for_each_tap(ph, pw, [&](const Tap<T, I>& t) { taps[n++] = t; });
     }
   }
   bin_start[p.bins()] = n;

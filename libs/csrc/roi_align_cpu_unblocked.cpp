@@ -5,7 +5,8 @@
  *     channels, RoI), channel-block major, so all threads stream the same few feature
  *     planes; RoIs in spatial order.
  *   forward NHWC (MRC_ROI_PATH_UNBLOCKED_NHWC): one item per RoI; one tap reads a run of
- *     C contiguous values.
+ *     C contiguous values. Each RoI is read once, so its taps are formed as they are read
+ *     (AxisTaps), not stored first.
  *   backward NCHW: items are (image, block of <= kBackwardPlanes channels); their
  *     gradient planes are disjoint and RoIs are visited in input order inside each, so
  *     the result does not depend on the thread count and equals torchvision's summation
@@ -67,7 +68,7 @@ void forward_nchw(const T* map, const Level<T>& lv, const Params& p, T* out) {
   }
 }
 
-/* no unroll-and-jam: GCC would jam two taps into one lane loop of sum_bin and leave that
+/* no unroll-and-jam: GCC would jam two taps into one lane loop of add_tap and leave that
  * loop scalar (the lane count, C, is not a constant here) */
 template <typename T, typename I>
 __attribute__((optimize("no-loop-unroll-and-jam"))) void forward_nhwc(const T* map,
@@ -76,7 +77,7 @@ __attribute__((optimize("no-loop-unroll-and-jam"))) void forward_nhwc(const T* m
   const int64_t C = p.channels, HW = lv.pixels(), PHW = p.bins();
 #pragma omp parallel num_threads(p.threads)
   {
-    LocalTaps<T, I> local;
+    AxisTables<T> axes;
     std::vector<T> acc(C);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t k = 0; k < lv.count; ++k) {
@@ -85,7 +86,8 @@ __attribute__((optimize("no-loop-unroll-and-jam"))) void forward_nhwc(const T* m
         zero_rows(out, lv.row(k), 0, C, p);
         continue;
       }
-      const RoiTaps<T, I> r = local.build(g, lv, p);
+      axes.build(g, lv.height, lv.width, p);
+      const AxisTaps<T, I> r(axes, g, lv.width, p);
       pool_roi(map + g.batch * HW * C, C, 1, C, C, r, PHW, acc.data(),
                out + lv.row(k) * C * PHW);
     }
