@@ -7,17 +7,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import conv2d
-from .norm import optional_norm_layer
+from layers import FastPath, conv2d, optional_norm_layer
 
 
 class FPN(nn.Module):
-    # Fused oneDNN convs at inference (set by build_model from backbone.fuse_bn); False
-    # keeps torchvision's exact arithmetic.
-    fuse_inference = True
-    # Output convs by Winograd (libs.ops.conv3x3_winograd; set by build_model).
-    winograd = False
-
     """Top-down pyramid with lateral connections, plus a max-pooled extra level.
 
     P_l = output_conv_l(lateral_conv_l(C_l) + upsample(P'_{l+1})), nearest upsampling to
@@ -30,10 +23,13 @@ class FPN(nn.Module):
         norm: "none" (convs with bias: torchvision v1, detectron2 3x) or a norm after
             every conv, "frozen_bn", "bn" or "gn" (convs without bias: torchvision v2,
             detectron2 LSJ); the top-down sum adds the normalised laterals.
+        fast_path: how the convs run (layers.FastPath; EXACT keeps torchvision's
+            arithmetic).
     """
 
     def __init__(self, in_channels_list: list[int], out_channels: int = 256,
-                 extra_pool: bool = True, norm: str = "none"):
+                 extra_pool: bool = True, norm: str = "none",
+                 fast_path: FastPath = FastPath()):
         super().__init__()
         norm_layer = optional_norm_layer(norm)
         bias = norm_layer is None
@@ -50,6 +46,7 @@ class FPN(nn.Module):
         self.has_norm = norm_layer is not None
         self.extra_pool = extra_pool
         self.out_channels = out_channels
+        self.fast_path = fast_path
         for conv in [*self.lateral_convs, *self.output_convs]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
@@ -57,13 +54,12 @@ class FPN(nn.Module):
 
     def _lateral(self, i: int, x: Tensor, residual=None) -> Tensor:
         norm = self.lateral_norms[i] if self.has_norm else None
-        return conv2d(x, self.lateral_convs[i], residual=residual, fast=self.fuse_inference,
-                      norm=norm)
+        return conv2d(x, self.lateral_convs[i], residual=residual,
+                      fast_path=self.fast_path, norm=norm)
 
     def _output(self, i: int, x: Tensor) -> Tensor:
         norm = self.output_norms[i] if self.has_norm else None
-        return conv2d(x, self.output_convs[i], fast=self.fuse_inference,
-                      winograd=self.winograd, norm=norm)
+        return conv2d(x, self.output_convs[i], fast_path=self.fast_path, norm=norm)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """

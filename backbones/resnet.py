@@ -13,11 +13,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
-from .fused import (block_forward, block_forward_live, conv_act, fold_block, fold_conv_norm,
-                    fused_trunk_forward, trunk_all_frozen_bn, trunk_is_foldable, use_onednn)
+from layers import FastPath
+from layers.conv import use_onednn
+from layers.norm import norm_layer_factory
 from tools import zoo
 
-from .norm import norm_layer_factory
+from .fused_trunk import (block_forward, fused_trunk_forward, stem_forward,
+                          trunk_all_frozen_bn, trunk_is_foldable)
 
 DEPTHS = (18, 34, 50, 101, 152)
 # (groups, width_per_group) of each family's 3x3 convs: ResNet, and ResNeXt's 32x8d.
@@ -43,7 +45,7 @@ class ResNetTrunk(nn.Module):
 
     Args:
         depth: 18, 34, 50, 101 or 152.
-        norm: "frozen_bn", "bn" or "gn" (see backbones.norm.norm_layer_factory).
+        norm: "frozen_bn", "bn" or "gn" (see layers.norm.norm_layer_factory).
         groups, width_per_group: the 3x3 convs of the bottlenecks (1, 64: ResNet;
             32, 8: ResNeXt-32x8d). Basic blocks (18, 34) take only (1, 64).
         stride_in_1x1: put each stage's stride in the first 1x1 conv of its first block
@@ -51,16 +53,18 @@ class ResNetTrunk(nn.Module):
         trainable_layers: 0..5, how many stages, counted from layer4 down to conv1, keep
             trainable parameters; the others are frozen (requires_grad False, and their
             BatchNorm layers stay in eval mode so their statistics do not drift).
-        fuse_inference: in eval mode without gradients, run the convs with the
-            normalisation folded in and ReLU / residual adds fused (backbones/fused.py);
-            with frozen_bn and gradients (training), run the frozen stages that way
-            without autograd and fold the norms in-graph in the trainable ones. Equal to
-            the unfused forward up to float rounding. GroupNorm trunks never fuse.
+        fast_path: layers.FastPath. With fuse_bn, in eval mode without gradients, run
+            the convs with the normalisation folded in and ReLU / residual adds fused
+            (backbones/fused_trunk.py); with frozen_bn and gradients (training), run the
+            frozen stages that way without autograd and fold the norms in-graph in the
+            trainable ones. Equal to the unfused forward up to float rounding. GroupNorm
+            trunks never fuse. With winograd, the 3x3 stride-1 convs of the fused
+            paths run by Winograd.
     """
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", trainable_layers: int = 3,
-                 fuse_inference: bool = True, groups: int = 1, width_per_group: int = 64,
-                 stride_in_1x1: bool = False):
+                 fast_path: FastPath = FastPath(), groups: int = 1,
+                 width_per_group: int = 64, stride_in_1x1: bool = False):
         super().__init__()
         _check_depth(depth)
         if not 0 <= trainable_layers <= 5:
@@ -80,11 +84,8 @@ class ResNetTrunk(nn.Module):
         self.depth = depth
         self.out_channels_list = resnet_out_channels(depth)
         self.trainable_layers = trainable_layers
-        self._freeze(trainable_layers)
-        # Inference fast path (backbones/fused.py): BN folded into the convs.
-        self.fuse_inference = fuse_inference
-        # 3x3 stride-1 convs by Winograd on the fused paths (set by build_model).
-        self.winograd = False
+        self._freeze()
+        self.fast_path = fast_path
         self._foldable = trunk_is_foldable(self)
         self._all_frozen_bn = trunk_all_frozen_bn(self)
 
@@ -94,7 +95,7 @@ class ResNetTrunk(nn.Module):
         return [m for name in frozen for m in
                 ([self.conv1, self.bn1] if name == "conv1" else [getattr(self, name)])]
 
-    def _freeze(self, trainable_layers: int) -> None:
+    def _freeze(self) -> None:
         for module in self._frozen_modules():
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -109,7 +110,7 @@ class ResNetTrunk(nn.Module):
 
     def uses_fused_path(self) -> bool:
         """Inference (eval mode, no grad) with foldable norms runs the fused path."""
-        return (self.fuse_inference and not self.training and not torch.is_grad_enabled()
+        return (self.fast_path.fuse_bn and not self.training and not torch.is_grad_enabled()
                 and self._foldable)
 
     def _frozen_prefix(self) -> int:
@@ -121,8 +122,7 @@ class ResNetTrunk(nn.Module):
         stages run the inference fast path without autograd (nothing there needs a
         gradient when the input does not), the trainable ones fold the norms in-graph.
         On the CPU the activations stay channels-last from there on (FPN and heads too):
-        oneDNN's forward and backward convolutions are faster on them (1x1 convs about
-        1.6x, the trunk's and FPN's 3x3 about 1.1x; the step about 1.2x), and it saves the
+        oneDNN's forward and backward convolutions are faster on them, and it saves the
         NCHW copy of C2."""
         frozen = self._frozen_prefix() if not x.requires_grad else 0
         outs = []
@@ -136,18 +136,18 @@ class ResNetTrunk(nn.Module):
                 x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             else:
                 for block in layer:
-                    x = block_forward_live(x, block, self.winograd)
+                    x = block_forward(x, block, self.fast_path.winograd, detach=False)
             if layer is not None:
                 outs.append(x)
         return outs
 
     def _stage_inference(self, name: str, layer, x: Tensor) -> Tensor:
+        if layer is None:
+            return stem_forward(self, x)
         if use_onednn(x):
             x = x.contiguous(memory_format=torch.channels_last)
-        if layer is None:
-            return self.maxpool(conv_act(x, fold_conv_norm(self.conv1, self.bn1), relu=True))
         for block in layer:
-            x = block_forward(x, fold_block(block), self.winograd)
+            x = block_forward(x, block, self.fast_path.winograd)
         return x
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -160,9 +160,9 @@ class ResNetTrunk(nn.Module):
         """
         if self.uses_fused_path():
             # Folded on every call, block by block, not cached: a cache would hold a
-            # second copy of the trunk's weights (~95 MB for ResNet-50) to save ~1%.
-            return fused_trunk_forward(self, x, self.winograd)
-        if self.fuse_inference and self._all_frozen_bn:
+            # second copy of the trunk's weights (~95 MB for ResNet-50) for little gain.
+            return fused_trunk_forward(self, x, self.fast_path.winograd)
+        if self.fast_path.fuse_bn and self._all_frozen_bn:
             return self._forward_folded_train(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c2 = self.layer1(x)

@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,15 +200,15 @@ def apply_ablation(ours, ablate: str):
     (all three) or "none" (ours as shipped). Returns ours."""
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
+    heads = [m for name, m in ours.named_modules()
+             if hasattr(m, "fast_path") and not name.startswith("backbone.body")]
     if ablate in ("trunk", "all"):
-        ours.backbone.body.fuse_inference = False
-    if ablate in ("heads", "all"):
-        import backbones.fused
-        backbones.fused.HEADS_FAST_PATH = False
-    if ablate in ("winograd", "all"):
-        for module in ours.modules():
-            if hasattr(module, "winograd"):
-                module.winograd = False
+        ours.backbone.body.fast_path = replace(ours.backbone.body.fast_path, fuse_bn=False)
+    for module in heads if ablate in ("heads", "all") else []:
+        module.fast_path = replace(module.fast_path, fuse_bn=False)
+    for module in ours.modules() if ablate in ("winograd", "all") else []:
+        if hasattr(module, "fast_path"):
+            module.fast_path = replace(module.fast_path, winograd=False)
     return ours
 
 

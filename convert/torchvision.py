@@ -155,15 +155,8 @@ def load_torchvision_weights(model: nn.Module, tv_model: nn.Module) -> None:
 
 
 def convert_torchvision_backbone_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a torchvision BackboneWithFPN state dict (keys relative to `backbone.`) to ours.
-
-    body.*                              -> body.*  (same ResNet module names)
-    fpn.inner_blocks.{i}.0.{weight,bias} -> fpn.lateral_convs.{i}.{weight,bias}
-    fpn.layer_blocks.{i}.0.{weight,bias} -> fpn.output_convs.{i}.{weight,bias}
-    fpn.inner_blocks.{i}.1.*             -> fpn.lateral_norms.{i}.*  (v2: conv + BatchNorm)
-    fpn.layer_blocks.{i}.1.*             -> fpn.output_norms.{i}.*
-    (torchvision < 0.13 names without the ".0" are accepted too.)
-    """
+    """Rename a torchvision BackboneWithFPN state dict (keys relative to `backbone.`) to
+    ours (the map in this module's docstring)."""
     out = {}
     for key, value in tv_state.items():
         if key.startswith("fpn."):

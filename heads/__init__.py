@@ -2,17 +2,14 @@
 from .box_head import (BoxPredictor, ConvFCHead, TwoMLPHead, box_inference, build_box_head,
                        fastrcnn_loss)
 from .mask_head import (PASTE_MASKS, MaskHead, MaskPredictor, mask_inference, mask_loss,
-                        mask_target_labels, maskrcnn_loss, paste_masks_grid_sample,
+                        mask_target_labels, paste_masks_grid_sample,
                         paste_masks_in_image, project_masks_on_boxes)
 from .roi_heads import RoIHeads
-from .torchvision_compat import (convert_torchvision_roi_heads_state_dict,
-                                 load_torchvision_roi_heads_state)
 from .targets import RoITargets, assign_targets, select_training_samples
 
 __all__ = ["RoIHeads", "TwoMLPHead", "ConvFCHead", "build_box_head", "PASTE_MASKS",
            "paste_masks_grid_sample", "BoxPredictor", "MaskHead", "MaskPredictor",
-           "fastrcnn_loss", "box_inference", "maskrcnn_loss", "mask_loss",
+           "fastrcnn_loss", "box_inference", "mask_loss",
            "mask_target_labels", "mask_inference",
            "paste_masks_in_image", "project_masks_on_boxes", "RoITargets",
-           "assign_targets", "select_training_samples",
-           "convert_torchvision_roi_heads_state_dict", "load_torchvision_roi_heads_state"]
+           "assign_targets", "select_training_samples"]

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.fused import conv2d
-from backbones.norm import optional_norm_layer
+from layers import FastPath, conv2d, optional_norm_layer
 from libs import batched_nms
 from tools.boxes import BoxCoder, clip_boxes_to_image, remove_small_boxes
 
@@ -44,14 +43,14 @@ class ConvFCHead(nn.Module):
         num_convs: N; conv_dim: channels of each conv (256).
         representation_size: width of the fc (1024).
         norm: "none" (convs with bias) or "frozen_bn", "bn", "gn" after each conv.
+        fast_path: how the convs run (layers.FastPath).
     """
 
-    fuse_inference = True  # see FPN.fuse_inference
-    winograd = False       # see FPN.winograd
-
     def __init__(self, in_channels: int, pool_size: int, num_convs: int = 4,
-                 conv_dim: int = 256, representation_size: int = 1024, norm: str = "none"):
+                 conv_dim: int = 256, representation_size: int = 1024, norm: str = "none",
+                 fast_path: FastPath = FastPath()):
         super().__init__()
+        self.fast_path = fast_path
         norm_layer = optional_norm_layer(norm)
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1,
@@ -69,20 +68,21 @@ class ConvFCHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[R, C, P, P] -> Tensor[R, representation_size]."""
         for i, conv in enumerate(self.convs):
-            x = conv2d(x, conv, relu=True, fast=self.fuse_inference, winograd=self.winograd,
+            x = conv2d(x, conv, relu=True, fast_path=self.fast_path,
                        norm=self.norms[i] if self.has_norm else None)
         return F.relu(self.fc6(x.flatten(start_dim=1)))
 
 
 def build_box_head(kind: str, in_channels: int, pool_size: int, representation_size: int,
-                   conv_dim: int = 256, norm: str = "none") -> nn.Module:
+                   conv_dim: int = 256, norm: str = "none",
+                   fast_path: FastPath = FastPath()) -> nn.Module:
     """The box head named by the config key box_head: "2fc" or "Nconv1fc" (N >= 0)."""
     match = re.fullmatch(r"(\d+)conv1fc", kind)
     if kind == "2fc":
         return TwoMLPHead(in_channels * pool_size ** 2, representation_size)
     if match:
         return ConvFCHead(in_channels, pool_size, int(match.group(1)), conv_dim,
-                          representation_size, norm)
+                          representation_size, norm, fast_path)
     raise ValueError(f"box_head must be '2fc' or 'Nconv1fc' (e.g. '4conv1fc'), got {kind!r}")
 
 
@@ -107,7 +107,7 @@ class BoxPredictor(nn.Module):
 
 def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
                   regression_targets: list[Tensor], box_loss: str = "smooth_l1",
-                  beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
+                  box_smooth_l1_beta: float = 1.0 / 9) -> tuple[Tensor, Tensor]:
     """Cross-entropy over sampled RoIs; box loss on positives, summed / number sampled.
 
     Args:
@@ -115,7 +115,7 @@ def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Ten
         box_regression: Tensor[R, 4(K+1)].
         labels: per image Tensor[R_i] int64, 0 = background.
         regression_targets: per image Tensor[R_i, 4] encoded GT boxes.
-        box_loss: "smooth_l1" (torchvision, beta 1/9) or "l1" (detectron2).
+        box_loss: "smooth_l1" (torchvision, box_smooth_l1_beta 1/9) or "l1" (detectron2).
     Returns:
         (loss_cls, loss_box), scalars; zero but graph-connected with no RoIs.
     """
@@ -128,7 +128,8 @@ def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Ten
     pos = torch.where(gt_labels > 0)[0]
     pred_deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, gt_labels[pos]]
     if box_loss == "smooth_l1":
-        loss = F.smooth_l1_loss(pred_deltas, gt_deltas[pos], beta=beta, reduction="sum")
+        loss = F.smooth_l1_loss(pred_deltas, gt_deltas[pos], beta=box_smooth_l1_beta,
+                                reduction="sum")
     elif box_loss == "l1":
         loss = F.l1_loss(pred_deltas, gt_deltas[pos], reduction="sum")
     else:
@@ -138,17 +139,19 @@ def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Ten
 
 def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                   image_sizes: list[tuple[int, int]], box_coder: BoxCoder,
-                  score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                  detections_per_img: int = 100, min_size: float = 1e-2,
-                  drop_empty: bool = False
+                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
+                  box_detections_per_img: int = 100, box_min_size: float = 1e-2,
+                  box_drop_empty: bool = False
                   ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Softmax, class-specific decode, clip, drop background, threshold, NMS, top-k.
 
     Args:
         class_logits: Tensor[R, K+1]; box_regression: Tensor[R, 4(K+1)].
         proposals: per image Tensor[R_i, 4]; image_sizes: per image (h, w).
-        min_size: before NMS, drop boxes with a side < this (torchvision; 0: none).
-        drop_empty: after the top-k, drop boxes with a side of 0 (detectron2's
+        box_score_thresh, box_nms_thresh, box_detections_per_img: the score threshold,
+            the NMS IoU threshold (per class) and the top-k.
+        box_min_size: before NMS, drop boxes with a side < this (torchvision; 0: none).
+        box_drop_empty: after the top-k, drop boxes with a side of 0 (detectron2's
             postprocess: a box clipped to nothing, e.g. one outside the image).
     Returns:
         per image boxes Tensor[D_i, 4], scores Tensor[D_i], labels Tensor[D_i] int64
@@ -162,16 +165,19 @@ def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[
     for boxes, scores, size in zip(pred_boxes.split(per_image, 0),
                                    pred_scores.split(per_image, 0), image_sizes):
         boxes, scores, labels = _select_detections(
-            clip_boxes_to_image(boxes, size), scores, num_classes, score_thresh, nms_thresh,
-            detections_per_img, min_size, drop_empty)
+            clip_boxes_to_image(boxes, size), scores, num_classes,
+            box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
+            box_detections_per_img=box_detections_per_img, box_min_size=box_min_size,
+            box_drop_empty=box_drop_empty)
         for out, value in zip(results, (boxes, scores, labels)):
             out.append(value)
     return results
 
 
-def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_thresh: float,
-                       nms_thresh: float, detections_per_img: int, min_size: float,
-                       drop_empty: bool = False):
+def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, *,
+                       box_score_thresh: float, box_nms_thresh: float,
+                       box_detections_per_img: int, box_min_size: float,
+                       box_drop_empty: bool):
     """One image: boxes Tensor[R, K+1, 4], scores Tensor[R, K+1] -> top detections."""
     labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
     # Every (RoI, object class) pair becomes a candidate; background is dropped.
@@ -179,13 +185,13 @@ def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, score_th
     scores = scores[:, 1:].reshape(-1)
     labels = labels[:, 1:].reshape(-1)
     # Non-finite candidates (diverged weights, NaN inputs) are never detections.
-    keep = torch.where((scores > score_thresh) & torch.isfinite(boxes).all(dim=1))[0]
+    keep = torch.where((scores > box_score_thresh) & torch.isfinite(boxes).all(dim=1))[0]
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    if min_size > 0:
-        keep = remove_small_boxes(boxes, min_size)
+    if box_min_size > 0:
+        keep = remove_small_boxes(boxes, box_min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-    if drop_empty:
+    keep = batched_nms(boxes, scores, labels, box_nms_thresh)[:box_detections_per_img]
+    if box_drop_empty:
         kept = boxes[keep]
         keep = keep[(kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])]
     return boxes[keep], scores[keep], labels[keep]

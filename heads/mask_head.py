@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.fused import conv2d, fast_path
-from backbones.norm import optional_norm_layer
+from layers import FastPath, conv2d, optional_norm_layer
+from layers.conv import onednn_inference
 from libs import roi_align
 
 
@@ -25,13 +25,11 @@ class MaskHead(nn.Sequential):
         layers: output channels of each conv.
         dilation: conv dilation (padding = dilation keeps the size).
         norm: "none" (convs with bias) or "frozen_bn", "bn", "gn" after each conv.
+        fast_path: how the convs run (layers.FastPath).
     """
 
-    fuse_inference = True  # see FPN.fuse_inference
-    winograd = False       # see FPN.winograd
-
     def __init__(self, in_channels: int = 256, layers=(256, 256, 256, 256), dilation: int = 1,
-                 norm: str = "none"):
+                 norm: str = "none", fast_path: FastPath = FastPath()):
         norm_layer = optional_norm_layer(norm)
         blocks = []
         for channels in layers:
@@ -41,6 +39,7 @@ class MaskHead(nn.Sequential):
             blocks.append(nn.Sequential(conv, *norms, nn.ReLU(inplace=True)))
             in_channels = channels
         super().__init__(*blocks)
+        self.fast_path = fast_path
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -49,13 +48,14 @@ class MaskHead(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[R, C, P, P] pooled RoI features -> Tensor[R, layers[-1], P, P]."""
-        if not (self.winograd or (self.fuse_inference and fast_path(x))):
+        fast_path = self.fast_path
+        if not (fast_path.winograd or (fast_path.fuse_bn and onednn_inference(x))):
             return super().forward(x)
         # Each conv + ReLU is one Winograd call, or at inference on CPU one oneDNN call,
         # on channels-last tensors.
         for block in self:
-            x = conv2d(x, block[0], relu=True, fast=self.fuse_inference,
-                       winograd=self.winograd, norm=block[1] if len(block) == 3 else None)
+            x = conv2d(x, block[0], relu=True, fast_path=fast_path,
+                       norm=block[1] if len(block) == 3 else None)
         return x
 
 
@@ -63,16 +63,17 @@ class MaskPredictor(nn.Sequential):
     """2x2 stride-2 deconv + ReLU, then 1x1 conv to K + 1 mask logits (14 -> 28).
 
     Only the weights get kaiming init; biases keep PyTorch's default, as torchvision does.
+    fast_path (layers.FastPath): with fuse_bn, the 1x1 conv runs on oneDNN at inference.
     """
 
-    fuse_inference = True  # see FPN.fuse_inference
-
-    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int,
+                 fast_path: FastPath = FastPath()):
         super().__init__(OrderedDict([
             ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
             ("relu", nn.ReLU(inplace=True)),
             ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
         ]))
+        self.fast_path = fast_path
         for name, param in self.named_parameters():
             if "weight" in name:
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
@@ -82,10 +83,10 @@ class MaskPredictor(nn.Sequential):
         (Tensor[R] int64, training) only each RoI's own class: Tensor[R, 2P, 2P]."""
         if labels is not None:
             return self._forward_selected(x, labels)
-        if not (self.fuse_inference and fast_path(x)):
+        if not (self.fast_path.fuse_bn and onednn_inference(x)):
             return super().forward(x)
         x = F.relu(self.conv5_mask(x), inplace=True)
-        return conv2d(x, self.mask_fcn_logits)
+        return conv2d(x, self.mask_fcn_logits, fast_path=self.fast_path)
 
     def _forward_selected(self, x: Tensor, labels: Tensor) -> Tensor:
         # The loss reads one channel per RoI: computing the other K costs K times the
@@ -123,7 +124,9 @@ def mask_loss(pred_mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[
 
     Args:
         pred_mask_logits: Tensor[R, S, S], the GT class's channel of each positive RoI.
-        proposals, gt_masks, mask_matched_idxs: as for maskrcnn_loss.
+        proposals: per image Tensor[R_i, 4] positive RoIs.
+        gt_masks: per image Tensor[M_i, H, W].
+        mask_matched_idxs: per image Tensor[R_i] GT index of each RoI.
     Returns:
         scalar; zero but graph-connected when there are no positive RoIs.
     """
@@ -133,25 +136,6 @@ def mask_loss(pred_mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[
     targets = torch.cat([project_masks_on_boxes(m, p, i, size)
                          for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0)
     return F.binary_cross_entropy_with_logits(pred_mask_logits, targets)
-
-
-def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
-                  gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
-    """BCE-with-logits between the GT class's mask channel and the projected GT mask.
-
-    Args:
-        mask_logits: Tensor[R, K+1, S, S] for the positive RoIs of all images.
-        proposals: per image Tensor[R_i, 4] positive RoIs.
-        gt_masks: per image Tensor[M_i, H, W]; gt_labels: per image Tensor[M_i].
-        mask_matched_idxs: per image Tensor[R_i] GT index of each RoI.
-    Returns:
-        scalar; zero but graph-connected when there are no positive RoIs.
-    """
-    labels = mask_target_labels(gt_labels, mask_matched_idxs)
-    if labels.numel() == 0:
-        return mask_logits.sum() * 0
-    pred = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return mask_loss(pred, proposals, gt_masks, mask_matched_idxs)
 
 
 def mask_inference(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
@@ -177,14 +161,14 @@ def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), dim=1)
 
 
-def _bilinear_weights(start: Tensor, length: Tensor, offset: Tensor, out_size: Tensor,
-                      in_size: int, span: int) -> Tensor:
+def _bilinear_weights(length: Tensor, offset: Tensor, out_size: Tensor, in_size: int,
+                      span: int) -> Tensor:
     """Rows of a bilinear resize matrix (PyTorch's align_corners=False rule).
 
     For each box b, output pixels offset[b] + j (j < length[b]) of a resize from in_size to
     out_size[b]; rows j >= length[b] are zero. Returns Tensor[B, span, in_size].
     """
-    j = torch.arange(span, device=start.device)
+    j = torch.arange(span, device=length.device)
     dst = (offset[:, None] + j[None]).to(torch.float64)
     # PyTorch: a float32 scale, then scale * (dst + 0.5) - 0.5 in double, stored as float.
     # (A Python number / tensor is computed as a reciprocal times the number: not exact.)
@@ -197,7 +181,7 @@ def _bilinear_weights(start: Tensor, length: Tensor, offset: Tensor, out_size: T
     lam1 = src - i0.to(torch.float32)
     lam0 = 1.0 - lam1
     valid = (j[None] < length[:, None]).to(torch.float32)
-    weights = torch.zeros(start.shape[0], span, in_size, device=start.device)
+    weights = torch.zeros(length.shape[0], span, in_size, device=length.device)
     weights.scatter_add_(2, i0[..., None], (lam0 * valid)[..., None])
     weights.scatter_add_(2, i1[..., None], (lam1 * valid)[..., None])
     return weights
@@ -232,8 +216,8 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
     vis_w, vis_h = (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)
     span_w, span_h = max(int(vis_w.max()), 1), max(int(vis_h.max()), 1)
     in_size = padded.shape[-1]
-    wy = _bilinear_weights(y0, vis_h, y0 - ibox[:, 1], box_h, in_size, span_h)
-    wx = _bilinear_weights(x0, vis_w, x0 - ibox[:, 0], box_w, in_size, span_w)
+    wy = _bilinear_weights(vis_h, y0 - ibox[:, 1], box_h, in_size, span_h)
+    wx = _bilinear_weights(vis_w, x0 - ibox[:, 0], box_w, in_size, span_w)
     rows = torch.bmm(wy, padded)                      # [D, span_h, S + 2p]
     # One product per box at its own size: a batched product would compute every box at
     # the largest box's span (100 detections, one of them image-sized: 30x the work).

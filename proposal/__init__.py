@@ -3,8 +3,6 @@ from .anchors import AnchorGenerator
 from .head import RPNHead
 from .rpn import (RPN, anchor_labels, flatten_predictions, match_anchors, rpn_loss,
                   select_proposals)
-from .torchvision_compat import convert_torchvision_rpn_state_dict, load_torchvision_rpn_state
 
 __all__ = ["AnchorGenerator", "RPNHead", "RPN", "flatten_predictions", "select_proposals",
-           "match_anchors", "anchor_labels", "rpn_loss", "convert_torchvision_rpn_state_dict",
-           "load_torchvision_rpn_state"]
+           "match_anchors", "anchor_labels", "rpn_loss"]

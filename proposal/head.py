@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from backbones.fused import conv2d
+from layers import FastPath, conv2d
 
 
 class RPNHead(nn.Module):
@@ -18,12 +18,11 @@ class RPNHead(nn.Module):
         num_anchors: A, anchors per location (3: one size x three ratios).
         num_convs: 3x3 conv + ReLU layers (1 classic; 2 in torchvision v2 and detectron2's
             LSJ models).
+        fast_path: how the shared convs run (layers.FastPath).
     """
 
-    # The shared 3x3 conv by Winograd (libs.ops.conv3x3_winograd; set by build_model).
-    winograd = False
-
-    def __init__(self, in_channels: int = 256, num_anchors: int = 3, num_convs: int = 1):
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3, num_convs: int = 1,
+                 fast_path: FastPath = FastPath()):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"the RPN head needs at least one conv, got num_convs={num_convs}")
@@ -31,6 +30,7 @@ class RPNHead(nn.Module):
                                    for _ in range(num_convs))
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        self.fast_path = fast_path
         for conv in (*self.convs, self.cls_logits, self.bbox_pred):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.constant_(conv.bias, 0)
@@ -45,11 +45,9 @@ class RPNHead(nn.Module):
         """
         objectness, deltas = [], []
         for feature in features:
-            # fast=False: no oneDNN conv+ReLU here (it gained nothing); the Winograd conv,
-            # when on, is this head's fast path.
             t = feature
             for conv in self.convs:
-                t = conv2d(t, conv, relu=True, fast=False, winograd=self.winograd)
+                t = conv2d(t, conv, relu=True, fast_path=self.fast_path)
             objectness.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return objectness, deltas

@@ -1,13 +1,16 @@
-"""config.ini, load_config, overrides, and that every key is read by some code."""
+"""config.ini, load_config, overrides, and that every key changes what the code does
+(model sections) or is read by the tools (solver, data, eval, demo)."""
+import configparser
 import inspect
 
 import pytest
 import torch
+from easydict import EasyDict
 from torchvision.models.detection import MaskRCNN as TvMaskRCNN
 
-import maskrcnn
-from maskrcnn import (CONSTRUCTOR_KEYS, DEFAULT_CONFIG, MODEL_SECTIONS, TRAINING_KEYS, MaskRCNN,
-                      apply_overrides, build_model, load_config)
+import configs.loader
+from configs.loader import find_key
+from maskrcnn import DEFAULT_CONFIG, MaskRCNN, apply_overrides, load_config
 
 torch.set_num_threads(2)
 SMALL = dict(backbone="resnet18")   # cheap to build; the config logic is the same
@@ -100,11 +103,11 @@ def test_bad_overrides():
 
 
 def test_ambiguous_override_names_key(monkeypatch):
-    monkeypatch.setattr(maskrcnn, "_schema", lambda: {"a": {"x": ("int", "1")},
+    monkeypatch.setattr(configs.loader, "_schema", lambda: {"a": {"x": ("int", "1")},
                                                       "b": {"x": ("int", "2")}})
     with pytest.raises(ValueError, match="'x' is ambiguous"):
-        maskrcnn._find_key("x")
-    assert maskrcnn._find_key("b.x") == ("b", "x")
+        find_key("x")
+    assert find_key("b.x") == ("b", "x")
 
 
 def test_config_path_and_loaded_dict(tmp_path, monkeypatch):
@@ -119,31 +122,298 @@ def test_config_path_and_loaded_dict(tmp_path, monkeypatch):
         MaskRCNN(config="missing.ini")
 
 
-class _Recorder:
-    """Wraps an EasyDict and records every "section.key" read through attributes."""
+# ------------------------------------------- every model key changes what the model does
+#
+# For each key of the model sections: build a small model with the base value and with
+# another valid value (same seed), and observe a difference in one of
+#   "structure": parameter / buffer names, shapes and requires_grad;
+#   "eval":      the detections on a fixed image in eval mode, the weights copied from
+#                the base model (so only the key differs);
+#   "train":     the five losses on a fixed image and target in training mode, the weights
+#                copied and the samplers' RNG seeded alike;
+#   "pooler":    the built box RoI pooler on boxes at the two level rules' boundaries.
+# A context adds overrides to both sides where a key only acts with another setting (e.g.
+# box_conv_dim only with an Nconv1fc box head). test_effects_are_deterministic shows that
+# an unchanged config observes no difference, so a difference is the key's doing.
 
-    def __init__(self, data, seen, prefix=""):
-        self.__dict__.update(_data=data, _seen=seen, _prefix=prefix)
-
-    def __getattr__(self, name):
-        value = self._data[name]
-        if isinstance(value, dict):
-            return _Recorder(value, self._seen, name)
-        self._seen.add(f"{self._prefix}.{name}")
-        return value
+# Spelled out, not imported from maskrcnn: these name config.ini's sections.
+MODEL_SECTIONS = ("model", "backbone", "transform", "anchors", "rpn", "roi_heads",
+                  "box_head", "mask_head")
+TOOL_SECTIONS = ("solver", "data", "eval", "demo")
 
 
-def test_every_key_is_read():
-    cfg = apply_overrides(load_config(DEFAULT_CONFIG), SMALL)
-    seen = set()
-    build_model(_Recorder(cfg, seen))
-    model_keys = {f"{s}.{k}" for s in MODEL_SECTIONS for k in cfg[s]}
-    assert seen == model_keys - set(CONSTRUCTOR_KEYS), model_keys ^ seen
-    all_keys = {f"{s}.{k}" for s in cfg for k in cfg[s]}
-    assert set(TRAINING_KEYS) | model_keys == all_keys
-    assert set(CONSTRUCTOR_KEYS) <= model_keys
-    assert not set(TRAINING_KEYS) & model_keys and len(set(TRAINING_KEYS)) == len(TRAINING_KEYS)
+def _ini_keys(sections):
+    """{key: section} of config.ini's keys in `sections`, read as text (so a key the
+    loader dropped is still listed)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    assert parser.read(DEFAULT_CONFIG)
+    return {key: section for section in sections for key in parser[section]}
 
+
+def _dotted(overrides):
+    """Bare key names as "section.key": num_classes and pretrained are also MaskRCNN
+    arguments, and only the dotted form goes through the config."""
+    where = _ini_keys(MODEL_SECTIONS)
+    return {f"{where[k]}.{k}": v for k, v in overrides.items()}
+
+
+# Small and fast, and not the shipped defaults where those would cost time. Image 120x170
+# -> 192x272 (min_size), padded to 192x288 (size_divisible 32; 64 would give 320), P2 of
+# 48x72 = 216 Winograd tiles (>= 128: the Winograd convs run); fpn_channels and the mask
+# widths are multiples of 32 (GroupNorm's groups).
+EFFECT_BASE = dict(num_classes=2, backbone="resnet18", norm="frozen_bn", trainable_layers=3,
+                   fpn_channels=32, min_size=192, max_size=320, train_min_size=(192,),
+                   rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
+                   rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
+                   box_batch_size_per_image=64, box_detections_per_img=30,
+                   representation_size=64, mask_layers=(32, 32), mask_dim_reduced=16)
+CONTEXTS = {
+    "": {},
+    "resnet50": dict(backbone="resnet50"),              # bottleneck-only keys
+    "conv_box_head": dict(box_head="2conv1fc"),         # keys of an Nconv1fc box head
+    "exact": dict(fuse_bn=False),                       # frozen_bn_op acts in exact mode
+    "rpn_min_size": dict(rpn_min_size=20.0),            # detectron2's filter ignores it
+    "low_bg_iou": dict(box_bg_iou_thresh=0.2),          # room to lower box_fg_iou_thresh
+    # box_min_size 0 keeps empty boxes, and the base's box deltas push every box off the
+    # image (clipped to nothing): what box_drop_empty drops.
+    "empty_boxes": dict(box_min_size=0.0),
+}
+
+# (key, another valid value, how the effect is observed, context)
+EFFECT_CASES = [
+    ("num_classes", 3, "structure", ""),
+    ("mask_on", False, "structure", ""),
+    ("pretrained", "a checkpoint", "pretrained", ""),
+    ("backbone", "resnet34", "structure", ""),
+    ("groups", 2, "structure", "resnet50"),
+    ("width_per_group", 32, "structure", "resnet50"),
+    ("stride_in_1x1", True, "eval", "resnet50"),
+    ("norm", "bn", "structure", ""),
+    ("norm_eps", 0.1, "eval", ""),
+    ("frozen_bn_op", "detectron2", "eval", "exact"),
+    ("fpn_norm", "gn", "structure", ""),
+    ("trainable_layers", 1, "structure", ""),
+    ("fpn_channels", 64, "structure", ""),
+    ("fuse_bn", False, "eval", ""),
+    ("winograd", False, "eval", ""),
+    ("min_size", 160, "eval", ""),
+    ("train_min_size", (160,), "train", ""),
+    ("max_size", 240, "eval", ""),
+    ("input_format", "BGR", "eval", ""),
+    ("pixel_scale", 255.0, "eval", ""),
+    ("image_mean", (0.5, 0.5, 0.5), "eval", ""),
+    ("image_std", (0.25, 0.25, 0.25), "eval", ""),
+    ("size_divisible", 64, "eval", ""),
+    ("anchor_sizes", (16, 32, 64, 128, 256), "eval", ""),
+    ("aspect_ratios", (0.25, 1.0, 4.0), "eval", ""),
+    ("anchor_rule", "detectron2", "eval", ""),
+    ("rpn_head_convs", 2, "structure", ""),
+    ("rpn_pre_nms_top_n_train", 50, "train", ""),
+    ("rpn_pre_nms_top_n_test", 50, "eval", ""),
+    ("rpn_post_nms_top_n_train", 20, "train", ""),
+    ("rpn_post_nms_top_n_test", 20, "eval", ""),
+    ("rpn_nms_thresh", 0.3, "eval", ""),
+    ("rpn_fg_iou_thresh", 0.5, "train", ""),
+    ("rpn_bg_iou_thresh", 0.1, "train", ""),
+    ("rpn_batch_size_per_image", 32, "train", ""),
+    ("rpn_positive_fraction", 0.01, "train", ""),          # 2 positives at most
+    ("rpn_score_thresh", 0.99, "eval", ""),                 # random RPN: scores near 0.5
+    ("rpn_min_size", 20.0, "eval", ""),
+    ("rpn_box_filter", "detectron2", "eval", "rpn_min_size"),
+    ("box_fg_iou_thresh", 0.3, "train", "low_bg_iou"),
+    ("box_bg_iou_thresh", 0.3, "train", ""),
+    ("box_batch_size_per_image", 16, "train", ""),
+    ("box_positive_fraction", 0.02, "train", ""),           # 1 of the >= 2 GT positives
+    ("bbox_reg_weights", (1.0, 1.0, 1.0, 1.0), "eval", ""),
+    ("box_score_thresh", 0.4, "eval", ""),                  # 3 classes: scores near 1/3
+    ("box_nms_thresh", 0.2, "eval", ""),
+    ("box_detections_per_img", 5, "eval", ""),
+    ("box_min_size", 40.0, "eval", ""),
+    ("box_drop_empty", True, "eval", "empty_boxes"),
+    ("roi_aligned", True, "eval", ""),
+    ("roi_level_rule", "detectron2", "pooler", ""),
+    ("roi_canonical_scale", 56, "eval", ""),
+    ("roi_canonical_level", 5, "eval", ""),
+    ("box_head", "2conv1fc", "structure", ""),
+    ("box_conv_dim", 64, "structure", "conv_box_head"),
+    ("box_norm", "gn", "structure", "conv_box_head"),
+    ("box_pool_size", 5, "structure", ""),
+    ("box_sampling_ratio", 1, "eval", ""),
+    ("representation_size", 32, "structure", ""),
+    ("box_loss", "l1", "train", ""),
+    ("box_smooth_l1_beta", 1.0, "train", ""),
+    ("mask_pool_size", 7, "eval", ""),
+    ("mask_sampling_ratio", 1, "eval", ""),
+    ("mask_layers", (32,), "structure", ""),
+    ("mask_dilation", 2, "eval", ""),
+    ("mask_norm", "gn", "structure", ""),
+    ("mask_dim_reduced", 8, "structure", ""),
+    ("mask_paste_padding", 0, "eval", ""),
+    ("mask_paste", "detectron2", "eval", ""),
+]
+
+TRAIN_SEED = 7        # the RPN and RoI samplers' draws, the same on both sides
+
+
+def _effect_image():
+    return torch.rand(3, 120, 170, generator=torch.Generator().manual_seed(0))
+
+
+def _effect_target():
+    boxes = torch.tensor([[20.0, 15.0, 80.0, 70.0], [90.0, 40.0, 160.0, 110.0]])
+    masks = torch.zeros(2, 120, 170, dtype=torch.uint8)
+    for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+        m[y1:y2, x1:x2] = 1
+    return dict(boxes=boxes, labels=torch.tensor([1, 2]), masks=masks)
+
+
+def _build_effect_model(context, key=None, value=None):
+    overrides = {**EFFECT_BASE, **CONTEXTS[context]}
+    if key is not None:
+        overrides[key] = value
+    torch.manual_seed(0)
+    return MaskRCNN(config=None, **_dotted(overrides))
+
+
+def _prepare_base(model, context):
+    """Frozen BatchNorm with non-trivial statistics (random init has mean 0, var 1,
+    scale 1: norm_eps and frozen_bn_op would hardly show); the context's weights."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                n = m.weight.shape[0]
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        if context == "empty_boxes":
+            # dx = 1000 / wx = 100 box widths to the right of every proposal
+            model.roi_heads.box_predictor.bbox_pred.bias[0::4] = 1000.0
+    return model
+
+
+def _structure(model):
+    params = {n: (tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()}
+    buffers = {n: (tuple(b.shape), None) for n, b in model.named_buffers()}
+    return {**params, **buffers}
+
+
+def _eval_outputs(model):
+    model.eval()
+    with torch.no_grad():
+        return model([_effect_image()])[0]
+
+
+def _train_losses(model):
+    model.train()
+    torch.manual_seed(TRAIN_SEED)
+    return {k: v.detach() for k, v in model([_effect_image()], [_effect_target()]).items()}
+
+
+def _pooled_at_level_boundaries(model):
+    """The built box pooler on squares just below the P3/P4 and P4/P5 sides, where
+    torchvision's rule (+1e-6 after the log) and detectron2's (+1e-8 inside) pick
+    different levels (see tests/pooling/test_pooling.py)."""
+    g = torch.Generator().manual_seed(3)
+    channels = EFFECT_BASE["fpn_channels"]
+    features = [torch.randn(1, channels, 512 // s, 512 // s, generator=g) for s in (4, 8, 16, 32)]
+    sides = torch.tensor([224 * 2 ** -5e-7, 448 * 2 ** -5e-7], dtype=torch.float64)
+    boxes = torch.stack([torch.full_like(sides, 10.0), torch.full_like(sides, 10.0),
+                         10.0 + sides, 10.0 + sides], 1).float()
+    with torch.no_grad():
+        return {"pooled": model.roi_heads.box_roi_pool(features, [boxes], [(512, 512)])}
+
+
+OBSERVE = {"structure": _structure, "eval": _eval_outputs, "train": _train_losses,
+           "pooler": _pooled_at_level_boundaries}
+
+
+def _difference(a, b):
+    """'' when a and b ({name: tensor or value}) are the same, else what differs."""
+    if set(a) != set(b):
+        return f"names differ: {sorted(set(a) ^ set(b))[:6]}"
+    for name in a:
+        x, y = a[name], b[name]
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape:
+                return f"{name}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+            if not torch.equal(x, y):
+                return f"{name}: values differ"
+        elif x != y:
+            return f"{name}: {x} vs {y}"
+    return ""
+
+
+class _EffectLab:
+    """Base models (one per context) and their observations, built once per module."""
+
+    def __init__(self):
+        self.models, self.seen = {}, {}
+
+    def base(self, context):
+        if context not in self.models:
+            self.models[context] = _prepare_base(_build_effect_model(context), context)
+        return self.models[context]
+
+    def observed(self, how, context):
+        if (how, context) not in self.seen:
+            self.seen[how, context] = OBSERVE[how](self.base(context))
+        return self.seen[how, context]
+
+
+@pytest.fixture(scope="module")
+def effect_lab():
+    return _EffectLab()
+
+
+def test_effect_cases_cover_every_model_key():
+    keys = [case[0] for case in EFFECT_CASES]
+    assert len(keys) == len(set(keys)), "a key listed twice"
+    missing = set(_ini_keys(MODEL_SECTIONS)) - set(keys)
+    assert not missing, f"config.ini keys without an effect case: {sorted(missing)}"
+    assert not set(keys) - set(_ini_keys(MODEL_SECTIONS)), "a case for no config.ini key"
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(DEFAULT_CONFIG)
+    assert tuple(parser.sections()) == MODEL_SECTIONS + TOOL_SECTIONS
+
+
+def test_effects_are_deterministic(effect_lab):
+    """The base model built again (same seed, same preparation) observes exactly what the
+    cached one did, and has outputs a key can change (detections, non-zero box losses)."""
+    again = _prepare_base(_build_effect_model(""), "")
+    for how in ("structure", "eval", "train"):
+        assert _difference(OBSERVE[how](again), effect_lab.observed(how, "")) == "", how
+    assert len(effect_lab.observed("eval", "")["boxes"]) > 20
+    assert all(v > 0 for v in effect_lab.observed("train", "").values())
+
+
+@pytest.mark.parametrize("key, value, how, context", EFFECT_CASES,
+                         ids=[case[0] for case in EFFECT_CASES])
+def test_every_model_key_changes_the_model(effect_lab, tmp_path, key, value, how, context):
+    base = effect_lab.base(context)
+    if how == "pretrained":
+        torch.manual_seed(1)
+        saved = MaskRCNN(config=None, **_dotted(EFFECT_BASE)).state_dict()
+        torch.save(saved, tmp_path / "weights.pth")
+        # a loaded config: the key itself, not MaskRCNN's pretrained argument
+        path = str(tmp_path / "weights.pth")
+        cfg = apply_overrides(load_config(DEFAULT_CONFIG),
+                              {**_dotted(EFFECT_BASE), "model.pretrained": path})
+        loaded = MaskRCNN(config=cfg).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+        assert _difference(loaded, _build_effect_model("").state_dict()), \
+            "pretrained: the weights equal a model built without it"
+        return
+    variant = _build_effect_model(context, key, value)
+    if how != "structure":
+        # same weights as the base: only the key differs (a failure here means the key
+        # changes the structure: observe it as "structure")
+        variant.load_state_dict(base.state_dict())
+    before = effect_lab.observed(how, context)
+    assert _difference(OBSERVE[how](variant), before), \
+        f"{key} = {value!r} (base {context or 'default'} context) changes nothing in {how}"
 
 def test_pretrained_imagenet_offline_is_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -164,11 +434,30 @@ def test_pretrained_checkpoint(tmp_path):
         MaskRCNN(pretrained=str(tmp_path / "nope.pth"), **SMALL)
 
 
+def test_pretrained_as_an_override_key_loads(tmp_path):
+    """model.pretrained given as a config key (override or file) loads like the argument;
+    the argument wins over the key, the key over the config file."""
+    source = MaskRCNN(num_classes=2, norm="frozen_bn", **SMALL)
+    torch.save(source.state_dict(), tmp_path / "raw.pth")
+    ini = tmp_path / "user.ini"
+    ini.write_text(f"[model]\npretrained = {tmp_path / 'missing.pth'}\n")
+    for kwargs in ({"model.pretrained": str(tmp_path / "raw.pth")},
+                   {"config": ini, "model.pretrained": str(tmp_path / "raw.pth")},
+                   {"pretrained": str(tmp_path / "raw.pth"),
+                    "model.pretrained": str(tmp_path / "missing.pth")}):
+        loaded = MaskRCNN(num_classes=2, **SMALL, **kwargs)
+        assert loaded.cfg.model.pretrained == str(tmp_path / "raw.pth")
+        for (key, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), (kwargs, key)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        MaskRCNN(num_classes=2, config=ini, **SMALL)
+
+
 def test_no_weights_trains_every_stage_with_batchnorm(tmp_path):
     """Without pretrained weights, frozen BatchNorm would keep random statistics and the
     frozen stages random weights: norm bn and all stages, as torchvision does, unless the
     user sets them (argument, config file or loaded config)."""
-    from backbones import FrozenBatchNorm2d
+    from layers import FrozenBatchNorm2d
     model = MaskRCNN(num_classes=2, **SMALL)
     assert (model.cfg.backbone.norm, model.cfg.backbone.trainable_layers) == ("bn", 5)
     assert all(p.requires_grad for p in model.backbone.body.parameters())
@@ -198,3 +487,80 @@ def test_our_checkpoint_rebuilds_its_architecture(tmp_path):
             assert torch.equal(value, loaded.state_dict()[key]), key
     scored = MaskRCNN.from_checkpoint(path, box_score_thresh=0.6)
     assert scored.roi_heads.box_score_thresh == 0.6
+
+
+# ------------------------------------------ every tool key is read (solver, data, eval)
+
+def _recording(cfg, reads):
+    """cfg as EasyDicts that add the name of every key read (attribute or item) to
+    `reads`. Only dunder methods: EasyDict turns other class attributes into items."""
+    class Recording(EasyDict):
+        def __getattribute__(self, name):
+            if dict.__contains__(self, name):
+                reads.add(name)
+            return super().__getattribute__(name)
+
+        def __getitem__(self, name):
+            reads.add(name)
+            return dict.__getitem__(self, name)
+
+    return Recording({section: Recording(keys) for section, keys in cfg.items()})
+
+
+def test_every_solver_data_eval_key_is_read_by_training(tmp_path):
+    """One iteration of tools.train.train on a tiny synthetic set, with a checkpoint
+    and the final evaluation: every [solver], [data] and [eval] key is read. (Read, not
+    shown to act: their effects are tested in tests/tools, and an effect test per key
+    would need a training run each.)"""
+    from tools.shapes import make_shapes
+    from tools.train import train
+    train_json, train_images = make_shapes(tmp_path, "train", 2, 64, 2, seed=0)
+    val_json, val_images = make_shapes(tmp_path, "val", 1, 64, 2, seed=1)
+    cfg = apply_overrides(load_config(DEFAULT_CONFIG), {
+        "backbone": "resnet18", "norm": "frozen_bn", "trainable_layers": 0,
+        "fpn_channels": 32, "representation_size": 32,
+        "mask_layers": (32,), "mask_dim_reduced": 32, "min_size": 64, "max_size": 64,
+        "train_min_size": (64,), "rpn_pre_nms_top_n_train": 100,
+        "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 50,
+        "rpn_post_nms_top_n_test": 20, "box_batch_size_per_image": 32,
+        "box_detections_per_img": 10, "num_classes": 2,
+        "train_json": str(train_json), "train_images": str(train_images),
+        "val_json": str(val_json), "val_images": str(val_images), "num_workers": 0,
+        "batch_size": 1, "max_iter": 1, "warmup_iters": 1, "checkpoint_every": 1,
+        "log_every": 1, "output_dir": str(tmp_path / "out")})
+    reads = set()
+    summary = train(_recording(cfg, reads), progress=False)
+    assert summary["iterations"] == 1 and summary["metrics"] is not None
+    unread = set(_ini_keys(("solver", "data", "eval"))) - reads
+    assert not unread, f"keys no training code read: {sorted(unread)}"
+
+
+def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
+    """run_demo with the data generator and the training stubbed out: each [demo] value
+    reaches them (image counts, size and classes; the time budget as max_minutes)."""
+    import tools.shapes
+    import tools.train
+    from tools.cli import run_demo
+    made, trained = [], []
+
+    def fake_make_shapes(root, split, num_images, image_size, num_classes, seed=0):
+        made.append((split, num_images, image_size, num_classes))
+        (root / f"{split}.json").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}.json").write_text("{}")
+        return root / f"{split}.json", root / split
+
+    def fake_train(cfg, progress=True):
+        trained.append(cfg)
+        raise tools.train.NonFiniteLossError("stub: no training in this test")
+
+    monkeypatch.setattr(tools.shapes, "make_shapes", fake_make_shapes)
+    monkeypatch.setattr(tools.train, "train", fake_train)
+    demo = dict(demo_minutes=0.25, demo_image_size=48, demo_num_classes=2,
+                demo_num_train=7, demo_num_val=5)
+    defaults = load_config(DEFAULT_CONFIG).demo
+    assert set(demo) == set(_ini_keys(("demo",)))
+    assert all(defaults[k] != v for k, v in demo.items()), "pick non-default values"
+    cfg = apply_overrides(load_config(DEFAULT_CONFIG), demo)
+    assert run_demo(cfg, tmp_path / "demo", progress=False) is None    # the stub's error
+    assert made == [("train", 7, 48, 2), ("val", 5, 48, 2)]
+    assert trained[0].solver.max_minutes == 0.25 and trained[0].model.num_classes == 2

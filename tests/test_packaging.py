@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import configs
-from maskrcnn import (DEFAULT_CONFIG, MaskRCNN, __version__, _resolve_config, apply_overrides,
+from configs import resolve_config
+from maskrcnn import (DEFAULT_CONFIG, MaskRCNN, __version__, apply_overrides,
                       build_model, load_config)
 from tools.checkpoint import plain
 from tools.cli import DEMO_CONFIG, main
@@ -55,23 +56,23 @@ def test_config_ini_in_working_directory_changes_nothing(tmp_path, monkeypatch, 
 def test_user_config_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # a relative path naming a shipped file falls back to the package's copy ...
-    demo = _resolve_config("configs/demo.ini")
+    demo = resolve_config("configs/demo.ini")
     assert demo == load_config(DEMO_CONFIG) and demo.backbone.backbone == "resnet18"
-    preset = _resolve_config("configs/zoo/detectron2/mask_rcnn_R_50_FPN_3x.ini")
+    preset = resolve_config("configs/zoo/detectron2/mask_rcnn_R_50_FPN_3x.ini")
     assert preset.backbone.backbone == "resnet50" and preset.model.num_classes == 80
-    assert _resolve_config("config.ini") == load_config(DEFAULT_CONFIG)
-    assert _resolve_config(None) == load_config(DEFAULT_CONFIG)
+    assert resolve_config("config.ini") == load_config(DEFAULT_CONFIG)
+    assert resolve_config(None) == load_config(DEFAULT_CONFIG)
     # ... while a file that exists in the working directory is the user's and wins
     (tmp_path / "config.ini").write_text(FOREIGN)
-    assert _resolve_config("config.ini").model.num_classes == 7
+    assert resolve_config("config.ini").model.num_classes == 7
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.ini").write_text(FOREIGN)
-    assert _resolve_config("configs/demo.ini").backbone.backbone == "resnet34"
+    assert resolve_config("configs/demo.ini").backbone.backbone == "resnet34"
     (tmp_path / "mine.ini").write_text(HOSTILE)
     with pytest.raises(ValueError, match=r"unknown section \[database\]"):
-        _resolve_config("mine.ini")
+        resolve_config("mine.ini")
     with pytest.raises(FileNotFoundError, match="missing.ini"):
-        _resolve_config("missing.ini")
+        resolve_config("missing.ini")
 
 
 def test_version_flag(capsys):
@@ -187,7 +188,8 @@ def test_wheel_installs_and_runs_from_another_directory(tmp_path):
     shipped = {"configs/__init__.py", "configs/config.ini", "configs/demo.ini",
                "configs/zoo/torchvision/maskrcnn_resnet50_fpn.ini",
                "configs/zoo/detectron2/mask_rcnn_R_50_FPN_3x.ini",
-               "libs/csrc/mrcnn_kernels.h", "libs/build/libmrcnn_cpu.so", "maskrcnn.py"}
+               "libs/csrc/mrcnn_kernels.h", "libs/build/libmrcnn_cpu.so", "maskrcnn.py",
+               "builder.py", "generalized_rcnn.py", "layers/conv.py", "convert/torchvision.py"}
     assert shipped <= names, sorted(shipped - names)
     assert {n for n in REPO.glob("configs/zoo/*/*.ini")} and all(
         f"configs/{p.relative_to(REPO / 'configs')}" in names

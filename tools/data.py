@@ -503,8 +503,8 @@ def _first_last(hit: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _flip_last(x: Tensor) -> Tensor:
-    # numpy's copy is single-threaded: torch.flip's intra-op threads made a 128x128 flip
-    # take ~10 ms instead of ~0.05 ms on 2 busy cores (data loading in the main process)
+    # numpy's copy is single-threaded: torch.flip's intra-op threads make a small flip
+    # wait for busy cores (data loading runs in the main process)
     if x.device.type != "cpu":
         return x.flip(-1)
     return torch.from_numpy(np.ascontiguousarray(x.numpy()[..., ::-1]))

@@ -13,7 +13,7 @@ tensors and, as JSON strings in the safetensors metadata:
     format       "pt" (the safetensors convention for PyTorch tensors)
 
 Reading a safetensors file never runs code (it is a JSON header and raw tensor bytes).
-tools.pretrained.read_model_weights tells the format from the content: an 8-byte
+convert.pretrained.read_model_weights tells the format from the content: an 8-byte
 little-endian header length, then a JSON header starting with `{`.
 """
 from __future__ import annotations

@@ -18,7 +18,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from maskrcnn import MaskRCNN, _known_keys, _resolve_config, apply_overrides, build_model
+from builder import build_model
+from configs import apply_overrides, resolve_config
+from configs.loader import known_keys
+from maskrcnn import MaskRCNN
 from tools import zoo
 from tools.checkpoint import load_checkpoint
 from tools.evaluate import detections_to_coco
@@ -47,7 +50,7 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
         raise ValueError(f"{weights}: not a training checkpoint of this library (expected "
                          f"the keys 'model' and 'config'; got "
                          f"{sorted(state)[:8] if isinstance(state, dict) else type(state)})")
-    cfg = apply_overrides(_resolve_config(_known_keys(state["config"])), overrides or {})
+    cfg = apply_overrides(resolve_config(known_keys(state["config"])), overrides or {})
     model = build_model(cfg)
     try:
         model.load_state_dict(state["model"])

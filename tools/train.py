@@ -45,7 +45,8 @@ import torch
 from easydict import EasyDict
 from torch import nn
 
-from maskrcnn import apply_overrides, build_model
+from builder import build_model
+from configs import apply_overrides
 from tools import distributed as dist_utils
 from tools.checkpoint import (atomic_save, latest_checkpoint, load_checkpoint,
                               load_latest_checkpoint, plain, rng_state, save_checkpoint,

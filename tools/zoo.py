@@ -113,38 +113,40 @@ class ZooEntry:
         return categories_for(self.source)
 
 
-def _entry(name: str, url: str, box_ap: float, mask_ap: float, backbone: str,
-           sha256: Optional[str] = None) -> ZooEntry:
-    return ZooEntry(name=name, preset=f"configs/zoo/{name}.ini", url=url, sha256=sha256,
-                    box_ap=box_ap, mask_ap=mask_ap, source=name.split("/", 1)[0],
-                    backbone=backbone)
+def _torchvision(model: str, sha256: str, box_ap: float, mask_ap: float,
+                 backbone: str) -> ZooEntry:
+    """A torchvision weights file: <model>_coco-<sha256 prefix>.pth."""
+    return ZooEntry(name=f"torchvision/{model}", preset=f"configs/zoo/torchvision/{model}.ini",
+                    url=f"{_TV}/{model}_coco-{sha256}.pth", sha256=sha256, box_ap=box_ap,
+                    mask_ap=mask_ap, source="torchvision", backbone=backbone)
+
+
+def _detectron2(model: str, folder: str, file: str, box_ap: float, mask_ap: float,
+                backbone: str) -> ZooEntry:
+    """A detectron2 model-zoo file: <folder>/<model>/<run>/model_final_<hash>.pkl (no hash
+    published: checked by content, see fetch)."""
+    return ZooEntry(name=f"detectron2/{model}", preset=f"configs/zoo/detectron2/{model}.ini",
+                    url=f"{_D2}/{folder}/{model}/{file}", sha256=None, box_ap=box_ap,
+                    mask_ap=mask_ap, source="detectron2", backbone=backbone)
 
 
 _TV = "https://download.pytorch.org/models"
 _D2 = "https://dl.fbaipublicfiles.com/detectron2"
+_IS, _NB = "COCO-InstanceSegmentation", "new_baselines"     # detectron2's zoo folders
 # APs: torchvision's weights meta and detectron2's MODEL_ZOO.md (tests check both).
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
-    _entry("torchvision/maskrcnn_resnet50_fpn",
-           f"{_TV}/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", 37.9, 34.6, "resnet50",
-           sha256="bf2d0c1e"),
-    _entry("torchvision/maskrcnn_resnet50_fpn_v2",
-           f"{_TV}/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth", 47.4, 41.8, "resnet50",
-           sha256="73cbd019"),
-    _entry("detectron2/mask_rcnn_R_50_FPN_3x",
-           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/"
-           "model_final_f10217.pkl", 41.0, 37.2, "resnet50"),
-    _entry("detectron2/mask_rcnn_R_101_FPN_3x",
-           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x/138205316/"
-           "model_final_a3ec72.pkl", 42.9, 38.6, "resnet101"),
-    _entry("detectron2/mask_rcnn_X_101_32x8d_FPN_3x",
-           f"{_D2}/COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x/139653917/"
-           "model_final_2d9806.pkl", 44.3, 39.5, "resnext101"),
-    _entry("detectron2/mask_rcnn_R_50_FPN_400ep_LSJ",
-           f"{_D2}/new_baselines/mask_rcnn_R_50_FPN_400ep_LSJ/42019571/"
-           "model_final_14d201.pkl", 47.4, 42.5, "resnet50"),
-    _entry("detectron2/mask_rcnn_R_101_FPN_400ep_LSJ",
-           f"{_D2}/new_baselines/mask_rcnn_R_101_FPN_400ep_LSJ/42073830/"
-           "model_final_f96b26.pkl", 48.9, 43.7, "resnet101"),
+    _torchvision("maskrcnn_resnet50_fpn", "bf2d0c1e", 37.9, 34.6, "resnet50"),
+    _torchvision("maskrcnn_resnet50_fpn_v2", "73cbd019", 47.4, 41.8, "resnet50"),
+    _detectron2("mask_rcnn_R_50_FPN_3x", _IS, "137849600/model_final_f10217.pkl",
+                41.0, 37.2, "resnet50"),
+    _detectron2("mask_rcnn_R_101_FPN_3x", _IS, "138205316/model_final_a3ec72.pkl",
+                42.9, 38.6, "resnet101"),
+    _detectron2("mask_rcnn_X_101_32x8d_FPN_3x", _IS, "139653917/model_final_2d9806.pkl",
+                44.3, 39.5, "resnext101"),
+    _detectron2("mask_rcnn_R_50_FPN_400ep_LSJ", _NB, "42019571/model_final_14d201.pkl",
+                47.4, 42.5, "resnet50"),
+    _detectron2("mask_rcnn_R_101_FPN_400ep_LSJ", _NB, "42073830/model_final_f96b26.pkl",
+                48.9, 43.7, "resnet101"),
 ]}
 
 # pretrained="coco": the best checkpoint for each backbone.
@@ -432,10 +434,8 @@ def _verify_cached(entry: ZooEntry, path: Path,
                                 f"{want or '(empty)'}. {redo}")
         return
     # Cached without a record (copied in by hand, or an older version of this code).
-    failure = _content_failure(path, str(path), check_content)
-    if failure is not None:
-        raise ChecksumError(f"cached {entry.name} checkpoint {path} failed its content "
-                            f"check: {_why(failure)}. {redo}") from failure
+    _check_content(path, str(path), check_content, f"cached {entry.name} checkpoint {path}",
+                   redo)
     _write_sidecar(path, sha256_file(path))
 
 
@@ -514,10 +514,18 @@ def _verify_download(entry: ZooEntry, tmp: Path, final: Path, digest: str,
                                 f"{digest} does not start with {entry.sha256}. Nothing was "
                                 f"saved at {final}; retry, or check the URL.")
         return
-    failure = _content_failure(tmp, str(final), check_content)
+    _check_content(tmp, str(final), check_content, where,
+                   f"Nothing was saved at {final}; retry, or check the URL.")
+
+
+def _check_content(path: Path, shown: str, check_content: Optional[Callable[[dict], None]],
+                   what: str, advice: str) -> None:
+    """Raises ChecksumError "<what> failed its content check: <why>. <advice>" when the
+    checkpoint at `path` (named `shown` in messages) fails check_content."""
+    failure = _content_failure(path, shown, check_content)
     if failure is not None:
-        raise ChecksumError(f"{where} failed its content check: {_why(failure)}. Nothing "
-                            f"was saved at {final}; retry, or check the URL.") from failure
+        raise ChecksumError(f"{what} failed its content check: {_why(failure)}. "
+                            f"{advice}") from failure
 
 
 # ------------------------------------------------------------------------ listings

@@ -9,9 +9,10 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d as TVFrozenBatchNorm2d
 
-from backbones import (FPN, FrozenBatchNorm2d, build_resnet_fpn_backbone,
-                       convert_torchvision_backbone_state_dict, imagenet_weight_files,
-                       load_torchvision_backbone_state)
+from backbones import FPN, build_resnet_fpn_backbone, imagenet_weight_files
+from convert.torchvision import (convert_torchvision_backbone_state_dict,
+                                 load_torchvision_backbone_state)
+from layers import FrozenBatchNorm2d
 
 TV_NAMES = ["0", "1", "2", "3", "pool"]
 
@@ -31,7 +32,7 @@ def randomise_norms(module, seed=0):
 
 def assert_same_pyramid(ours, tv_out):
     assert len(ours) == 5
-    for p, name in zip(ours, TV_NAMES):
+    for p, name in zip(ours, TV_NAMES, strict=True):
         expected = tv_out[name]
         assert p.shape == expected.shape
         scale = expected.abs().max().clamp(min=1.0)
@@ -113,6 +114,7 @@ def test_invalid_arguments():
 
 
 def test_group_norm_trunk_trains_from_scratch():
+    torch.manual_seed(0)
     ours = build_resnet_fpn_backbone(depth=18, norm="gn", trainable_layers=5)
     assert any(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for m in ours.modules())
     out = ours(torch.randn(2, 3, 64, 64))
@@ -129,7 +131,7 @@ def test_frozen_bn_matches_batchnorm_eval_and_torchvision():
     frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is dropped
     tv = TVFrozenBatchNorm2d(8)
     tv.load_state_dict(frozen.state_dict())
-    x = torch.randn(2, 8, 5, 5)
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0))
     frozen.train()  # train mode changes nothing
     assert torch.equal(frozen(x), tv(x))
     torch.testing.assert_close(frozen(x), bn.eval()(x))
@@ -141,6 +143,7 @@ def test_frozen_bn_matches_batchnorm_eval_and_torchvision():
 # ---------------------------------------------------------------- FPN alone
 
 def test_fpn_shapes_on_odd_sizes():
+    torch.manual_seed(0)
     fpn = FPN([8, 16, 32, 64], out_channels=16)
     feats = [torch.randn(1, c, s, s + 1) for c, s in zip([8, 16, 32, 64], [25, 13, 7, 4])]
     out = fpn(feats)

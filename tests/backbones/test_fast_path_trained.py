@@ -6,11 +6,15 @@ pycocotools is the oracle for AP; the detections are matched one to one.
 Random weights amplify rounding (features of 1e2..1e5); trained ones do not, which is why
 the fast path is the default. Shapes: D detections.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
-from maskrcnn import DEFAULT_CONFIG, PACKAGE_DIR, apply_overrides, load_config
+from maskrcnn import DEFAULT_CONFIG, apply_overrides, load_config
 from tools.boxes import box_iou
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
 torch.set_num_threads(2)
 

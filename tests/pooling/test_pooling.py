@@ -88,16 +88,17 @@ def test_multiscale_matches_torchvision(kernel_backend, device, dtype, case):
         assert got.shape == (sum(counts), 6) + output_size, msg
         tol = tolerance(dtype, kernel_backend, device)
         torch.testing.assert_close(got, expected, **tol, msg=msg)
-        for level, (a, b) in enumerate(zip(got_grads, expected_grads)):
+        for level, (a, b) in enumerate(zip(got_grads, expected_grads, strict=True)):
             torch.testing.assert_close(a, b, **tol, msg=f"{msg} grad of P{level + 2}")
 
 
+@pytest.mark.parametrize("seed", [40, 41])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_multiscale_half_features_under_autocast_boxes(kernel_backend, device, dtype):
+def test_multiscale_half_features_under_autocast_boxes(kernel_backend, device, dtype, seed):
     """Half features (autocast) with float32 boxes: pooled in float32 from the unrounded
     boxes, result and feature gradients in the features' dtype; the oracle is
     torchvision's pooler on the float32 maps, rounded to the dtype."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 10 ** 6, ())))
+    g = torch.Generator().manual_seed(seed)
     image_sizes = [(800, 1066), (640, 900)]
     features = [f.to(dtype) for f in pyramid(g, image_sizes, 4, torch.float32, device)]
     boxes = [random_boxes(g, n, h, w, torch.float32).to(device)
@@ -112,9 +113,9 @@ def test_multiscale_half_features_under_autocast_boxes(kernel_backend, device, d
     # float32 results may differ in the last bit, so the rounding to half by one step
     base = tolerance(torch.float32, kernel_backend, device)
     tol = dict(atol=base["atol"], rtol=max(base["rtol"], torch.finfo(dtype).eps))
-    torch.testing.assert_close(got, expected.to(dtype), **tol)
-    for a, b in zip(got_grads, expected_grads):
-        torch.testing.assert_close(a, b.to(dtype), **tol)
+    torch.testing.assert_close(got, expected.to(dtype), **tol, msg=f"seed={seed}")
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b.to(dtype), **tol, msg=f"seed={seed} grad")
 
 
 def test_multiscale_every_level_used(kernel_backend):
@@ -146,7 +147,7 @@ def test_multiscale_compiles_fullgraph(kernel_backend, device):
     got, gg = grads(compiled, features, weight)
     tol = tolerance(torch.float32, kernel_backend, device)
     torch.testing.assert_close(got, expected, **tol)
-    for a, b in zip(gg, eg):
+    for a, b in zip(gg, eg, strict=True):
         torch.testing.assert_close(a, b, **tol)
 
 
@@ -279,12 +280,13 @@ def test_roi_align_module_matches_torchvision(kernel_backend, device, aligned):
     assert "spatial_scale=0.25" in repr(ours)
 
 
+@pytest.mark.parametrize("seed", [50, 51])
 @pytest.mark.parametrize("channels", [8, 48])
-def test_multiscale_channels_last_features(kernel_backend, device, channels):
+def test_multiscale_channels_last_features(kernel_backend, device, channels, seed):
     """Channels-last pyramids (what the fused inference convs produce) are pooled as they
     are, on the blocked (C >= 32) and the plain path: same values as torchvision's on the
     NCHW maps, and gradients reach the channels-last features."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    g = torch.Generator().manual_seed(seed)
     sizes = [(256, 320), (240, 300)]
     features = pyramid(g, sizes, channels, torch.float32, device)
     boxes = [random_boxes(g, n, h, w, torch.float32).to(device)
@@ -296,9 +298,9 @@ def test_multiscale_channels_last_features(kernel_backend, device, channels):
     assert not cl[0].is_contiguous()
     got, gg = grads(lambda f: MultiScaleRoIAlign(7, 2)(f, boxes, sizes), cl, weight)
     tol = tolerance(torch.float32, kernel_backend, device)
-    torch.testing.assert_close(got, expected, **tol)
-    for a, b in zip(gg, eg):
-        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(got, expected, **tol, msg=f"seed={seed}")
+    for a, b in zip(gg, eg, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=f"seed={seed} grad")
     if kernel_backend == "native" and device.type == "cpu":
         # the gradients come back in the maps' layout (no copy in the convs' backward)
         assert all(a.is_contiguous(memory_format=torch.channels_last) for a in gg)
@@ -328,6 +330,6 @@ def test_multiscale_fused_cpu_kernel_bit_identical(monkeypatch, dtype):
                                 weight)
                 msg = f"seed={500 + seed} C={C} threads={threads}"
                 assert torch.equal(got, expected), msg
-                assert all(torch.equal(a, b) for a, b in zip(gg, eg)), msg
+                assert all(torch.equal(a, b) for a, b in zip(gg, eg, strict=True)), msg
     finally:
         torch.set_num_threads(before)

@@ -12,12 +12,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from maskrcnn import PACKAGE_DIR, build_model
+from maskrcnn import build_model
 from tools.train import seed_everything
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
 WORKER = """
 import sys, json, torch
@@ -32,6 +35,7 @@ torch.save(summary["model"].state_dict(), f"{sys.argv[2]}/rank{rank}.pt")
 # distributed evaluation: each rank runs its shard, rank 0 gathers and scores
 from tools.data import CocoInstances
 from tools.evaluate import evaluate
+
 val = CocoInstances(cfg.data.train_json, cfg.data.train_images, train=False)
 metrics = evaluate(summary["model"], val, progress=False,
                    results_path=f"{sys.argv[2]}/results.json" if rank == 0 else None)
@@ -46,6 +50,7 @@ def two_images(tmp_path):
     return make_shapes(tmp_path / "data", "train", 2, 64, 3, seed=5, min_instances=2)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(two_images, tiny_cfg, tmp_path):
     from tools.data import CocoInstances
     json_path, image_dir = two_images

@@ -123,6 +123,7 @@ def test_no_detections_scores_zero(val_set):
     assert metrics["segm"]["AP"] == 0.0 and metrics["bbox"]["AP50"] == 0.0
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_mean_eval_mode_loss(tiny_cfg, val_set, tmp_path):
     torch.manual_seed(0)
     # every anchor / RoI sampled: the losses do not depend on the RNG

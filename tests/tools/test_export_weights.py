@@ -10,7 +10,7 @@ from maskrcnn import MaskRCNN
 from tools.checkpoint import atomic_save, plain
 from tools.cli import build_parser, main
 from tools.export import export_weights, is_safetensors, read_safetensors
-from tools.pretrained import read_model_weights
+from convert.pretrained import read_model_weights
 
 # Not the defaults (resnet101, 256 channels): a load that ignored the stored config would
 # build another architecture, and the weights would not fit it.

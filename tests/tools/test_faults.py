@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from maskrcnn import PACKAGE_DIR
 from tools import checkpoint
 from tools.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from tools.cli import main
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
 
 def _truncate(path):
@@ -28,6 +30,7 @@ def _iters_logged(out):
     return [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_skips_a_truncated_newest_checkpoint(tiny_cfg, tmp_path, capsys, write_ini):
     """The issue's report: `--resume` died with torch's "PytorchStreamReader failed
     reading zip archive", naming no file. Now it warns and resumes from the one before."""

@@ -88,6 +88,7 @@ def test_plot_training(tmp_path):
     assert plot_training(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
 
 
+@pytest.mark.slow
 def test_predict_progress_bar_over_a_folder(tiny_cfg, shapes_data, tmp_path, capsys):
     model, meta = predict_mod.load_model(_tiny_checkpoint(tiny_cfg, tmp_path))
     image_dir = shapes_data["val"][1]

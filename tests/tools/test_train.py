@@ -65,6 +65,7 @@ def _fixed_batch_loss(model, dataset):
         return float(sum(model.train()(list(images), list(targets)).values()))
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss(tiny_cfg):
     from tools.data import CocoInstances
     cfg = tiny_cfg(max_iter=12, lr=1e-3, warmup_iters=2, flip_prob=0.0, optimizer="adamw")
@@ -84,6 +85,7 @@ def test_short_training_lowers_the_loss(tiny_cfg):
     assert (summary["model"].num_classes, len(records)) == (3, 12)
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     # 8 images, batch 2: 4 batches per epoch; stop mid-epoch (3), cross an epoch on resume;
     # flips, warm-up and a step decay straddle the stop.
@@ -115,8 +117,9 @@ def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     assert [json.loads(line)["iter"] for line in log] == list(range(1, 8))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
-    forward = maskrcnn.MaskRCNN.forward
+    forward = maskrcnn.GeneralizedRCNN.forward
     calls = {"n": 0}
 
     def poisoned(self, images, targets=None):
@@ -126,7 +129,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
             if calls["n"] == 4:
                 out["loss_box"] = out["loss_box"] * float("nan")
         return out
-    monkeypatch.setattr(maskrcnn.MaskRCNN, "forward", poisoned)
+    monkeypatch.setattr(maskrcnn.GeneralizedRCNN, "forward", poisoned)
     cfg = tiny_cfg(max_iter=10, checkpoint_every=2)
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg, progress=False)
@@ -165,6 +168,7 @@ def test_time_budget_stops_training_and_ends_cosine(tiny_cfg):
     assert load_checkpoint(last)["iteration"] == summary["iterations"]
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_is_logged_and_plotted(tiny_cfg, shapes_data):
     vj, vi = shapes_data["val"]
     cfg = tiny_cfg(max_iter=2, eval_every=1, val_json=str(vj), val_images=str(vi))
@@ -285,6 +289,7 @@ def test_without_bar_one_flushed_console_line_per_log_interval(tiny_cfg, monkeyp
     assert _seconds(_fields(lines[-1])[2]["eta"]) == 0
 
 
+@pytest.mark.slow
 def test_with_bar_no_console_lines_but_bars_for_training_and_evaluation(
         tiny_cfg, shapes_data, capsys):
     vj, vi = shapes_data["val"]
@@ -297,6 +302,7 @@ def test_with_bar_no_console_lines_but_bars_for_training_and_evaluation(
     assert len([ln for ln in out.splitlines() if ln.startswith("eval @ iter")]) == 2
 
 
+@pytest.mark.slow
 def test_evaluation_bar_is_off_without_progress(tiny_cfg, shapes_data, capsys):
     vj, vi = shapes_data["val"]
     train(tiny_cfg(max_iter=1, val_json=str(vj), val_images=str(vi)), progress=False)
@@ -352,6 +358,7 @@ def test_best_checkpoint_follows_the_ap_and_each_evaluation_prints_a_line(
         assert ("model_best.pth" in line) == (i + 1 in best_so_far), line
 
 
+@pytest.mark.slow
 def test_best_checkpoint_of_a_real_evaluation_loads_for_inference(tiny_cfg, shapes_data):
     from tools.predict import load_model
     vj, vi = shapes_data["val"]
@@ -364,6 +371,7 @@ def test_best_checkpoint_of_a_real_evaluation_loads_for_inference(tiny_cfg, shap
         assert torch.equal(value, trained[key]), key
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_equal_the_log(tiny_cfg, shapes_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     vj, vi = shapes_data["val"]

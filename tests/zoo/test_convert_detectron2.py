@@ -1,4 +1,4 @@
-"""tools/convert.py: detectron2 Mask R-CNN state dicts under our names and layout.
+"""convert/detectron2.py: detectron2 Mask R-CNN state dicts under our names and layout.
 
 detectron2 is the oracle: the five model-zoo architectures are built with random weights
 (tests/zoo/detectron2_oracle.py); their state dicts are converted and checked key by key
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.convert import (convert_detectron2_state, detectron2_num_classes,
+from convert.detectron2 import (convert_detectron2_state, detectron2_num_classes,
                            is_detectron2_state)
 
 torch.set_num_threads(2)

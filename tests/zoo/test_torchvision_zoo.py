@@ -103,6 +103,7 @@ def _assert_same_detections(ours, ref):
     assert len(torch.cat([r["labels"] for r in ref]).unique()) > 1, "one class only"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [V1, V2])
 @pytest.mark.parametrize("fuse_bn", [False, True], ids=["exact", "fast"])
 def test_zoo_entry_end_to_end(tv_models, hub, tmp_path, monkeypatch, capsys, name, fuse_bn):
