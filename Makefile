@@ -33,7 +33,13 @@ install: $(VENV)/.installed
 libs: $(VENV)/.installed
 	$(PY) libs/build_libs.py $(ARCH)
 
-test: libs $(VENV)/.oracles
+# The export extra (onnx, onnxruntime): the deploy tests skip without it, CI runs them.
+# (the same requirements as pyproject.toml's `export` extra, without reinstalling the package)
+$(VENV)/.export: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18"
+	touch $@
+
+test: libs $(VENV)/.oracles $(VENV)/.export
 	$(PY) -m pytest tests
 
 demo: libs

@@ -29,7 +29,8 @@ except ImportError:   # pragma: no cover (older setuptools: the wheel package's)
     from wheel.bdist_wheel import bdist_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["backbones", "proposal", "pooling", "heads", "tools", "libs", "configs"]
+PACKAGES = ["backbones", "proposal", "pooling", "heads", "layers", "convert", "tools", "libs",
+            "configs", "deploy"]
 KERNELS = "build/*.so"   # libs/build/, relative to the libs package
 
 
@@ -98,7 +99,7 @@ class BdistWheelPlatform(bdist_wheel):
 
 
 setup(
-    py_modules=["maskrcnn"],
+    py_modules=["maskrcnn", "builder", "generalized_rcnn"],
     packages=find_packages(include=[q for p in PACKAGES for q in (p, p + ".*")]),
     package_data={"libs": ["csrc/*", KERNELS], "configs": ["*.ini", "zoo/*/*.ini"]},
     include_package_data=False,

@@ -6,6 +6,7 @@
     maskrcnn predict --weights coco photo.jpg           # the COCO model of the zoo
     maskrcnn zoo                                        # the zoo: AP, cached or not
     maskrcnn export-weights --weights outputs/model_0001000.pth --out model.safetensors
+    maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--minutes 10]
 
     torchrun --nproc-per-node 4 -m tools.cli train --config my.ini     # DDP, one GPU each
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import configs
-from maskrcnn import DEFAULT_CONFIG, __version__, apply_overrides, load_config
+from configs import DEFAULT_CONFIG, apply_overrides, load_config
+from maskrcnn import __version__
 
 # The demo recipe shipped with the package (found wherever it is installed).
 DEMO_CONFIG = configs.shipped("demo.ini")
@@ -46,6 +48,14 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda if available, "
                         "else cpu)")
+
+
+def _add_inference_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--device, --set and --no-progress of the commands that run a model on images."""
+    _add_device(p)
+    _add_set(p, what)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar over the images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,10 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the metrics (with per-category AP) here as JSON")
     p.add_argument("--loss", action="store_true",
                    help="also report the validation loss (model.eval() with targets)")
-    _add_device(p)
-    _add_set(p, "model inference keys, e.g. box_score_thresh=0.01")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar over the images")
+    _add_inference_options(p, "model inference keys, e.g. box_score_thresh=0.01")
     p.set_defaults(func=cmd_eval, command_parser=p)
 
     p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
@@ -103,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detections drawn in overlays score at least this (default 0.5)")
     p.add_argument("--mask-threshold", type=float, default=0.5,
                    help="mask probability >= this is foreground (default 0.5)")
-    _add_device(p)
-    _add_set(p, "model inference keys")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar over the images")
+    _add_inference_options(p, "model inference keys")
     p.set_defaults(func=cmd_predict, command_parser=p)
 
     p = sub.add_parser("export-weights", help="model-only weights file of a checkpoint",
@@ -121,6 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weights file to write (e.g. model.safetensors); replaced "
                         "atomically")
     p.set_defaults(func=cmd_export_weights, command_parser=p)
+
+    p = sub.add_parser("export", help="ONNX / torch.export file for deployment",
+                       description="Export a model for inference without this library: the "
+                                   "image transform, RPN, RoI heads, NMS and mask pasting in "
+                                   "one graph that takes an RGB [0, 1] image Tensor[3, H, W] "
+                                   "of any size (batch 1). onnx: ONNX Runtime, OpenVINO; "
+                                   "pt2: torch.export (torch.export.load after `import libs`). "
+                                   "See README.md, Export.")
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="what MaskRCNN(pretrained=W) takes: a zoo name ('coco', see `maskrcnn "
+                        "zoo`), our checkpoint or weights file, or a torchvision / "
+                        "detectron2 file (with --config naming its preset)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="config / preset for the weights (e.g. configs/zoo/torchvision/"
+                        "maskrcnn_resnet50_fpn.ini for a torchvision file)")
+    p.add_argument("--format", required=True, choices=("onnx", "pt2"),
+                   help="onnx (ONNX opset 17, TorchScript exporter) or pt2 (torch.export "
+                        "ExportedProgram)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--example-size", type=int, nargs=2, default=(480, 640),
+                   metavar=("H", "W"), help="image size traced with (the graph takes any "
+                                            "size; default 480 640)")
+    _add_set(p, "test-time keys, e.g. box_score_thresh=0.3, applied before export")
+    p.set_defaults(func=cmd_export, command_parser=p)
 
     p = sub.add_parser("zoo", help="list the COCO-pretrained models",
                        description="The model zoo: each entry's name (for pretrained= and "
@@ -285,6 +313,49 @@ def cmd_export_weights(args, parser) -> int:
     size, source = path.stat().st_size, Path(args.weights).stat().st_size
     print(f"wrote {path} ({size / 2**20:.1f} MiB; the checkpoint {args.weights} is "
           f"{source / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_export(args, parser) -> int:
+    from maskrcnn import MaskRCNN
+    from tools.predict import is_zoo_name
+    if not is_zoo_name(args.weights):
+        _need_file(parser, "--weights", args.weights)
+    if args.config is not None:
+        _need_file(parser, "--config", args.config)
+    out = Path(args.out)
+    suffix = {"onnx": ".onnx", "pt2": ".pt2"}[args.format]
+    if out.is_dir() or out.suffix != suffix:
+        hint = out / f"model{suffix}" if out.is_dir() else out.with_suffix(suffix)
+        parser.error(f"--out {args.out}: --format {args.format} writes a {suffix} file; "
+                     f"name it e.g. {hint}")
+    overrides = _inference_overrides(parser, args.sets)
+    if args.format == "onnx":
+        try:
+            import onnx  # noqa: F401  (before minutes of loading: the exporter needs it)
+        except ImportError:
+            parser.error("--format onnx needs the onnx package: pip install "
+                         "'mask-rcnn-pytorch[export]' (or onnx onnxruntime)")
+    from tools.zoo import DownloadError
+    try:
+        model = MaskRCNN(pretrained=args.weights, config=args.config, **overrides).eval()
+    except (FileNotFoundError, ValueError, DownloadError) as err:
+        parser.error(f"--weights {args.weights}: {err}")
+    import deploy
+    size = tuple(args.example_size)
+    t0 = time.perf_counter()
+    try:
+        if args.format == "onnx":
+            path = deploy.export_onnx(model, out, example_size=size)
+        else:
+            path = deploy.export_program(model, out, example_size=size)
+    except ImportError as err:
+        parser.error(f"--format {args.format}: {err}")
+    except OSError as err:
+        parser.error(f"--out {err}")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.format}) in "
+          f"{time.perf_counter() - t0:.1f} s: input image float32 [3, H, W] RGB in [0, 1]; "
+          f"outputs boxes, labels, scores" + (", masks" if model.cfg.model.mask_on else ""))
     return 0
 
 

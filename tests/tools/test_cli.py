@@ -3,14 +3,16 @@ import contextlib
 import io
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn import PACKAGE_DIR
 from tools.checkpoint import latest_checkpoint, load_checkpoint
 from tools.cli import build_parser, main
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
 TINY_SETS = ["backbone=resnet18", "norm=gn", "fpn_channels=32", "representation_size=64",
              "mask_layers=32,", "mask_dim_reduced=32", "min_size=64", "train_min_size=64,",
@@ -84,6 +86,7 @@ def test_predict_command(trained, shapes_data, tmp_path, capsys):
     assert isinstance(json.loads((tmp_path / "p" / "results.json").read_text()), list)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     minutes = 0.2
@@ -161,7 +164,8 @@ class Pickled:
 def test_help_documents_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo", "export-weights"}
+    assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo", "export-weights",
+                                "export"}
     for name, subparser in sub.choices.items():
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
@@ -194,6 +198,7 @@ def test_eval_progress_bar_follows_no_progress(trained, shapes_data, capsys):
     assert "4/4" not in stderr and stdout.count("category") == 1
 
 
+@pytest.mark.slow
 def test_predict_progress_bar_follows_no_progress(trained, shapes_data, tmp_path, capsys):
     _, out = trained
     vi = shapes_data["val"][1]
@@ -206,6 +211,7 @@ def test_predict_progress_bar_follows_no_progress(trained, shapes_data, tmp_path
     assert f"{n}/{n}" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_without_bar_prints_a_line_per_log_interval(trained, tmp_path, capsys):
     config, _ = trained
     argv = ["train", "--config", str(config), "--set", "max_iter=2", "log_every=1",

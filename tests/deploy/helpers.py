@@ -1,0 +1,39 @@
+"""Shared checks of the deploy tests: an exported model's detections against the eager
+model's (the oracle). Shapes: D detections, H/W image size."""
+import torch
+
+
+# The issue's tolerances: same detections, score within 1e-4, box within 1e-2 px, mask IoU
+# >= 0.99 once binarised at 0.5.
+SCORE_TOL, BOX_TOL, MASK_IOU = 1e-4, 1e-2, 0.99
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-detection IoU Tensor[D] of masks Tensor[D, 1, H, W] binarised at 0.5 (1 where
+    both are empty)."""
+    a, b = a.flatten(1) >= 0.5, b.flatten(1) >= 0.5
+    inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def assert_same_detections(eager: dict, exported: dict, what: str) -> None:
+    """eager: model([image])[0]; exported: the same keys from an exported model."""
+    n, m = len(eager["scores"]), len(exported["scores"])
+    assert n == m, f"{what}: {n} eager detections, {m} exported"
+    assert torch.equal(eager["labels"], exported["labels"].to(torch.int64)), \
+        f"{what}: labels differ"
+    score = (eager["scores"] - exported["scores"]).abs().max().item() if n else 0.0
+    box = (eager["boxes"] - exported["boxes"]).abs().max().item() if n else 0.0
+    assert score <= SCORE_TOL, f"{what}: scores differ by {score:.3g}"
+    assert box <= BOX_TOL, f"{what}: boxes differ by {box:.3g} px"
+    if "masks" in eager:
+        assert exported["masks"].shape == eager["masks"].shape, \
+            f"{what}: masks {tuple(exported['masks'].shape)} vs {tuple(eager['masks'].shape)}"
+        if n:
+            iou = mask_iou(eager["masks"], exported["masks"]).min().item()
+            assert iou >= MASK_IOU, f"{what}: mask IoU {iou:.4f}"
+
+
+def eager(model, image: torch.Tensor) -> dict:
+    with torch.no_grad():
+        return model([image])[0]

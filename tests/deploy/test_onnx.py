@@ -1,0 +1,99 @@
+"""ONNX export (deploy.export_onnx) run in ONNX Runtime against the eager model: the same
+detections (labels, scores within 1e-4, boxes within 1e-2 px, mask IoU >= 0.99) at image
+sizes other than the one traced with, including an image without detections.
+
+Oracles: a converted torchvision model with calibrated random weights (tv_model), and a
+checkpoint trained here (trained), also run with detectron2's rules (aligned RoIAlign,
+adaptive sampling, detectron2 anchors / proposal filter / grid_sample pasting, BGR 0-255
+input) so both paste and RoIAlign variants are covered. Shapes: D detections.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("onnx", reason="onnx is not installed: pip install '.[export]' "
+                                   "(make test installs it)")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install "
+                                          "'.[export]' (make test installs it)")
+
+import deploy  # noqa: E402
+from maskrcnn import MaskRCNN  # noqa: E402
+from tests.deploy.conftest import CHECK_SIZES, EXPORT_SIZE, images  # noqa: E402
+from tests.deploy.helpers import assert_same_detections, eager  # noqa: E402
+
+# detectron2's inference rules, applied over the trained checkpoint's config.
+DETECTRON2_RULES = dict(roi_aligned=True, roi_level_rule="detectron2", box_sampling_ratio=0,
+                        mask_sampling_ratio=0, anchor_rule="detectron2",
+                        rpn_box_filter="detectron2", rpn_min_size=0.0, box_min_size=0.0,
+                        box_drop_empty=True, mask_paste="detectron2", input_format="BGR",
+                        pixel_scale=255.0, image_mean="123.675, 116.28, 103.53",
+                        image_std="58.395, 57.12, 57.375")
+
+
+def _export(model, tmp_path_factory, name, size):
+    path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
+    deploy.export_onnx(model, path, example_size=size)
+    return deploy.OnnxPredictor(path, threads=2)
+
+
+def _shapes_images(val_images):
+    """Three sizes other than the traced 128 x 128: two resized shapes images and a blank
+    (uniform grey) one, on which the trained model detects nothing."""
+    resized = [F.interpolate(img[None], size=s, mode="bilinear", align_corners=False)[0]
+               .clamp(0, 1) for img, s in zip(val_images[:2], ((150, 110), (90, 170)))]
+    return resized + [torch.full((3, 140, 160), 0.5)]
+
+
+@pytest.fixture(scope="module")
+def tv_onnx(tv_model, tmp_path_factory):
+    return _export(tv_model, tmp_path_factory, "tv", EXPORT_SIZE)
+
+
+def test_torchvision_model_matches_eager(tv_model, tv_onnx):
+    counts = []
+    for size, image in zip(CHECK_SIZES, images(CHECK_SIZES, seed=11)):
+        expected = eager(tv_model, image)
+        assert_same_detections(expected, tv_onnx(image), f"torchvision model at {size}")
+        counts.append(len(expected["scores"]))
+    assert min(counts) >= 5, f"too few detections to compare: {counts}"
+
+
+@pytest.mark.parametrize("rules", ["torchvision", "detectron2"])
+def test_trained_checkpoint_matches_eager(trained, tmp_path_factory, rules):
+    checkpoint, val_images = trained
+    overrides = DETECTRON2_RULES if rules == "detectron2" else {}
+    model = MaskRCNN(pretrained=checkpoint, **overrides).eval()
+    predictor = _export(model, tmp_path_factory, f"trained_{rules}", (128, 128))
+    counts = []
+    for image in _shapes_images(val_images):
+        expected = eager(model, image)
+        assert_same_detections(expected, predictor(image),
+                               f"trained ({rules} rules) at {tuple(image.shape[1:])}")
+        counts.append(len(expected["scores"]))
+    assert min(counts[:2]) >= 1 and counts[2] == 0, \
+        f"detections per image {counts}: the oracle needs objects, then none"
+
+
+PRESETS = sorted(str(p) for p in
+                 (Path(__file__).resolve().parents[2] / "configs" / "zoo").glob("*/*.ini"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.split("zoo/")[-1][:-4])
+def test_every_zoo_preset_exports(preset, tmp_path):
+    """Random weights (no downloads): each preset's architecture exports, runs in ONNX
+    Runtime at another size and gives eager's detection count and labels. Scores of
+    random weights sit in near-ties, so only the counts and shapes are compared."""
+    torch.manual_seed(0)
+    model = MaskRCNN(config=preset, min_size=160, max_size=256, rpn_pre_nms_top_n_test=100,
+                     rpn_post_nms_top_n_test=50, box_detections_per_img=5,
+                     box_score_thresh=0.0).eval()
+    path = deploy.export_onnx(model, tmp_path / "model.onnx", example_size=(128, 160))
+    image = images([(150, 120)], seed=3)[0]
+    out = deploy.OnnxPredictor(path, threads=2)(image)
+    expected = eager(model, image)
+    assert len(out["scores"]) == len(expected["scores"])
+    assert tuple(out["masks"].shape) == tuple(expected["masks"].shape)
+    assert torch.isfinite(out["boxes"]).all()
