@@ -66,6 +66,13 @@ def _set_frozen_bn_op(model: nn.Module, op: str) -> None:
             module.op = op
 
 
+# [rpn] keys that RPN takes under the same names.
+RPN_KEYS = ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_batch_size_per_image",
+            "rpn_positive_fraction", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "rpn_nms_thresh",
+            "rpn_score_thresh", "rpn_min_size", "rpn_box_filter")
+
+
 def build_rpn(cfg: EasyDict) -> RPN:
     """[anchors] and [rpn]."""
     a, r = cfg.anchors, cfg.rpn
@@ -73,17 +80,7 @@ def build_rpn(cfg: EasyDict) -> RPN:
                               rule=a.anchor_rule)
     head = RPNHead(cfg.backbone.fpn_channels, anchors.num_anchors_per_location()[0],
                    num_convs=r.rpn_head_convs, fast_path=build_fast_path(cfg))
-    return RPN(
-        anchor_generator=anchors, head=head,
-        fg_iou_thresh=r.rpn_fg_iou_thresh, bg_iou_thresh=r.rpn_bg_iou_thresh,
-        batch_size_per_image=r.rpn_batch_size_per_image,
-        positive_fraction=r.rpn_positive_fraction,
-        pre_nms_top_n_train=r.rpn_pre_nms_top_n_train,
-        pre_nms_top_n_test=r.rpn_pre_nms_top_n_test,
-        post_nms_top_n_train=r.rpn_post_nms_top_n_train,
-        post_nms_top_n_test=r.rpn_post_nms_top_n_test,
-        nms_thresh=r.rpn_nms_thresh, score_thresh=r.rpn_score_thresh, min_size=r.rpn_min_size,
-        box_filter=r.rpn_box_filter)
+    return RPN(anchor_generator=anchors, head=head, **{key: r[key] for key in RPN_KEYS})
 
 
 def build_roi_heads(cfg: EasyDict) -> RoIHeads:
@@ -106,9 +103,9 @@ def build_roi_heads(cfg: EasyDict) -> RoIHeads:
     return RoIHeads(
         MultiScaleRoIAlign(bh.box_pool_size, bh.box_sampling_ratio, **pool_kw), box_head,
         BoxPredictor(bh.representation_size, m.num_classes + 1), *mask_parts,
-        fg_iou_thresh=h.box_fg_iou_thresh, bg_iou_thresh=h.box_bg_iou_thresh,
-        batch_size_per_image=h.box_batch_size_per_image,
-        positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
+        box_fg_iou_thresh=h.box_fg_iou_thresh, box_bg_iou_thresh=h.box_bg_iou_thresh,
+        box_batch_size_per_image=h.box_batch_size_per_image,
+        box_positive_fraction=h.box_positive_fraction, bbox_reg_weights=h.bbox_reg_weights,
         box_loss=bh.box_loss, box_smooth_l1_beta=bh.box_smooth_l1_beta,
         box_score_thresh=h.box_score_thresh, box_nms_thresh=h.box_nms_thresh,
         box_detections_per_img=h.box_detections_per_img, box_min_size=h.box_min_size,

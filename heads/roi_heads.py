@@ -26,8 +26,8 @@ class RoIHeads(nn.Module):
         box_predictor: Tensor[R, D] -> (class logits [R, K+1], deltas [R, 4(K+1)]).
         mask_roi_pool, mask_head, mask_predictor: the mask branch, or all None (no masks).
     Args (keyword):
-        fg_iou_thresh, bg_iou_thresh: RoI matcher (0.5, 0.5).
-        batch_size_per_image, positive_fraction: RoI sampler (512, 0.25).
+        box_fg_iou_thresh, box_bg_iou_thresh: RoI matcher (0.5, 0.5).
+        box_batch_size_per_image, box_positive_fraction: RoI sampler (512, 0.25).
         bbox_reg_weights: box coder weights (10, 10, 5, 5).
         box_loss, box_smooth_l1_beta: "smooth_l1" with beta 1/9, or "l1".
         box_score_thresh, box_nms_thresh, box_detections_per_img, box_min_size:
@@ -39,8 +39,8 @@ class RoIHeads(nn.Module):
                  box_predictor: nn.Module, mask_roi_pool: Optional[nn.Module] = None,
                  mask_head: Optional[nn.Module] = None,
                  mask_predictor: Optional[nn.Module] = None, *,
-                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
-                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
+                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
                  bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_loss: str = "smooth_l1",
                  box_smooth_l1_beta: float = 1.0 / 9, box_score_thresh: float = 0.05,
                  box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
@@ -59,10 +59,10 @@ class RoIHeads(nn.Module):
             self.mask_head = mask_head
             self.mask_predictor = mask_predictor
         self.num_classes = box_predictor.cls_score.out_features - 1
-        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
+        self.proposal_matcher = Matcher(box_fg_iou_thresh, box_bg_iou_thresh,
                                         allow_low_quality_matches=False)
-        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image,
-                                                             positive_fraction)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(box_batch_size_per_image,
+                                                             box_positive_fraction)
         self.box_coder = BoxCoder(tuple(float(w) for w in bbox_reg_weights))
         self.box_loss = box_loss
         self.box_smooth_l1_beta = box_smooth_l1_beta

@@ -29,53 +29,57 @@ class RPN(nn.Module):
     Args:
         anchor_generator: the anchors of every level.
         head: maps features to per-level objectness logits and deltas (RPNHead).
-        fg_iou_thresh: anchors with IoU >= this with a GT box are positive.
-        bg_iou_thresh: anchors with IoU < this with every GT box are negative; in between
-            they are ignored. Each GT box's best anchors are positive regardless.
-        batch_size_per_image: anchors sampled per image for the losses.
-        positive_fraction: at most this fraction of the sample is positive.
-        pre_nms_top_n_train / pre_nms_top_n_test: highest-scoring anchors kept per level
-            before NMS, in training / eval mode (self.training picks).
-        post_nms_top_n_train / post_nms_top_n_test: proposals kept per image after NMS.
-        nms_thresh: IoU threshold of the NMS, run per level.
-        score_thresh: proposals with objectness probability < this are dropped.
-        min_size: proposals with a side < this (pixels) are dropped.
-        box_filter: "torchvision" (min_size and score_thresh as above, NMS on
+        rpn_fg_iou_thresh: anchors with IoU >= this with a GT box are positive.
+        rpn_bg_iou_thresh: anchors with IoU < this with every GT box are negative; in
+            between they are ignored. Each GT box's best anchors are positive regardless.
+        rpn_batch_size_per_image: anchors sampled per image for the losses.
+        rpn_positive_fraction: at most this fraction of the sample is positive.
+        rpn_pre_nms_top_n_train / rpn_pre_nms_top_n_test: highest-scoring anchors kept
+            per level before NMS, in training / eval mode (self.training picks).
+        rpn_post_nms_top_n_train / rpn_post_nms_top_n_test: proposals kept per image
+            after NMS.
+        rpn_nms_thresh: IoU threshold of the NMS, run per level.
+        rpn_score_thresh: proposals with objectness probability < this are dropped.
+        rpn_min_size: proposals with a side < this (pixels) are dropped.
+        rpn_box_filter: "torchvision" (rpn_min_size and rpn_score_thresh as above, NMS on
             probabilities) or "detectron2" (drop non-finite and empty boxes only, NMS on
             logits: the two orders differ where sigmoid saturates into ties).
     """
 
     def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module,
-                 fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-                 pre_nms_top_n_train: int = 2000, pre_nms_top_n_test: int = 1000,
-                 post_nms_top_n_train: int = 2000, post_nms_top_n_test: int = 1000,
-                 nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3,
-                 box_filter: str = "torchvision"):
+                 rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
+                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                 rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
+                 rpn_min_size: float = 1e-3, rpn_box_filter: str = "torchvision"):
         super().__init__()
-        if box_filter not in PROPOSAL_FILTERS:
-            raise ValueError(f"box_filter must be one of {sorted(PROPOSAL_FILTERS)}, "
-                             f"got {box_filter!r}")
-        self.box_filter = box_filter
+        if rpn_box_filter not in PROPOSAL_FILTERS:
+            raise ValueError(f"rpn_box_filter must be one of {sorted(PROPOSAL_FILTERS)}, "
+                             f"got {rpn_box_filter!r}")
+        self.rpn_box_filter = rpn_box_filter
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
-        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
-        self.pre_nms_top_n_train, self.pre_nms_top_n_test = pre_nms_top_n_train, pre_nms_top_n_test
-        self.post_nms_top_n_train = post_nms_top_n_train
-        self.post_nms_top_n_test = post_nms_top_n_test
-        self.nms_thresh = nms_thresh
-        self.score_thresh = score_thresh
-        self.min_size = min_size
+        self.matcher = Matcher(rpn_fg_iou_thresh, rpn_bg_iou_thresh,
+                               allow_low_quality_matches=True)
+        self.sampler = BalancedPositiveNegativeSampler(rpn_batch_size_per_image,
+                                                       rpn_positive_fraction)
+        self.rpn_pre_nms_top_n_train = rpn_pre_nms_top_n_train
+        self.rpn_pre_nms_top_n_test = rpn_pre_nms_top_n_test
+        self.rpn_post_nms_top_n_train = rpn_post_nms_top_n_train
+        self.rpn_post_nms_top_n_test = rpn_post_nms_top_n_test
+        self.rpn_nms_thresh = rpn_nms_thresh
+        self.rpn_score_thresh = rpn_score_thresh
+        self.rpn_min_size = rpn_min_size
 
     @property
     def pre_nms_top_n(self) -> int:
-        return self.pre_nms_top_n_train if self.training else self.pre_nms_top_n_test
+        return self.rpn_pre_nms_top_n_train if self.training else self.rpn_pre_nms_top_n_test
 
     @property
     def post_nms_top_n(self) -> int:
-        return self.post_nms_top_n_train if self.training else self.post_nms_top_n_test
+        return self.rpn_post_nms_top_n_train if self.training else self.rpn_post_nms_top_n_test
 
     def forward(self, images: ImageList, features: list[Tensor],
                 gt_boxes: Optional[list[Tensor]] = None) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -99,8 +103,8 @@ class RPN(nn.Module):
         proposals = proposals.view(len(anchors), -1, 4)
         boxes, _ = select_proposals(
             proposals, objectness.detach(), images.image_sizes, num_anchors_per_level,
-            self.pre_nms_top_n, self.post_nms_top_n, self.nms_thresh, self.score_thresh,
-            self.min_size, self.box_filter)
+            self.pre_nms_top_n, self.post_nms_top_n, self.rpn_nms_thresh,
+            self.rpn_score_thresh, self.rpn_min_size, self.rpn_box_filter)
 
         losses: dict[str, Tensor] = {}
         if gt_boxes is not None:
@@ -131,9 +135,9 @@ def flatten_predictions(pred_objectness: list[Tensor],
 
 def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
                      num_anchors_per_level: list[int], pre_nms_top_n: int, post_nms_top_n: int,
-                     nms_thresh: float, score_thresh: float = 0.0,
-                     min_size: float = 1e-3,
-                     box_filter: str = "torchvision") -> tuple[list[Tensor], list[Tensor]]:
+                     rpn_nms_thresh: float, rpn_score_thresh: float = 0.0,
+                     rpn_min_size: float = 1e-3,
+                     rpn_box_filter: str = "torchvision") -> tuple[list[Tensor], list[Tensor]]:
     """Per-level top-n, clip, drop small and low-scoring boxes, per-level NMS, top-n.
 
     Args:
@@ -141,7 +145,7 @@ def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tu
         objectness: Tensor[N, T] logits (detached).
         image_sizes: (h, w) per image; boxes are clipped to it.
         num_anchors_per_level: anchors per image on each level (sums to T).
-        box_filter: "torchvision" or "detectron2" (see RPN).
+        rpn_box_filter: "torchvision" or "detectron2" (see RPN).
     Returns:
         (boxes, scores): per image Tensor[R_i, 4] and Tensor[R_i] probabilities, sorted by
         decreasing score, R_i <= post_nms_top_n.
@@ -161,12 +165,12 @@ def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tu
     final_boxes, final_scores = [], []
     for boxes, logits, scores, lvl, size in zip(proposals, objectness, probs, levels,
                                                 image_sizes):
-        if box_filter == "detectron2":
+        if rpn_box_filter == "detectron2":
             keep = _filter_image_detectron2(boxes, logits, lvl, size, post_nms_top_n,
-                                            nms_thresh)
+                                            rpn_nms_thresh)
         else:
-            keep = _filter_image(boxes, scores, lvl, size, post_nms_top_n, nms_thresh,
-                                 score_thresh, min_size)
+            keep = _filter_image(boxes, scores, lvl, size, post_nms_top_n, rpn_nms_thresh,
+                                 rpn_score_thresh, rpn_min_size)
         final_boxes.append(clip_boxes_to_image(boxes, size)[keep])
         final_scores.append(scores[keep])
     return final_boxes, final_scores

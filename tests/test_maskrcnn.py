@@ -185,7 +185,7 @@ def test_from_torchvision_copies_hyperparameters(r50_pair):
     ours, tv = r50_pair
     assert ours.num_classes == K and ours.cfg.backbone.backbone == "resnet50"
     assert ours.transform.min_size == 320 and ours.transform.max_size == 512
-    assert ours.rpn.pre_nms_top_n_test == 300 and ours.rpn.post_nms_top_n_test == 150
+    assert ours.rpn.rpn_pre_nms_top_n_test == 300 and ours.rpn.rpn_post_nms_top_n_test == 150
     assert ours.roi_heads.box_detections_per_img == 15
     assert ours.cfg.backbone.trainable_layers == 5 and ours.cfg.backbone.norm == "bn"
 

@@ -29,9 +29,9 @@ def make_pair(pre_train=300, pre_test=200, post_train=150, post_test=100, seed=0
         tv_head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
         positive_fraction=0.5, pre_nms_top_n=dict(training=pre_train, testing=pre_test),
         post_nms_top_n=dict(training=post_train, testing=post_test), nms_thresh=0.7)
-    ours = RPN(AnchorGenerator(), RPNHead(C, 3, fast_path=EXACT), pre_nms_top_n_train=pre_train,
-               pre_nms_top_n_test=pre_test, post_nms_top_n_train=post_train,
-               post_nms_top_n_test=post_test)
+    ours = RPN(AnchorGenerator(), RPNHead(C, 3, fast_path=EXACT),
+               rpn_pre_nms_top_n_train=pre_train, rpn_pre_nms_top_n_test=pre_test,
+               rpn_post_nms_top_n_train=post_train, rpn_post_nms_top_n_test=post_test)
     load_torchvision_rpn_state(ours, tv)
     return ours, tv
 
@@ -143,9 +143,9 @@ def test_eval_mode_with_gt_returns_losses_and_test_top_n():
 
 def test_default_constructor_values():
     rpn = RPN(AnchorGenerator(), RPNHead())
-    assert (rpn.pre_nms_top_n_train, rpn.pre_nms_top_n_test) == (2000, 1000)
-    assert (rpn.post_nms_top_n_train, rpn.post_nms_top_n_test) == (2000, 1000)
-    assert (rpn.nms_thresh, rpn.score_thresh, rpn.min_size) == (0.7, 0.0, 1e-3)
+    assert (rpn.rpn_pre_nms_top_n_train, rpn.rpn_pre_nms_top_n_test) == (2000, 1000)
+    assert (rpn.rpn_post_nms_top_n_train, rpn.rpn_post_nms_top_n_test) == (2000, 1000)
+    assert (rpn.rpn_nms_thresh, rpn.rpn_score_thresh, rpn.rpn_min_size) == (0.7, 0.0, 1e-3)
     assert (rpn.matcher.high_threshold, rpn.matcher.low_threshold) == (0.7, 0.3)
     assert rpn.matcher.allow_low_quality_matches
     assert (rpn.sampler.batch_size_per_image, rpn.sampler.positive_fraction) == (256, 0.5)
