@@ -9,12 +9,9 @@ session and shared by the ONNX, torch.export and CLI tests.
 """
 import pytest
 import torch
-from torchvision.models.detection import MaskRCNN as TvMaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBN
 
 from maskrcnn import MaskRCNN
-from tests.zoo.torchvision_oracle import calibrate, damp_residual_blocks
+from tests.zoo.torchvision_oracle import coco_v1_like
 
 torch.set_num_threads(2)
 
@@ -33,15 +30,7 @@ def images(sizes, seed=7):
 @pytest.fixture(scope="session")
 def tv_model():
     """Ours, converted from a calibrated torchvision v1 model (frozen BN eps 0)."""
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                   norm_layer=TvFrozenBN, trainable_layers=3)
-    for module in backbone.modules():
-        if isinstance(module, TvFrozenBN):
-            module.eps = 0.0
-    damp_residual_blocks(backbone)
-    tv = calibrate(TvMaskRCNN(backbone, num_classes=91, **TV_KW).eval(),
-                   images([EXPORT_SIZE])[0])
+    tv = coco_v1_like(images([EXPORT_SIZE])[0], **TV_KW)
     return MaskRCNN.from_torchvision(tv).eval()
 
 

@@ -12,12 +12,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torchvision.models.detection import MaskRCNN as TvMaskRCNN, maskrcnn_resnet50_fpn_v2
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBN
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
 from maskrcnn import MaskRCNN
-from tests.zoo.torchvision_oracle import calibrate, damp_residual_blocks
+from tests.zoo.torchvision_oracle import calibrate, coco_v1_like, damp_residual_blocks
 from tools import zoo
 
 torch.set_num_threads(2)
@@ -37,14 +35,7 @@ def _images():
 
 def _tv_v1():
     """torchvision's COCO v1 model as its weights run: frozen BatchNorm with eps 0."""
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                   norm_layer=TvFrozenBN, trainable_layers=3)
-    for module in backbone.modules():
-        if isinstance(module, TvFrozenBN):
-            module.eps = 0.0
-    damp_residual_blocks(backbone)
-    return calibrate(TvMaskRCNN(backbone, num_classes=91, **TV_KW).eval(), _images()[0])
+    return coco_v1_like(_images()[0], **TV_KW)
 
 
 def _tv_v2():

@@ -1,7 +1,10 @@
 """torchvision's Mask R-CNN as a test oracle: random weights calibrated so that they make
 real detections (varied labels, spread-out scores) on small images."""
 import torch
+from torchvision.models.detection import MaskRCNN as TvMaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.resnet import Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBN
 
 
 def calibrate(tv, image):
@@ -38,3 +41,16 @@ def damp_residual_blocks(backbone):
         for block in backbone.body.modules():
             if isinstance(block, Bottleneck):
                 block.bn3.weight.fill_(0.2)
+
+
+def coco_v1_like(image, seed=0, **tv_kwargs):
+    """torchvision's R50-FPN v1 as its COCO weights run (frozen BatchNorm with eps 0, 91
+    classes), random weights damped and calibrated on `image`, eval mode."""
+    torch.manual_seed(seed)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=TvFrozenBN, trainable_layers=3)
+    for module in backbone.modules():
+        if isinstance(module, TvFrozenBN):
+            module.eps = 0.0
+    damp_residual_blocks(backbone)
+    return calibrate(TvMaskRCNN(backbone, num_classes=91, **tv_kwargs).eval(), image)
