@@ -19,51 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from layers.conv import fold_conv_norm, is_foldable
+
 __all__ = ["fold", "PlainTrunk", "PlainFPN", "PlainRPNHead", "PlainBoxHead", "PlainMaskHead",
            "PlainMaskPredictor"]
-
-
-def _foldable(norm: Optional[nn.Module]) -> bool:
-    """A per-channel affine map at inference: FrozenBatchNorm2d (any class of that name:
-    ours or torchvision's) or a BatchNorm2d with running statistics."""
-    if norm is None:
-        return False
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return norm.track_running_stats and norm.running_var is not None
-    return type(norm).__name__ == "FrozenBatchNorm2d"
-
-
-def _scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """(scale Tensor[C], shift Tensor[C]) with norm(x) == x * scale + shift; the float order
-    of FrozenBatchNorm2d (and of the eager fused path), so only the rounding moves."""
-    mean, var = norm.running_mean, norm.running_var
-    gamma = norm.weight if norm.weight is not None else torch.ones_like(var)
-    beta = norm.bias if norm.bias is not None else torch.zeros_like(mean)
-    scale = gamma * (var + norm.eps).rsqrt()
-    return scale.detach(), (beta - mean * scale).detach()
 
 
 def fold(conv: nn.Conv2d, norm: Optional[nn.Module] = None) -> nn.Module:
     """conv, then norm, as one module of standard ops.
 
     Returns:
-        an nn.Conv2d with the norm folded into its weight and bias (a copy: the model is
-        untouched), or, for a norm that does not fold (GroupNorm), Sequential(conv, norm).
+        an nn.Conv2d with the norm folded into its weight and bias (layers.conv's folding,
+        the eager fast path's float order; a copy: the model is untouched), or, for a
+        norm that does not fold (GroupNorm), Sequential(conv, norm).
     """
-    if norm is not None and not _foldable(norm):
+    if norm is not None and not is_foldable(norm):
         return nn.Sequential(copy.deepcopy(conv), copy.deepcopy(norm))
+    folded = fold_conv_norm(conv, norm)
     out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=True,
                     padding_mode=conv.padding_mode)
-    weight, bias = conv.weight.detach(), conv.bias
-    bias = bias.detach() if bias is not None else weight.new_zeros(conv.out_channels)
-    if norm is not None:
-        scale, shift = _scale_shift(norm)
-        weight = weight * scale.reshape(-1, 1, 1, 1)
-        bias = bias * scale + shift
     with torch.no_grad():
-        out.weight.copy_(weight)
-        out.bias.copy_(bias)
+        out.weight.copy_(folded.weight)
+        out.bias.copy_(folded.bias)
     return out.requires_grad_(False)
 
 
