@@ -54,16 +54,16 @@ def build_backbone(cfg: EasyDict, pretrained_backbone: Optional[str] = None) -> 
         **_trunk_arch(b), norm=b.norm, trainable_layers=b.trainable_layers,
         out_channels=b.fpn_channels, pretrained=pretrained_backbone,
         fast_path=build_fast_path(cfg), stride_in_1x1=b.stride_in_1x1, fpn_norm=b.fpn_norm)
-    for module in backbone.body.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            module.eps = b.norm_eps
+    _set_frozen_bn(backbone.body, eps=b.norm_eps)
     return backbone
 
 
-def _set_frozen_bn_op(model: nn.Module, op: str) -> None:
+def _set_frozen_bn(model: nn.Module, **attributes) -> None:
+    """Set eps / op on every FrozenBatchNorm2d of `model`."""
     for module in model.modules():
         if isinstance(module, FrozenBatchNorm2d):
-            module.op = op
+            for name, value in attributes.items():
+                setattr(module, name, value)
 
 
 # [rpn] keys that RPN takes under the same names.
@@ -131,7 +131,7 @@ def build_parts(cfg: EasyDict, pretrained_backbone: Optional[str] = None
     parts = (build_backbone(cfg, pretrained_backbone), build_rpn(cfg), build_roi_heads(cfg),
              build_transform(cfg))
     for part in parts:
-        _set_frozen_bn_op(part, cfg.backbone.frozen_bn_op)
+        _set_frozen_bn(part, op=cfg.backbone.frozen_bn_op)
     return parts
 
 
