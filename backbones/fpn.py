@@ -52,10 +52,12 @@ class FPN(nn.Module):
             if conv.bias is not None:
                 nn.init.constant_(conv.bias, 0)
 
-    def _lateral(self, i: int, x: Tensor, residual=None) -> Tensor:
+    def _lateral(self, i: int, x: Tensor, top_down=None) -> Tensor:
+        """lateral(x) + top_down?, written into top_down (a fresh upsampled map) on the
+        fused path."""
         norm = self.lateral_norms[i] if self.has_norm else None
-        return conv2d(x, self.lateral_convs[i], residual=residual,
-                      fast_path=self.fast_path, norm=norm)
+        return conv2d(x, self.lateral_convs[i], residual=top_down,
+                      fast_path=self.fast_path, norm=norm, overwrite_residual=True)
 
     def _output(self, i: int, x: Tensor) -> Tensor:
         norm = self.output_norms[i] if self.has_norm else None
@@ -76,7 +78,7 @@ class FPN(nn.Module):
         for idx in range(len(features) - 2, -1, -1):
             top_down = F.interpolate(last_inner, size=features[idx].shape[-2:],
                                      mode="nearest")
-            last_inner = self._lateral(idx, features[idx], residual=top_down)
+            last_inner = self._lateral(idx, features[idx], top_down=top_down)
             results.insert(0, self._output(idx, last_inner))
         if self.extra_pool:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))

@@ -14,20 +14,27 @@ from layers.conv import conv_act, fold_conv_norm, is_foldable, use_onednn
 
 
 def block_forward(x: Tensor, block: nn.Module, winograd: bool = False,
-                  detach: bool = True) -> Tensor:
+                  detach: bool = True, overwrite_input: bool = False) -> Tensor:
     """A BasicBlock / Bottleneck with its norms folded: relu(convs(x) + identity).
-    detach=False folds in the autograd graph (gradients reach the convs)."""
+    detach=False folds in the autograd graph (gradients reach the convs).
+
+    At inference the last conv adds into the identity in place when nothing else needs
+    it: a downsampled identity is the block's own, x itself only with overwrite_input
+    (the caller does not use x again)."""
     def folded(conv, norm):
         return fold_conv_norm(conv, norm, detach)
 
-    identity = x
+    identity, own_identity = x, overwrite_input and detach
     if block.downsample is not None:
         identity = conv_act(x, folded(block.downsample[0], block.downsample[1]), relu=False)
+        own_identity = detach
     out = conv_act(x, folded(block.conv1, block.bn1), relu=True, winograd=winograd)
+    last = (block.conv2, block.bn2)
     if isinstance(block, Bottleneck):
         out = conv_act(out, folded(block.conv2, block.bn2), relu=True, winograd=winograd)
-        return conv_act(out, folded(block.conv3, block.bn3), relu=True, residual=identity)
-    return conv_act(out, folded(block.conv2, block.bn2), relu=True, residual=identity)
+        last = (block.conv3, block.bn3)
+    return conv_act(out, folded(*last), relu=True, residual=identity,
+                    overwrite_residual=own_identity)
 
 
 def stem_forward(trunk: nn.Module, x: Tensor) -> Tensor:
@@ -68,7 +75,14 @@ def fused_trunk_forward(trunk: nn.Module, x: Tensor, winograd: bool = False) -> 
     x = stem_forward(trunk, x)
     outs = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(trunk, name):
-            x = block_forward(x, block, winograd)
+        x = stage_forward(getattr(trunk, name), x, winograd)
         outs.append(x)
     return outs
+
+
+def stage_forward(layer: nn.Sequential, x: Tensor, winograd: bool = False) -> Tensor:
+    """A stage's blocks folded, at inference. x is the previous stage's output, which the
+    caller keeps; the blocks after the first overwrite their input (see block_forward)."""
+    for index, block in enumerate(layer):
+        x = block_forward(x, block, winograd, overwrite_input=index > 0)
+    return x

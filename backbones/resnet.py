@@ -18,7 +18,7 @@ from layers.conv import use_onednn
 from layers.norm import norm_layer_factory
 from tools import zoo
 
-from .fused_trunk import (block_forward, fused_trunk_forward, stem_forward,
+from .fused_trunk import (block_forward, fused_trunk_forward, stage_forward, stem_forward,
                           trunk_all_frozen_bn, trunk_is_foldable)
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -146,9 +146,7 @@ class ResNetTrunk(nn.Module):
             return stem_forward(self, x)
         if use_onednn(x):
             x = x.contiguous(memory_format=torch.channels_last)
-        for block in layer:
-            x = block_forward(x, block, self.fast_path.winograd)
-        return x
+        return stage_forward(layer, x, self.fast_path.winograd)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """

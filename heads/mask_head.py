@@ -3,6 +3,8 @@
 Shapes: R RoIs, M GT instances, K object classes (K + 1 channels with background),
 S mask size (28), D detections, H/W image size.
 """
+import math
+import mmap
 from collections import OrderedDict
 from typing import Optional
 
@@ -187,6 +189,22 @@ def _bilinear_weights(length: Tensor, offset: Tensor, out_size: Tensor, in_size:
     return weights
 
 
+def image_masks_zeros(count: int, height: int, width: int, dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """Zeros Tensor[count, 1, height, width] to paste masks into.
+
+    On the CPU its memory is an anonymous mapping, zero until written: pasting writes only
+    each box's rows, so the pages outside the boxes are never touched. torch.zeros would
+    write every page (341 MB for 100 detections at 800 x 1066, ~60 ms plus the kernel's
+    page faults: docs/benchmarks.md, "Model zoo")."""
+    shape = (count, 1, height, width)
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, numel * dtype.itemsize)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)
+
+
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int],
                          padding: int = 1) -> Tensor:
     """Paste S x S mask probabilities into an H x W image, as torchvision does.
@@ -203,7 +221,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
     """
     im_h, im_w = int(img_shape[0]), int(img_shape[1])
     size = masks.shape[-1]
-    out = masks.new_zeros((masks.shape[0], 1, im_h, im_w))
+    out = image_masks_zeros(masks.shape[0], im_h, im_w, masks.dtype, masks.device)
     if masks.shape[0] == 0:
         return out
     padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)
@@ -240,7 +258,7 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, img_shape: tuple[int, 
         Tensor[D, 1, H, W] probabilities (detectron2 thresholds them at 0.5).
     """
     im_h, im_w = int(img_shape[0]), int(img_shape[1])
-    out = masks.new_zeros((masks.shape[0], 1, im_h, im_w), dtype=torch.float32)
+    out = image_masks_zeros(masks.shape[0], im_h, im_w, torch.float32, masks.device)
     for d in range(masks.shape[0]):
         box = boxes[d:d + 1].to(torch.float32)
         xa = max(int(box[0, 0].floor()) - 1, 0)

@@ -169,13 +169,19 @@ def _needs_grad(x: Tensor, conv: FoldedConv) -> bool:
 
 
 def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
-             residual: Optional[Tensor] = None, winograd: bool = False) -> Tensor:
+             residual: Optional[Tensor] = None, winograd: bool = False,
+             overwrite_residual: bool = False) -> Tensor:
     """relu?(conv(x) + residual?) with folded weights, differentiable when they are.
 
     Args:
         x: Tensor[N, C_in, H, W]; residual: Tensor[N, C_out, H', W'] (the conv's output
             size) or None. On the oneDNN path x should be channels-last (the output is).
         winograd: run eligible convs (no residual) as conv3x3_winograd.
+        overwrite_residual: the caller no longer needs residual, so the oneDNN path may
+            write the result into it (a sum post-op: the same arithmetic) instead of into
+            a new map. Above glibc's 32 MB mmap threshold every new map is fresh pages
+            the kernel must fault in and zero: ~25 ms of CPU time for a 55 MB ResNeXt
+            res2 map at 800 px (docs/benchmarks.md, "Model zoo").
     """
     if winograd and residual is None and winograd_applies(x, conv):
         return winograd_conv(x, conv, relu)
@@ -186,6 +192,9 @@ def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
             return torch.ops.mkldnn._convolution_pointwise(
                 x, *args, "relu" if relu else "none", [], "")
         residual = residual.contiguous(memory_format=torch.channels_last)
+        if overwrite_residual:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, *args, "add", 1.0, "relu" if relu else None, [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, *args, "add", 1.0, "relu" if relu else None, [], "")
     y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
@@ -197,13 +206,14 @@ def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
 
 def conv2d(x: Tensor, conv: nn.Conv2d, relu: bool = False,
            residual: Optional[Tensor] = None, fast_path: FastPath = FastPath(),
-           norm: Optional[nn.Module] = None) -> Tensor:
+           norm: Optional[nn.Module] = None, overwrite_residual: bool = False) -> Tensor:
     """relu?(norm?(conv(x)) + residual?) for a module's conv and norm.
 
     With fast_path.fuse_bn, at inference on CPU: one oneDNN call on channels-last tensors,
-    the norm folded into the conv. With fast_path.winograd, eligible convs without a
-    residual run as conv3x3_winograd, in inference and training. Otherwise (training
-    without Winograd, CUDA, or fast_path EXACT) the modules and plain ops.
+    the norm folded into the conv (overwrite_residual: as conv_act's). With
+    fast_path.winograd, eligible convs without a residual run as conv3x3_winograd, in
+    inference and training. Otherwise (training without Winograd, CUDA, or fast_path
+    EXACT) the modules and plain ops.
     """
     grad = torch.is_grad_enabled()
     foldable = conv.padding_mode == "zeros" and _foldable_now(norm, grad)
@@ -213,7 +223,8 @@ def conv2d(x: Tensor, conv: nn.Conv2d, relu: bool = False,
             return winograd_conv(x, folded, relu)
     if fast_path.fuse_bn and foldable and onednn_inference(x):
         return conv_act(x.contiguous(memory_format=torch.channels_last),
-                        fold_conv_norm(conv, norm), relu, residual)
+                        fold_conv_norm(conv, norm), relu, residual,
+                        overwrite_residual=overwrite_residual)
     y = conv(x)
     if norm is not None:
         y = norm(y)

@@ -14,6 +14,7 @@ from torchvision.ops import MultiScaleRoIAlign as TvMultiScaleRoIAlign
 from heads import (MaskHead, MaskPredictor, RoIHeads, box_inference, fastrcnn_loss,
                    mask_inference, mask_loss, mask_target_labels,
                    paste_masks_in_image)
+from heads.mask_head import image_masks_zeros
 from tools.boxes import BoxCoder
 from builder import build_roi_heads
 from configs import apply_overrides, load_config
@@ -191,6 +192,34 @@ def test_paste_masks_matches_torchvision(img_shape):
 def test_paste_masks_empty():
     out = paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (30, 40))
     assert out.shape == (0, 1, 30, 40)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_image_masks_zeros_behave_as_torch_zeros(seed, tmp_path):
+    """The pastes' lazily zeroed output (an anonymous mapping on the CPU) against
+    torch.zeros: the same values after the same random writes, independent buffers,
+    alive after the call that made it, and saved and loaded like any tensor."""
+    g = torch.Generator().manual_seed(seed)
+    count, height, width = (int(v) for v in torch.randint(1, 40, (3,), generator=g))
+    for dtype in (torch.float32, torch.float64):
+        got = image_masks_zeros(count, height, width, dtype, torch.device("cpu"))
+        other = image_masks_zeros(count, height, width, dtype, torch.device("cpu"))
+        expected = torch.zeros(count, 1, height, width, dtype=dtype)
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.equal(got, expected), f"seed {seed}: not zeros"
+        for _ in range(5):
+            d = int(torch.randint(count, (1,), generator=g))
+            y0 = int(torch.randint(height, (1,), generator=g))
+            x0 = int(torch.randint(width, (1,), generator=g))
+            patch = torch.rand(height - y0, width - x0, generator=g, dtype=dtype)
+            got[d, 0, y0:, x0:] = patch
+            expected[d, 0, y0:, x0:] = patch
+        assert torch.equal(got, expected), f"seed {seed}: writes differ"
+        assert torch.equal(other, torch.zeros_like(expected)), "buffers alias"
+        torch.save(got, tmp_path / "masks.pt")
+        assert torch.equal(torch.load(tmp_path / "masks.pt"), expected)
+    assert image_masks_zeros(0, height, width, torch.float32, "cpu").shape == \
+        (0, 1, height, width)
 
 
 # ----------------------------------------------------------------------- inference

@@ -89,6 +89,63 @@ def test_fused_trunk_equals_unfused(depth, norm, onednn, monkeypatch):
         _rel_close(a, b, 1e-5, f"P{level + 2}")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_overwrite_residual_gives_the_same_map_in_the_residual(seed):
+    """conv_act(overwrite_residual=True) (oneDNN's in-place sum) against the new-map
+    call and against F.conv2d + add + ReLU; with a gradient needed the residual is left
+    alone."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
+    groups = pick([1, 1, 4])
+    c_in, c_out = groups * pick([4, 8, 16]), groups * pick([8, 16])
+    kernel, stride, relu = pick([1, 3]), pick([1, 2]), pick([True, False])
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, groups=groups,
+                     bias=False)
+    norm = FrozenBatchNorm2d(c_out)
+    _randomise(norm, seed)
+    x = torch.randn(2, c_in, int(torch.randint(5, 30, (1,), generator=g)),
+                    int(torch.randint(5, 30, (1,), generator=g)), generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        folded = fold_conv_norm(conv, norm)
+        plain = norm(conv(x))
+        residual = torch.randn(plain.shape, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        oracle = plain + residual
+        oracle = oracle.relu() if relu else oracle
+        new_map = fused.conv_act(x, folded, relu, residual)
+        kept = residual.clone()
+        got = fused.conv_act(x, folded, relu, residual, overwrite_residual=True)
+    what = f"seed {seed}: groups {groups}, {c_in}->{c_out}, k{kernel} s{stride} relu {relu}"
+    # The sum post-op may add the bias and the residual in another order than the binary
+    # post-op: two roundings, each at most half an ulp of the largest partial sum.
+    bound = torch.finfo(torch.float32).eps * (plain.abs() + kept.abs()).max()
+    assert (got - new_map).abs().max() <= bound, what
+    assert got.data_ptr() == residual.data_ptr(), f"{what}: not written in place"
+    _rel_close(got, oracle, 1e-5, what)
+    before = kept.clone()
+    y = fused.conv_act(x, fold_conv_norm(conv, norm, detach=False), relu, kept,
+                       overwrite_residual=True)
+    assert y.requires_grad and torch.equal(kept, before), f"{what}: residual changed"
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_in_place_residuals_leave_the_returned_stages_intact(depth):
+    """Blocks add into their input in place after the first of each stage: C2..C5 (the
+    stages the trunk returns) must still be what the unfused trunk computes."""
+    torch.manual_seed(depth)
+    backbone = build_resnet_fpn_backbone(depth=depth, fast_path=FOLDED).eval()
+    _randomise(backbone, depth)
+    trunk = backbone.body
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        got = fused_trunk.fused_trunk_forward(trunk, x)
+        trunk.fast_path = EXACT
+        expected = trunk(x)
+    for level, (a, b) in enumerate(zip(got, expected, strict=True)):
+        _rel_close(a, b, 1e-5, f"depth {depth} C{level + 2}")
+
+
 def test_fused_weights_follow_weight_changes():
     torch.manual_seed(0)
     backbone = build_resnet_fpn_backbone(depth=18, fast_path=FOLDED).eval()
