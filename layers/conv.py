@@ -27,6 +27,13 @@ as `libs.ops.conv3x3_winograd`, in inference and in training (its backward is Wi
 too): F(4x4, 3x3) does 4x fewer multiplications (speed-ups: docs/benchmarks.md). Its
 rounding error is about 4x a direct conv's (max abs ~5e-5 for O(1) outputs), so it is an
 option of the fused paths, off where torchvision's exact arithmetic is asked for.
+
+Grouped convs: on the oneDNN inference path, the ResNeXt 3x3 grouped convs (stride 1,
+padding 1, 8 or 16 channels per group, in == out, maps of MIN_GROUPED_KERNEL_PIXELS or
+more) run as `libs.ops.grouped_conv3x3`, a direct AVX2 + FMA kernel 1.3-1.7x faster than
+oneDNN's grouped conv on the X-101 res2 / res3 maps (docs/benchmarks.md, "X-101 grouped
+convs"). Its arithmetic is a direct conv's (only the summation order differs), so it is
+part of fuse_bn's fast path, not a switch of its own.
 """
 from __future__ import annotations
 
@@ -163,6 +170,28 @@ def winograd_conv(x: Tensor, conv: FoldedConv, relu: bool) -> Tensor:
     return kernel_ops.conv3x3_winograd(x, conv.weight, conv.bias, relu)
 
 
+# Smallest map (H * W) on which the grouped kernel runs: below it oneDNN was as fast or
+# faster (per-call overhead; 16 per group on 50x76 measured 0.9-1.1x, on 13x19 0.65x);
+# from 100x100 on it wins. Measurements: docs/benchmarks.md, "X-101 grouped convs".
+MIN_GROUPED_KERNEL_PIXELS = 10000
+
+
+def grouped_kernel_applies(x: Tensor, conv: FoldedConv) -> bool:
+    """libs.ops.grouped_conv3x3 computes this conv, and faster than oneDNN: a grouped 3x3
+    conv with stride 1, padding 1, no dilation, as many output as input channels, a group
+    width the kernel has (8 or 16), a map of MIN_GROUPED_KERNEL_PIXELS or more, CPU
+    float32 and the kernel built. The caller checks that no gradient is needed (the
+    kernel has no backward)."""
+    w, c = conv.weight, x.shape[1]
+    return (conv.groups > 1 and x.shape[2] * x.shape[3] >= MIN_GROUPED_KERNEL_PIXELS
+            and tuple(w.shape[2:]) == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and w.shape[0] == c
+            and c % conv.groups == 0
+            and c // conv.groups in kernel_ops.GROUPED_CONV_GROUP_WIDTHS
+            and x.dtype == torch.float32 and w.dtype == torch.float32
+            and kernel_ops.grouped_conv_available())
+
+
 def _needs_grad(x: Tensor, conv: FoldedConv) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
                                         or conv.bias.requires_grad)
@@ -186,6 +215,8 @@ def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
     if winograd and residual is None and winograd_applies(x, conv):
         return winograd_conv(x, conv, relu)
     if use_onednn(x) and not _needs_grad(x, conv):
+        if residual is None and grouped_kernel_applies(x, conv):
+            return kernel_ops.grouped_conv3x3(x, conv.weight, conv.bias, conv.groups, relu)
         args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride),
                 list(conv.dilation), conv.groups)
         if residual is None:

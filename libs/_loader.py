@@ -19,7 +19,7 @@ import cffi
 
 __all__ = ["ABI_VERSION", "HEADER", "BUILD_DIR", "get_lib", "check", "backend_info", "ffi"]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 _HERE = Path(__file__).resolve().parent
 HEADER = _HERE / "csrc" / "mrcnn_kernels.h"
 BUILD_DIR = _HERE / "build"

@@ -31,7 +31,8 @@ DEFAULT_OUT = os.path.join(HERE, "build")
 CPU_LIB = "libmrcnn_cpu.so"
 CUDA_LIB = "libmrcnn_cuda.so"
 CPU_SOURCES = ["common.cpp", "cpu_scratch.cpp", "roi_align_cpu.cpp", "roi_align_cpu_blocked.cpp",
-               "roi_align_cpu_unblocked.cpp", "nms_cpu.cpp", "winograd_cpu.cpp"]
+               "roi_align_cpu_unblocked.cpp", "nms_cpu.cpp", "winograd_cpu.cpp",
+               "grouped_conv_cpu.cpp"]
 CUDA_SOURCES = ["common.cpp", "roi_align_cuda.cu", "nms_cuda.cu"]
 
 # Bump to force a rebuild when this script's logic changes in a way flags do not show.

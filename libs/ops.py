@@ -1,6 +1,7 @@
 """torch.library custom ops ``maskrcnn::roi_align``, ``maskrcnn::roi_align_backward``,
 ``maskrcnn::roi_align_multilevel`` (+ backward), ``maskrcnn::nms`` and
-``maskrcnn::conv3x3_winograd`` (+ backward; CPU float32, with F.conv2d as its fallback).
+``maskrcnn::conv3x3_winograd`` (+ backward; CPU float32, with F.conv2d as its fallback) and
+``maskrcnn::grouped_conv3x3`` (inference only; CPU float32, F.conv2d as its fallback).
 
 Each op has one schema, a fake (meta) kernel for torch.compile / export, an autograd
 formula, and device kernels that call the compiled library of the tensor's device through
@@ -22,7 +23,9 @@ from . import _loader, reference
 __all__ = ["roi_align", "roi_align_backward", "roi_align_multilevel",
            "roi_align_multilevel_backward", "nms", "conv3x3_winograd",
            "conv3x3_winograd_backward", "winograd_available", "force_roi_align_path",
-           "roi_align_paths_taken", "ROI_ALIGN_CPU_PATHS"]
+           "roi_align_paths_taken", "ROI_ALIGN_CPU_PATHS", "grouped_conv3x3",
+           "grouped_conv_available", "force_grouped_conv_scalar",
+           "GROUPED_CONV_GROUP_WIDTHS"]
 
 # dtype codes of the C ABI; CPU kernels take the first two.
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -598,3 +601,67 @@ def _winograd_grad(ctx, grad):
 
 
 conv3x3_winograd.register_autograd(_winograd_grad, setup_context=_setup_winograd)
+
+
+# ------------------------------------------------------- grouped conv3x3 (inference only)
+
+# Channels per group the native kernel takes (libs/csrc/grouped_conv_cpu.cpp).
+GROUPED_CONV_GROUP_WIDTHS = (8, 16)
+
+
+def grouped_conv_available() -> bool:
+    """The CPU library (with the grouped 3x3 kernel) is built and loaded."""
+    return _loader.get_lib("cpu") is not None
+
+
+def _grouped_lib(input: Tensor, weight: Tensor, groups: int):
+    """The CPU library when the kernel takes these tensors (CPU float32, C_in == C_out,
+    C / groups in GROUPED_CONV_GROUP_WIDTHS, 3x3 weight of that grouping), else None."""
+    if input.device.type != "cpu" or input.dtype != torch.float32 or \
+            weight.dtype != torch.float32 or input.dim() != 4:
+        return None
+    C = input.shape[1]
+    if groups <= 0 or C % groups or C // groups not in GROUPED_CONV_GROUP_WIDTHS or \
+            tuple(weight.shape) != (C, C // groups, 3, 3):
+        return None
+    return _loader.get_lib("cpu")
+
+
+@torch.library.custom_op("maskrcnn::grouped_conv3x3", mutates_args=())
+def grouped_conv3x3(input: Tensor, weight: Tensor, bias: Tensor, groups: int,
+                    relu: bool) -> Tensor:
+    """relu?(conv2d(input, weight, bias, padding=1, groups=groups)), for inference.
+
+    input Tensor[N, C, H, W], weight Tensor[C, C / groups, 3, 3], bias Tensor[C] ->
+    Tensor[N, C, H, W] channels-last. The native kernel takes CPU float32 with
+    C / groups in GROUPED_CONV_GROUP_WIDTHS; anything else (and a missing library) runs
+    F.conv2d. No autograd formula: calling it on tensors that need gradients raises.
+    """
+    lib = _grouped_lib(input, weight, groups)
+    if lib is None:
+        y = torch.nn.functional.conv2d(input, weight, bias, padding=1, groups=groups)
+        return (y.relu_() if relu else y).contiguous(memory_format=torch.channels_last)
+    N, C, H, W = input.shape
+    x = input.contiguous(memory_format=torch.channels_last)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    y = torch.empty((N, C, H, W), dtype=x.dtype, memory_format=torch.channels_last)
+    _loader.check(lib, "cpu", lib.mrc_grouped_conv3x3_cpu(
+        _DTYPE_CODE[x.dtype], _ptr(x), _ptr(weight), _ptr(bias), _ptr(y), N, H, W, C,
+        groups, int(relu), torch.get_num_threads()), "grouped conv3x3")
+    return y
+
+
+@grouped_conv3x3.register_fake
+def _(input, weight, bias, groups, relu):
+    return torch.empty_like(input, memory_format=torch.channels_last)
+
+
+def force_grouped_conv_scalar(on: bool) -> None:
+    """Test hook: the grouped conv3x3 calls that follow run the portable scalar kernel
+    (on=True) instead of the AVX2 + FMA one, process-wide."""
+    lib = _loader.get_lib("cpu")
+    if lib is None:
+        raise RuntimeError("force_grouped_conv_scalar needs the native CPU library "
+                           "(python libs/build_libs.py)")
+    _loader.check(lib, "cpu", lib.mrc_grouped_conv3x3_cpu_force_scalar(int(bool(on))),
+                  "force_grouped_conv_scalar")

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 
-#define MRC_ABI_VERSION 5
+#define MRC_ABI_VERSION 6
 
 /* Error codes returned by every mrc_* function. */
 enum {

@@ -135,6 +135,18 @@ int mrc_winograd_input_adjoint_cpu(int dtype, const void* dV, void* dx, int64_t 
                                    int64_t W, int64_t C, int64_t tile_row0, int64_t tile_rows,
                                    int64_t tiles_w, int num_threads);
 
+/* Grouped 3x3, stride 1, padding 1 convolution for inference (float32 only): x and y
+ * NHWC-contiguous [N, H, W, C], weight [C, C / groups, 3, 3] contiguous (torch's grouped
+ * layout), bias[C]; y = conv(x) + bias, then max(., 0) if relu. Input and output have
+ * the same C channels, and C / groups must be 8 or 16.
+ * mrc_grouped_conv3x3_cpu_force_scalar: test hook, process-wide (set it while no call
+ * runs): on != 0 runs the portable scalar copy even where AVX2 + FMA are available. */
+int mrc_grouped_conv3x3_cpu(int dtype, const void* x, const void* weight, const void* bias,
+                            void* y, int64_t N, int64_t H, int64_t W, int64_t C,
+                            int64_t groups, int relu, int num_threads);
+
+int mrc_grouped_conv3x3_cpu_force_scalar(int on);
+
 /* ---------------- CUDA (libmrcnn_cuda.so) ---------------- */
 int mrc_cuda_abi_version(void);
 const char* mrc_cuda_last_error(void);

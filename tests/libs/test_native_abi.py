@@ -78,6 +78,10 @@ SIGNATURES = {
         f"int(*)(int, const void *, void *, {', '.join([_I64] * 7)}, int)",
     "mrc_winograd_input_adjoint_cpu":
         f"int(*)(int, const void *, void *, {', '.join([_I64] * 7)}, int)",
+    "mrc_grouped_conv3x3_cpu":
+        f"int(*)(int, const void *, const void *, const void *, void *, {', '.join([_I64] * 5)}, "
+        f"int, int)",
+    "mrc_grouped_conv3x3_cpu_force_scalar": "int(*)(int)",
     "mrc_cuda_abi_version": "int(*)(void)",
     "mrc_cuda_last_error": "const char *(*)(void)",
     "mrc_roi_align_forward_cuda":
