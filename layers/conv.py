@@ -207,8 +207,8 @@ def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
             size) or None. On the oneDNN path x should be channels-last (the output is).
         winograd: run eligible convs (no residual) as conv3x3_winograd.
         overwrite_residual: the caller no longer needs residual, so the oneDNN path may
-            write the result into it (a sum post-op: the same arithmetic) instead of into
-            a new map. Above glibc's 32 MB mmap threshold every new map is fresh pages
+            write the result into it (oneDNN's sum post-op: the same sum, which may
+            round the bias and residual adds in another order) instead of into a new map. Above glibc's 32 MB mmap threshold every new map is fresh pages
             the kernel must fault in and zero: ~25 ms of CPU time for a 55 MB ResNeXt
             res2 map at 800 px (docs/benchmarks.md, "Model zoo").
     """
