@@ -186,10 +186,12 @@ _FORCE_CODE = {None: "MRC_ROI_FORCE_AUTO", "blocked": "MRC_ROI_FORCE_BLOCKED",
                "unblocked": "MRC_ROI_FORCE_UNBLOCKED"}
 
 
-def _cpu_lib_for_hooks():
+def _cpu_lib_for_hooks(what: str):
+    """The native CPU library for test hook `what`; RuntimeError naming the build command
+    when it is not built."""
     lib = _loader.get_lib("cpu")
     if lib is None:
-        raise RuntimeError("the CPU RoIAlign path hooks need the native CPU library "
+        raise RuntimeError(f"{what} needs the native CPU library "
                            "(python libs/build_libs.py)")
     return lib
 
@@ -204,7 +206,7 @@ def force_roi_align_path(path: Optional[str], avx2: bool = True) -> None:
     if path not in _FORCE_CODE:
         raise ValueError(f"force_roi_align_path: path must be one of {list(_FORCE_CODE)}, "
                          f"got {path!r}")
-    lib = _cpu_lib_for_hooks()
+    lib = _cpu_lib_for_hooks("force_roi_align_path")
     _loader.check(lib, "cpu", lib.mrc_roi_align_cpu_force(getattr(lib, _FORCE_CODE[path]),
                                                           int(bool(avx2))),
                   "force_roi_align_path")
@@ -214,7 +216,7 @@ def roi_align_paths_taken() -> frozenset:
     """The paths (names of ROI_ALIGN_CPU_PATHS, plus "avx2" when a blocked path ran its
     AVX2 copy) that this thread's latest native CPU RoIAlign call took: one per level with
     RoIs; empty when it pooled nothing."""
-    lib = _cpu_lib_for_hooks()
+    lib = _cpu_lib_for_hooks("roi_align_paths_taken")
     bits = lib.mrc_roi_align_cpu_paths_taken()
     names = {name: getattr(lib, "MRC_ROI_PATH_" + name.upper())
              for name in ROI_ALIGN_CPU_PATHS + ("avx2",)}
@@ -659,9 +661,6 @@ def _(input, weight, bias, groups, relu):
 def force_grouped_conv_scalar(on: bool) -> None:
     """Test hook: the grouped conv3x3 calls that follow run the portable scalar kernel
     (on=True) instead of the AVX2 + FMA one, process-wide."""
-    lib = _loader.get_lib("cpu")
-    if lib is None:
-        raise RuntimeError("force_grouped_conv_scalar needs the native CPU library "
-                           "(python libs/build_libs.py)")
+    lib = _cpu_lib_for_hooks("force_grouped_conv_scalar")
     _loader.check(lib, "cpu", lib.mrc_grouped_conv3x3_cpu_force_scalar(int(bool(on))),
                   "force_grouped_conv_scalar")
