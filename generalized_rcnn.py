@@ -13,6 +13,9 @@ import torch
 from easydict import EasyDict
 from torch import Tensor, nn
 
+from tools.transform import image_size
+from tools.tracing import is_tracing
+
 
 class GeneralizedRCNN(nn.Module):
     """Mask R-CNN from its parts.
@@ -68,11 +71,12 @@ class GeneralizedRCNN(nn.Module):
             raise ValueError("targets are required in training mode (or call model.eval())")
         if isinstance(images, (list, tuple)) and not images and not self.training:
             return [] if targets is None else ([], {})
-        self._validate(images, targets)
+        if not is_tracing():     # an exporter traces one example: nothing to validate
+            self._validate(images, targets)
         # float64 / float16 / bfloat16 images run on the weights' dtype.
         dtype = next(p for p in self.parameters() if p.is_floating_point()).dtype
         images = [img.to(dtype) for img in images]
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        original_sizes = [image_size(img) for img in images]
         image_list, targets = self.transform(images, targets)
         features = self.backbone(image_list.tensors)
         gt_boxes = None if targets is None else [t["boxes"] for t in targets]

@@ -10,19 +10,24 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from layers.conv import conv_act, fold_conv_norm, is_foldable, use_onednn
+from layers.conv import conv_act as _conv_act
+from layers.conv import fold_conv_norm, is_foldable, use_onednn
 
 
 def block_forward(x: Tensor, block: nn.Module, winograd: bool = False,
-                  detach: bool = True, overwrite_input: bool = False) -> Tensor:
+                  detach: bool = True, overwrite_input: bool = False,
+                  onednn: bool = True) -> Tensor:
     """A BasicBlock / Bottleneck with its norms folded: relu(convs(x) + identity).
     detach=False folds in the autograd graph (gradients reach the convs).
 
     At inference the last conv adds into the identity in place when nothing else needs
     it: a downsampled identity is the block's own, x itself only with overwrite_input
-    (the caller does not use x again)."""
+    (the caller does not use x again). onednn: as conv_act's (FastPath.onednn)."""
     def folded(conv, norm):
         return fold_conv_norm(conv, norm, detach)
+
+    def conv_act(*args, **kwargs):
+        return _conv_act(*args, **kwargs, onednn=onednn)
 
     identity, own_identity = x, overwrite_input and detach
     if block.downsample is not None:
@@ -37,11 +42,12 @@ def block_forward(x: Tensor, block: nn.Module, winograd: bool = False,
                     overwrite_residual=own_identity)
 
 
-def stem_forward(trunk: nn.Module, x: Tensor) -> Tensor:
+def stem_forward(trunk: nn.Module, x: Tensor, onednn: bool = True) -> Tensor:
     """maxpool(relu(bn1(conv1(x)))) folded, channels-last on the oneDNN path."""
-    if use_onednn(x):
+    if onednn and use_onednn(x):
         x = x.contiguous(memory_format=torch.channels_last)
-    return trunk.maxpool(conv_act(x, fold_conv_norm(trunk.conv1, trunk.bn1), relu=True))
+    return trunk.maxpool(_conv_act(x, fold_conv_norm(trunk.conv1, trunk.bn1), relu=True,
+                                   onednn=onednn))
 
 
 def trunk_is_foldable(trunk: nn.Module) -> bool:
@@ -67,22 +73,24 @@ def trunk_all_frozen_bn(trunk: nn.Module) -> bool:
         isinstance(m, nn.BatchNorm2d) for m in trunk.modules())
 
 
-def fused_trunk_forward(trunk: nn.Module, x: Tensor, winograd: bool = False) -> list[Tensor]:
+def fused_trunk_forward(trunk: nn.Module, x: Tensor, winograd: bool = False,
+                        onednn: bool = True) -> list[Tensor]:
     """The trunk's inference forward with folded convs: x Tensor[N, 3, H, W] ->
     [C2, C3, C4, C5] (channels-last on the oneDNN path). Each block is folded just before
     it runs, so at most one block's folded weights exist at a time (no second copy of the
     trunk)."""
-    x = stem_forward(trunk, x)
+    x = stem_forward(trunk, x, onednn)
     outs = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
-        x = stage_forward(getattr(trunk, name), x, winograd)
+        x = stage_forward(getattr(trunk, name), x, winograd, onednn)
         outs.append(x)
     return outs
 
 
-def stage_forward(layer: nn.Sequential, x: Tensor, winograd: bool = False) -> Tensor:
+def stage_forward(layer: nn.Sequential, x: Tensor, winograd: bool = False,
+                  onednn: bool = True) -> Tensor:
     """A stage's blocks folded, at inference. x is the previous stage's output, which the
     caller keeps; the blocks after the first overwrite their input (see block_forward)."""
     for index, block in enumerate(layer):
-        x = block_forward(x, block, winograd, overwrite_input=index > 0)
+        x = block_forward(x, block, winograd, overwrite_input=index > 0, onednn=onednn)
     return x

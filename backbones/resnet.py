@@ -159,7 +159,7 @@ class ResNetTrunk(nn.Module):
         if self.uses_fused_path():
             # Folded on every call, block by block, not cached: a cache would hold a
             # second copy of the trunk's weights (~95 MB for ResNet-50) for little gain.
-            return fused_trunk_forward(self, x, self.fast_path.winograd)
+            return fused_trunk_forward(self, x, self.fast_path.winograd, self.fast_path.onednn)
         if self.fast_path.fuse_bn and self._all_frozen_bn:
             return self._forward_folded_train(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

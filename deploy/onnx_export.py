@@ -109,7 +109,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike],
         raise ValueError(f"opset {opset}: RoiAlign with half_pixel (aligned) coordinates "
                          f"needs opset 16 or later")
     register_symbolics(opset)
-    graph = InferenceGraph(model, per_level_pooling=True)
+    graph = InferenceGraph(model)
     outputs = list(OUTPUT_NAMES if graph.mask_on else OUTPUT_NAMES[:3])
     axes = {"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
             "labels": {0: "detections"}, "scores": {0: "detections"}}

@@ -46,7 +46,7 @@ def exported_program(model: nn.Module, example_size: tuple[int, int] = (480, 640
         torch.export.ExportedProgram: image Tensor[3, H, W] -> (boxes, labels, scores[,
         masks]) as InferenceGraph.
     """
-    graph = InferenceGraph(model, per_level_pooling=False)
+    graph = InferenceGraph(model)
     with torch.no_grad():
         return torch.export.export(graph, (_example(example_size),),
                                    dynamic_shapes=_dynamic_shapes(), strict=False)

@@ -158,12 +158,11 @@ def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[
         (in 1..K), sorted by decreasing score.
     """
     num_classes = class_logits.shape[-1]
-    per_image = [len(p) for p in proposals]
     pred_boxes = box_coder.decode(box_regression, torch.cat(proposals, dim=0))
     pred_scores = F.softmax(class_logits, -1)
     results = ([], [], [])
-    for boxes, scores, size in zip(pred_boxes.split(per_image, 0),
-                                   pred_scores.split(per_image, 0), image_sizes):
+    for boxes, scores, size in zip(split_per_image(pred_boxes, proposals),
+                                   split_per_image(pred_scores, proposals), image_sizes):
         boxes, scores, labels = _select_detections(
             clip_boxes_to_image(boxes, size), scores, num_classes,
             box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
@@ -172,6 +171,15 @@ def box_inference(class_logits: Tensor, box_regression: Tensor, proposals: list[
         for out, value in zip(results, (boxes, scores, labels)):
             out.append(value)
     return results
+
+
+def split_per_image(rows: Tensor, per_image: list[Tensor]) -> tuple[Tensor, ...]:
+    """rows Tensor[sum R_i, ...] as one Tensor[R_i, ...] per image (per_image: a tensor of
+    R_i rows per image). One image: rows itself, whatever its length, so that a traced
+    graph holds for every count."""
+    if len(per_image) == 1:
+        return (rows,)
+    return rows.split([len(p) for p in per_image], 0)
 
 
 def _select_detections(boxes: Tensor, scores: Tensor, num_classes: int, *,

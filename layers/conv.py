@@ -61,12 +61,24 @@ class FastPath:
         winograd: (config backbone.winograd) 3x3 stride-1 convs by Winograd, in inference
             and training. It rounds differently from a direct conv, so the builder turns
             it on only with fuse_bn; EXACT turns both off.
+        onednn: fold on the CPU into oneDNN's fused convolutions (the eager fast path).
+            False folds the norms into plain convolutions (F.conv2d + add + ReLU), the
+            standard ops an exporter can write down (EXPORT).
     """
     fuse_bn: bool = True
     winograd: bool = True
+    onednn: bool = True
+
+    def folds_at_inference(self, x: Tensor) -> bool:
+        """With no gradient needed, conv2d folds the norms into the convs for input x:
+        fuse_bn, and oneDNN applies to x or the plain-op folding is asked for."""
+        return (self.fuse_bn and not torch.is_grad_enabled()
+                and (use_onednn(x) or not self.onednn))
 
 
 EXACT = FastPath(fuse_bn=False, winograd=False)
+# What the exports trace (deploy/): norms folded, every conv a standard one.
+EXPORT = FastPath(fuse_bn=True, winograd=False, onednn=False)
 
 
 @dataclass
@@ -199,7 +211,7 @@ def _needs_grad(x: Tensor, conv: FoldedConv) -> bool:
 
 def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
              residual: Optional[Tensor] = None, winograd: bool = False,
-             overwrite_residual: bool = False) -> Tensor:
+             overwrite_residual: bool = False, onednn: bool = True) -> Tensor:
     """relu?(conv(x) + residual?) with folded weights, differentiable when they are.
 
     Args:
@@ -211,10 +223,11 @@ def conv_act(x: Tensor, conv: FoldedConv, relu: bool,
             round the bias and residual adds in another order) instead of into a new map. Above glibc's 32 MB mmap threshold every new map is fresh pages
             the kernel must fault in and zero: ~25 ms of CPU time for a 55 MB ResNeXt
             res2 map at 800 px (docs/benchmarks.md, "Model zoo").
+        onednn: False keeps to F.conv2d and plain adds (FastPath.onednn).
     """
     if winograd and residual is None and winograd_applies(x, conv):
         return winograd_conv(x, conv, relu)
-    if use_onednn(x) and not _needs_grad(x, conv):
+    if onednn and use_onednn(x) and not _needs_grad(x, conv):
         if residual is None and grouped_kernel_applies(x, conv):
             return kernel_ops.grouped_conv3x3(x, conv.weight, conv.bias, conv.groups, relu)
         args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride),
@@ -241,7 +254,8 @@ def conv2d(x: Tensor, conv: nn.Conv2d, relu: bool = False,
     """relu?(norm?(conv(x)) + residual?) for a module's conv and norm.
 
     With fast_path.fuse_bn, at inference on CPU: one oneDNN call on channels-last tensors,
-    the norm folded into the conv (overwrite_residual: as conv_act's). With
+    the norm folded into the conv (overwrite_residual: as conv_act's); with EXPORT's
+    onednn=False, anywhere at inference: F.conv2d with the norm folded in. With
     fast_path.winograd, eligible convs without a residual run as conv3x3_winograd, in
     inference and training. Otherwise (training without Winograd, CUDA, or fast_path
     EXACT) the modules and plain ops.
@@ -252,10 +266,11 @@ def conv2d(x: Tensor, conv: nn.Conv2d, relu: bool = False,
         folded = fold_conv_norm(conv, norm, detach=not grad)
         if winograd_applies(x, folded):
             return winograd_conv(x, folded, relu)
-    if fast_path.fuse_bn and foldable and onednn_inference(x):
-        return conv_act(x.contiguous(memory_format=torch.channels_last),
-                        fold_conv_norm(conv, norm), relu, residual,
-                        overwrite_residual=overwrite_residual)
+    if foldable and fast_path.folds_at_inference(x):
+        if fast_path.onednn:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return conv_act(x, fold_conv_norm(conv, norm), relu, residual,
+                        overwrite_residual=overwrite_residual, onednn=fast_path.onednn)
     y = conv(x)
     if norm is not None:
         y = norm(y)

@@ -153,6 +153,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Returns:
         Tensor[k] int64 kept indices, by descending score (ties: lower index first).
     """
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return _batched_nms_traced(boxes, scores, idxs, iou_threshold)
     _check_nms_args(boxes, scores)
     _check_per_box("batched_nms", "idxs", idxs, boxes, "one category per box")
     n = boxes.shape[0]
@@ -170,6 +172,14 @@ def _batched_nms_offset(boxes, scores, idxs, iou_threshold):
         boxes = boxes.float()
     offsets = idxs.to(boxes) * (boxes.max() + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def _batched_nms_traced(boxes, scores, idxs, iou_threshold):
+    # An exported graph holds for every box count: no branch on n, and max(boxes, 0)
+    # (boxes.max() for the clipped boxes the model passes) is defined for n = 0 too.
+    top = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes.dtype) * (top + 1)
+    return ops.nms(boxes + offsets[:, None], scores, float(iou_threshold))
 
 
 def _batched_nms_loop(boxes, scores, idxs, iou_threshold):

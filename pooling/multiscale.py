@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from libs import boxes_to_rois, ops, pooling_dtype, roi_align
+from tools.tracing import is_tracing, round_log2, size_tensor
 
-__all__ = ["MultiScaleRoIAlign", "level_scales", "map_levels"]
+__all__ = ["MultiScaleRoIAlign", "level_scales", "traced_level_scales", "map_levels"]
 
 
 def level_scales(feature_sizes: Sequence[Tuple[int, int]],
@@ -50,15 +51,32 @@ def map_levels(boxes: Sequence[Tensor], k_min: int, k_max: int, canonical_scale:
     """
     b = torch.cat(list(boxes), dim=0)
     s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-    if level_rule == "torchvision":
-        lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                          + torch.tensor(eps, dtype=s.dtype))
-    elif level_rule == "detectron2":
-        lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale + 1e-8))
-    else:
-        raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', got {level_rule!r}")
+    if isinstance(k_min, Tensor):    # traced: k_min, k_max float 0-d tensors
+        lvl = _level_rule(s, canonical_scale, canonical_level, level_rule, eps)
+        return (torch.minimum(torch.maximum(lvl, k_min), k_max) - k_min).to(torch.int64)
+    lvl = _level_rule(s, canonical_scale, canonical_level, level_rule, eps)
     lvl = torch.clamp(lvl, min=k_min, max=k_max)
     return lvl.to(torch.int64) - k_min
+
+
+def _level_rule(s: Tensor, canonical_scale: float, canonical_level: int, level_rule: str,
+                eps: float) -> Tensor:
+    """Unclamped level (float) of boxes of side s Tensor[R]."""
+    if level_rule == "torchvision":
+        return torch.floor(canonical_level + torch.log2(s / canonical_scale)
+                           + torch.tensor(eps, dtype=s.dtype))
+    if level_rule == "detectron2":
+        return torch.floor(canonical_level + torch.log2(s / canonical_scale + 1e-8))
+    raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', got {level_rule!r}")
+
+
+def traced_level_scales(features: Sequence[Tensor], image_h) -> Tensor:
+    """level_scales when traced: Tensor[L] float32, 2 ** round(log2(H_l / Hr)) from the
+    sizes as tensors (the ratio rounded to float32 first, as level_scales does), so that
+    one graph serves every image size."""
+    ratios = torch.stack([size_tensor(f.shape[-2]).to(torch.float64) for f in features])
+    ratios = (ratios / size_tensor(image_h).to(torch.float64)).to(torch.float32)
+    return torch.pow(2.0, round_log2(ratios.to(torch.float64))).to(torch.float32)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -113,6 +131,8 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError("MultiScaleRoIAlign: features must be a non-empty list")
         if len(image_sizes) == 0:
             raise ValueError("MultiScaleRoIAlign: image_sizes must list the (h, w) of each image")
+        if is_tracing():
+            return self._forward_traced(list(features), boxes, image_sizes)
         scales = self._scales(list(features), image_sizes)
         rois = boxes_to_rois(boxes).to(features[0].device)
         if len(features) == 1:
@@ -128,6 +148,39 @@ class MultiScaleRoIAlign(nn.Module):
                                        rois.to(dtype), levels, scales, *self.output_size,
                                        self.sampling_ratio, self.aligned)
         return out.to(features[0].dtype)
+
+    def _forward_traced(self, features: List[Tensor], boxes: List[Tensor],
+                        image_sizes) -> Tensor:
+        """forward for one image as an exporter traces it: the scales follow the image
+        size, and the boxes are scaled to each level's map here (powers of two: exact)
+        so that the op runs with spatial_scale 1. ONNX (TorchScript tracer): one RoIAlign
+        per level (what ONNX RoiAlign expresses) gathered back into box order;
+        torch.export: our fused multi-level op."""
+        scales = traced_level_scales(features, image_sizes[0][0])
+        k_min = -round_log2(scales[0].to(torch.float64)).to(torch.float32)
+        k_max = -round_log2(scales[-1].to(torch.float64)).to(torch.float32)
+        levels = map_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level,
+                            self.level_rule, self.eps)
+        boxes = torch.cat(list(boxes))
+        ph, pw = self.output_size
+        if not torch.jit.is_tracing():
+            rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes * scales[levels][:, None]], 1)
+            return ops.roi_align_multilevel(features, rois, levels, [1.0] * len(features),
+                                            ph, pw, self.sampling_ratio, self.aligned)
+        pooled, order = [], []
+        for level, feature in enumerate(features):
+            idx = torch.nonzero(levels == level).reshape(-1)
+            level_boxes = boxes[idx] * scales[level]
+            rois = torch.cat([torch.zeros_like(level_boxes[:, :1]), level_boxes], 1)
+            pooled.append(ops.roi_align(feature, rois, 1.0, ph, pw, self.sampling_ratio,
+                                        self.aligned))
+            order.append(idx)
+        # Row i of the result is row inverse[i] of the levels' rows. (A scatter,
+        # out[order] = pooled, traces into a ScatterND whose update shape the tracer
+        # fixes when a level has one RoI: a gather does not.)
+        order = torch.cat(order)
+        inverse = torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0]))
+        return torch.cat(pooled)[inverse]
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tools.structures import ImageList
+from tools.tracing import is_tracing, round_log2, size_tensor
 
 Sizes = Union[Sequence[float], Sequence[Sequence[float]]]
 
@@ -62,23 +63,38 @@ class AnchorGenerator(nn.Module):
         Returns:
             per image, Tensor[T, 4] anchors (the same for every image), levels in order.
         """
+        anchors = torch.cat(self.per_level(images.tensors, features))
+        return [anchors for _ in images.image_sizes]
+
+    def per_level(self, padded: Tensor, features: list[Tensor]) -> list[Tensor]:
+        """Per level Tensor[H_l * W_l * A_l, 4] anchors of the padded batch
+        Tensor[N, 3, Hp, Wp] (forward's, before the levels are concatenated)."""
         if len(features) != len(self.cell_anchors):
             raise ValueError(f"{len(features)} feature levels but anchors for "
                              f"{len(self.cell_anchors)}")
-        image_h, image_w = images.tensors.shape[-2:]
         dtype, device = features[0].dtype, features[0].device
         per_level = []
         for feature, cell in zip(features, self.cell_anchors):
             grid_h, grid_w = feature.shape[-2:]
-            stride = (image_h // grid_h, image_w // grid_w)
-            if self.rule == "detectron2":
-                # P6 of an 800-pixel image has 13 rows: 61 by division, 64 nominally.
-                stride = tuple(2 ** round(math.log2(s / g))
-                               for s, g in ((image_h, grid_h), (image_w, grid_w)))
+            stride = self._stride(padded.shape[-2:], (grid_h, grid_w))
             per_level.append(grid_anchors(cell.to(dtype=dtype, device=device),
                                           (grid_h, grid_w), stride))
-        anchors = torch.cat(per_level)
-        return [anchors for _ in images.image_sizes]
+        return per_level
+
+    def _stride(self, image_size, grid_size) -> tuple:
+        """(stride_h, stride_w) of a level: padded size // grid size (torchvision) or the
+        level's power of two (detectron2: P6 of an 800-pixel image has 13 rows: 61 by
+        division, 64 nominally). Traced, as 0-d int64 tensors that follow the input."""
+        pairs = tuple(zip(image_size, grid_size))
+        if is_tracing():
+            pairs = tuple((size_tensor(s), size_tensor(g)) for s, g in pairs)
+            if self.rule == "detectron2":
+                return tuple(torch.pow(2.0, round_log2(s.double() / g.double())).long()
+                             for s, g in pairs)
+            return tuple(torch.div(s, g, rounding_mode="floor") for s, g in pairs)
+        if self.rule == "detectron2":
+            return tuple(2 ** round(math.log2(s / g)) for s, g in pairs)
+        return tuple(s // g for s, g in pairs)
 
 
 def base_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:

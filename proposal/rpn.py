@@ -94,104 +94,112 @@ class RPN(nn.Module):
             eval mode alike, so validation losses work).
         """
         pred_objectness, pred_deltas = self.head(features)
-        anchors = self.anchor_generator(images, features)
-        num_anchors_per_level = [o[0].numel() for o in pred_objectness]
-        objectness, deltas = flatten_predictions(pred_objectness, pred_deltas)
+        anchors = self.anchor_generator.per_level(images.tensors, features)
+        objectness, deltas = level_predictions(pred_objectness, pred_deltas)
 
         # The proposals are treated as fixed for joint training: no gradient through them.
-        proposals = self.box_coder.decode(deltas.detach().reshape(-1, 4), torch.cat(anchors))
-        proposals = proposals.view(len(anchors), -1, 4)
         boxes, _ = select_proposals(
-            proposals, objectness.detach(), images.image_sizes, num_anchors_per_level,
-            self.pre_nms_top_n, self.post_nms_top_n, self.rpn_nms_thresh,
-            self.rpn_score_thresh, self.rpn_min_size, self.rpn_box_filter)
+            anchors, [o.detach() for o in objectness], [d.detach() for d in deltas],
+            images.image_sizes, self.box_coder, self.pre_nms_top_n, self.post_nms_top_n,
+            self.rpn_nms_thresh, self.rpn_score_thresh, self.rpn_min_size,
+            self.rpn_box_filter)
 
         losses: dict[str, Tensor] = {}
         if gt_boxes is not None:
-            matched_idxs = match_anchors(anchors, gt_boxes, self.matcher)
-            loss_cls, loss_box = rpn_loss(objectness, deltas, anchors, gt_boxes, matched_idxs,
-                                          self.sampler, self.box_coder)
+            image_anchors = [torch.cat(anchors)] * len(images.image_sizes)
+            matched_idxs = match_anchors(image_anchors, gt_boxes, self.matcher)
+            loss_cls, loss_box = rpn_loss(torch.cat(objectness, dim=1),
+                                          torch.cat(deltas, dim=1), image_anchors, gt_boxes,
+                                          matched_idxs, self.sampler, self.box_coder)
             losses = {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
         return boxes, losses
 
 
-def flatten_predictions(pred_objectness: list[Tensor],
-                        pred_deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Concatenate the levels in anchor order (level, location, anchor).
+def level_predictions(pred_objectness: list[Tensor], pred_deltas: list[Tensor]
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+    """Each level's predictions in anchor order (location, anchor).
 
     Args:
         pred_objectness: per level Tensor[N, A, H_l, W_l].
         pred_deltas: per level Tensor[N, 4A, H_l, W_l].
     Returns:
-        (objectness Tensor[N, T], deltas Tensor[N, T, 4]).
+        (objectness per level Tensor[N, T_l], deltas per level Tensor[N, T_l, 4]).
     """
     objectness, deltas = [], []
     for logits, reg in zip(pred_objectness, pred_deltas):
         n, a, h, w = logits.shape
         objectness.append(logits.view(n, a, 1, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1))
         deltas.append(reg.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+    return objectness, deltas
+
+
+def flatten_predictions(pred_objectness: list[Tensor],
+                        pred_deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The levels concatenated in anchor order (level, location, anchor):
+    (objectness Tensor[N, T], deltas Tensor[N, T, 4])."""
+    objectness, deltas = level_predictions(pred_objectness, pred_deltas)
     return torch.cat(objectness, dim=1), torch.cat(deltas, dim=1)
 
 
-def select_proposals(proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
-                     num_anchors_per_level: list[int], pre_nms_top_n: int, post_nms_top_n: int,
-                     rpn_nms_thresh: float, rpn_score_thresh: float = 0.0,
-                     rpn_min_size: float = 1e-3,
+def select_proposals(anchors: list[Tensor], objectness: list[Tensor], deltas: list[Tensor],
+                     image_sizes: list[tuple[int, int]], box_coder: BoxCoder,
+                     pre_nms_top_n: int, post_nms_top_n: int, rpn_nms_thresh: float,
+                     rpn_score_thresh: float = 0.0, rpn_min_size: float = 1e-3,
                      rpn_box_filter: str = "torchvision") -> tuple[list[Tensor], list[Tensor]]:
-    """Per-level top-n, clip, drop small and low-scoring boxes, per-level NMS, top-n.
+    """Per-level top-n, decode, then per image the proposal filter (PROPOSAL_FILTERS:
+    clip, drop boxes, per-level NMS, top-n).
 
     Args:
-        proposals: Tensor[N, T, 4] decoded anchors.
-        objectness: Tensor[N, T] logits (detached).
+        anchors: per level Tensor[T_l, 4] (the same for every image).
+        objectness: per level Tensor[N, T_l] logits (detached).
+        deltas: per level Tensor[N, T_l, 4] (detached).
         image_sizes: (h, w) per image; boxes are clipped to it.
-        num_anchors_per_level: anchors per image on each level (sums to T).
-        rpn_box_filter: "torchvision" or "detectron2" (see RPN).
+        box_coder: decodes deltas against anchors.
+        rpn_box_filter: a name in PROPOSAL_FILTERS (see RPN).
     Returns:
         (boxes, scores): per image Tensor[R_i, 4] and Tensor[R_i] probabilities, sorted by
         decreasing score, R_i <= post_nms_top_n.
     """
-    num_images = proposals.shape[0]
-    device = proposals.device
-    levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=device)
-                        for idx, n in enumerate(num_anchors_per_level)])
-
-    top_idx = _top_n_per_level(objectness, num_anchors_per_level, pre_nms_top_n)
-    batch_idx = torch.arange(num_images, device=device)[:, None]
-    objectness = objectness[batch_idx, top_idx]
-    proposals = proposals[batch_idx, top_idx]
-    levels = levels[top_idx]
-    probs = torch.sigmoid(objectness)
-
+    boxes, logits, levels = [], [], []
+    for level, (level_anchors, scores, level_deltas) in enumerate(
+            zip(anchors, objectness, deltas)):
+        top, idx = scores.topk(_top_n(pre_nms_top_n, scores), dim=1)     # [N, k]
+        batch = torch.arange(scores.shape[0], device=scores.device)[:, None]
+        # Decoding the kept anchors only: decode is row-wise, the same numbers.
+        decoded = box_coder.decode(level_deltas[batch, idx].reshape(-1, 4),
+                                   level_anchors[idx].reshape(-1, 4))
+        boxes.append(decoded.reshape(idx.shape[0], -1, 4))
+        logits.append(top)
+        levels.append(torch.full_like(idx, level))
+    boxes, logits, levels = torch.cat(boxes, 1), torch.cat(logits, 1), torch.cat(levels, 1)
+    keep_fn = PROPOSAL_FILTERS[rpn_box_filter]
     final_boxes, final_scores = [], []
-    for boxes, logits, scores, lvl, size in zip(proposals, objectness, probs, levels,
-                                                image_sizes):
-        if rpn_box_filter == "detectron2":
-            keep = _filter_image_detectron2(boxes, logits, lvl, size, post_nms_top_n,
-                                            rpn_nms_thresh)
-        else:
-            keep = _filter_image(boxes, scores, lvl, size, post_nms_top_n, rpn_nms_thresh,
-                                 rpn_score_thresh, rpn_min_size)
-        final_boxes.append(clip_boxes_to_image(boxes, size)[keep])
-        final_scores.append(scores[keep])
+    for image_boxes, image_logits, image_levels, size in zip(boxes, logits, levels,
+                                                             image_sizes):
+        keep = keep_fn(image_boxes, image_logits, image_levels, size, post_nms_top_n,
+                       rpn_nms_thresh, rpn_score_thresh, rpn_min_size)
+        final_boxes.append(clip_boxes_to_image(image_boxes, size)[keep])
+        final_scores.append(torch.sigmoid(image_logits[keep]))
     return final_boxes, final_scores
 
 
-def _top_n_per_level(objectness: Tensor, num_anchors_per_level: list[int], top_n: int) -> Tensor:
-    """Tensor[N, sum_l min(top_n, T_l)] indices into T of each level's best anchors."""
-    indices, offset = [], 0
-    for level_scores in objectness.split(num_anchors_per_level, dim=1):
-        k = min(top_n, level_scores.shape[1])
-        _, idx = level_scores.topk(k, dim=1)
-        indices.append(idx + offset)
-        offset += level_scores.shape[1]
-    return torch.cat(indices, dim=1)
+def _top_n(top_n: int, scores: Tensor):
+    """min(top_n, T_l) for scores Tensor[N, T_l]: an int, or what a tracer keeps
+    symbolic (a 0-d tensor for the TorchScript tracer, a SymInt for torch.export)."""
+    n = scores.shape[1]
+    if isinstance(n, Tensor):
+        return torch.minimum(n, torch.tensor(top_n))
+    if isinstance(n, int):
+        return min(top_n, n)
+    return torch.sym_min(n, top_n)
 
 
-def _filter_image(boxes: Tensor, scores: Tensor, levels: Tensor, size: tuple[int, int],
+def _filter_image(boxes: Tensor, logits: Tensor, levels: Tensor, size: tuple[int, int],
                   top_n: int, nms_thresh: float, score_thresh: float,
                   min_size: float) -> Tensor:
     """Indices into one image's candidates (torchvision): clip, drop small and
     low-scoring boxes, NMS per level on probabilities, top-n."""
+    scores = torch.sigmoid(logits)
     boxes = clip_boxes_to_image(boxes, size)
     keep = remove_small_boxes(boxes, min_size)
     keep = keep[scores[keep] >= score_thresh]
@@ -200,9 +208,10 @@ def _filter_image(boxes: Tensor, scores: Tensor, levels: Tensor, size: tuple[int
 
 
 def _filter_image_detectron2(boxes: Tensor, logits: Tensor, levels: Tensor,
-                             size: tuple[int, int], top_n: int, nms_thresh: float) -> Tensor:
+                             size: tuple[int, int], top_n: int, nms_thresh: float,
+                             score_thresh: float, min_size: float) -> Tensor:
     """Indices into one image's candidates (detectron2): drop non-finite, clip, drop
-    empty boxes, NMS per level on logits, top-n."""
+    empty boxes, NMS per level on logits, top-n (score_thresh, min_size: unused)."""
     keep = torch.where(torch.isfinite(boxes).all(dim=1) & torch.isfinite(logits))[0]
     clipped = clip_boxes_to_image(boxes[keep], size)
     nonempty = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
@@ -211,6 +220,9 @@ def _filter_image_detectron2(boxes: Tensor, logits: Tensor, levels: Tensor,
     return keep[order]
 
 
+# Proposal filters, by the config key rpn.rpn_box_filter: each maps one image's candidates
+# (boxes Tensor[C, 4], logits Tensor[C], levels Tensor[C], size (h, w), top_n, nms_thresh,
+# score_thresh, min_size) to kept indices Tensor[R] int64, best first.
 PROPOSAL_FILTERS = {"torchvision": _filter_image, "detectron2": _filter_image_detectron2}
 
 

@@ -69,11 +69,16 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 
     Args:
         boxes: Tensor[R, 4] (any leading shape `...` works).
-        size: (h, w) of the image.
+        size: (h, w) of the image, ints or 0-d tensors.
     Returns:
         Tensor of the same shape, x in [0, w], y in [0, h].
     """
     height, width = size
+    if isinstance(width, Tensor):    # traced sizes (tools.tracing): the same clamp
+        zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+        boxes_x = torch.minimum(torch.maximum(boxes[..., 0::2], zero), width.to(boxes.dtype))
+        boxes_y = torch.minimum(torch.maximum(boxes[..., 1::2], zero), height.to(boxes.dtype))
+        return torch.stack((boxes_x, boxes_y), dim=boxes.dim()).reshape(boxes.shape)
     boxes_x = boxes[..., 0::2].clamp(min=0, max=width)
     boxes_y = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((boxes_x, boxes_y), dim=boxes.dim()).reshape(boxes.shape)

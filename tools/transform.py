@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads import PASTE_MASKS
-from tools.structures import ImageList
+from .paste import PASTE_MASKS
+from .structures import ImageList
+from .tracing import is_tracing, resized_size, size_tensor
 
 
 def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     """Scale Tensor[M, 4] boxes from original_size (h, w) to new_size (float32 ratios,
-    torchvision's arithmetic)."""
-    ratio_h, ratio_w = [torch.tensor(s, dtype=torch.float32, device=boxes.device)
-                        / torch.tensor(s0, dtype=torch.float32, device=boxes.device)
+    torchvision's arithmetic; sizes may be the tracer's 0-d tensors)."""
+    ratio_h, ratio_w = [size_tensor(s, boxes.device).to(torch.float32)
+                        / size_tensor(s0, boxes.device).to(torch.float32)
                         for s, s0 in zip(new_size, original_size)]
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
@@ -41,7 +42,7 @@ class ImageTransform(nn.Module):
             always given RGB).
         pixel_scale: 1.0 or 255.0, the pixel range the weights expect (images are
             always given in [0, 1]).
-        mask_paste: "torchvision" or "detectron2" (heads.mask_head.PASTE_MASKS).
+        mask_paste: a name in tools.paste.PASTE_MASKS ("torchvision", "detectron2").
     """
 
     def __init__(self, min_size: int = 800, max_size: int = 1333,
@@ -83,8 +84,8 @@ class ImageTransform(nn.Module):
             resized.append(image)
             if new_targets is not None:
                 new_targets.append(target)
-        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
-        return ImageList(self.batch_images(resized), sizes), new_targets
+        return ImageList(self.batch_images(resized), [image_size(img) for img in resized]), \
+            new_targets
 
     def normalize(self, image: Tensor) -> Tensor:
         """RGB [0, 1] -> the weights' channel order and pixel scale, normalised."""
@@ -109,12 +110,9 @@ class ImageTransform(nn.Module):
         No side drops below 1 pixel: an image more than max_size / min_size times wider
         than high would otherwise vanish (F.interpolate floors each side)."""
         h, w = image.shape[-2:]
-        scale = min(self._choose_min_size() / min(h, w), self.max_size / max(h, w))
-        new_h, new_w = math.floor(h * scale), math.floor(w * scale)
-        if new_h >= 1 and new_w >= 1:    # torchvision's arithmetic
-            size = dict(scale_factor=scale, recompute_scale_factor=True)
-        else:
-            size = dict(size=(max(new_h, 1), max(new_w, 1)))
+        # torchvision's arithmetic: scale_factor with recompute_scale_factor interpolates
+        # to floor(side * scale), which resized_size computes (tensors when traced).
+        size = dict(size=resized_size(h, w, self._choose_min_size(), self.max_size))
         image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size)[0]
         if target is None:
             return image, None
@@ -131,6 +129,8 @@ class ImageTransform(nn.Module):
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Zero-pad to a common size, each side rounded up to size_divisible."""
+        if is_tracing() and len(images) == 1:
+            return _pad_to_multiple(images[0][None], self.size_divisible)
         stride = float(self.size_divisible)
         max_h = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
         max_w = int(math.ceil(max(img.shape[-1] for img in images) / stride) * stride)
@@ -152,4 +152,17 @@ class ImageTransform(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------------- builder
+def image_size(image: Tensor) -> tuple:
+    """(h, w) of an image: ints, or when traced the sizes as 0-d tensors that follow the
+    input (an int would freeze the example's size into the graph)."""
+    if is_tracing():
+        return size_tensor(image.shape[-2]), size_tensor(image.shape[-1])
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def _pad_to_multiple(x: Tensor, stride: int) -> Tensor:
+    """Zero-pad x Tensor[N, C, h, w] at the bottom and right to multiples of stride (the
+    traced batch of one: batch_images' sizes without int())."""
+    h, w = x.shape[-2], x.shape[-1]
+    return F.pad(x, (0, (w + stride - 1) // stride * stride - w,
+                     0, (h + stride - 1) // stride * stride - h))
