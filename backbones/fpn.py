@@ -83,3 +83,12 @@ class FPN(nn.Module):
         if self.extra_pool:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return results
+
+
+# The FPN, by the config key backbone.fpn. builder.py calls an entry with
+#     in_channels_list: list[int] (the trunk's out_channels_list, C2..C5),
+#     out_channels: int (fpn_channels), norm: str (fpn_norm), fast_path: layers.FastPath
+# and the module (with an out_channels attribute) maps [C2..C5] -> [P2..P6], strides
+# 4..64, each Tensor[N, out_channels, H / s, W / s] (the RPN uses all five levels, the
+# RoI heads P2..P5).
+FPNS = {"fpn": FPN}

@@ -82,6 +82,7 @@ class ResNetTrunk(nn.Module):
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.layer4 = net.layer4
         self.depth = depth
+        self.groups, self.width_per_group = groups, width_per_group
         self.out_channels_list = resnet_out_channels(depth)
         self.trainable_layers = trainable_layers
         self._freeze()
@@ -241,3 +242,44 @@ def load_imagenet_weights(trunk: ResNetTrunk, path: str) -> None:
     if missing or unexpected:
         raise RuntimeError(f"{path} does not fit ResNet-{trunk.depth}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_pretrained_trunk(trunk: ResNetTrunk, pretrained: str | None) -> None:
+    """pretrained None (nothing), "imagenet" (torchvision's checkpoint for the trunk's
+    depth / groups / width_per_group: imagenet_weights_path) or a path of a torchvision
+    ResNet ImageNet state dict, loaded into `trunk` (load_imagenet_weights)."""
+    if pretrained is None:
+        return
+    path = (imagenet_weights_path(trunk.depth, trunk.groups, trunk.width_per_group)
+            if pretrained == "imagenet" else pretrained)
+    load_imagenet_weights(trunk, path)
+
+
+def _family_trunk(family: str):
+    """A TRUNKS entry: ResNetTrunk with groups / width_per_group 0 meaning the family's
+    default (FAMILY_WIDTHS)."""
+    default_groups, default_width = FAMILY_WIDTHS[family]
+
+    def build(depth: int, norm: str = "frozen_bn", trainable_layers: int = 3,
+              fast_path: FastPath = FastPath(), groups: int = 0, width_per_group: int = 0,
+              stride_in_1x1: bool = False) -> ResNetTrunk:
+        return ResNetTrunk(depth, norm, trainable_layers, fast_path=fast_path,
+                           groups=groups or default_groups,
+                           width_per_group=width_per_group or default_width,
+                           stride_in_1x1=stride_in_1x1)
+    build.__name__ = build.__qualname__ = f"{family}_trunk"
+    build.__doc__ = (f"TRUNKS[{family + 'N'!r}]: ResNetTrunk of depth N, groups / "
+                     f"width_per_group 0 meaning {default_groups} / {default_width}.")
+    return build
+
+
+# The trunk, by the config key backbone.backbone. A key with "N" stands for any name with
+# a number there ("resnet101" -> "resnetN"); builder.py calls an entry with
+#     depth: int (that number; only for keys with "N"), norm: str, trainable_layers: int,
+#     fast_path: layers.FastPath, groups: int, width_per_group: int (0: the entry's
+#     default), stride_in_1x1: bool
+# and the module, with an out_channels_list attribute (channels of C2..C5), maps images
+# Tensor[N, 3, H, W] -> [C2, C3, C4, C5], strides 4, 8, 16, 32. pretrained_backbone
+# ("imagenet" or a file) loads by load_pretrained_trunk (trunks with ResNetTrunk's
+# depth / groups / width_per_group attributes and parameter names).
+TRUNKS = {"resnetN": _family_trunk("resnet"), "resnextN": _family_trunk("resnext")}

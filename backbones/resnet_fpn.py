@@ -9,11 +9,12 @@ from torch import Tensor, nn
 from layers import FastPath
 
 from .fpn import FPN
-from .resnet import ResNetTrunk, imagenet_weights_path, load_imagenet_weights
+from .resnet import ResNetTrunk, load_pretrained_trunk
 
 
 class ResNetFPN(nn.Module):
-    """`body` (ResNetTrunk, C2..C5) followed by `fpn` (FPN, P2..P6).
+    """`body` (a trunk: ResNetTrunk or another backbones.TRUNKS entry, C2..C5) followed by
+    `fpn` (FPN or another backbones.FPNS entry, P2..P6).
 
     Attributes:
         out_channels: channels of every output level.
@@ -59,9 +60,6 @@ def build_resnet_fpn_backbone(depth: int = 101, norm: str = "frozen_bn",
     """
     body = ResNetTrunk(depth, norm, trainable_layers, fast_path=fast_path, groups=groups,
                        width_per_group=width_per_group, stride_in_1x1=stride_in_1x1)
-    if pretrained is not None:
-        path = (imagenet_weights_path(depth, groups, width_per_group)
-                if pretrained == "imagenet" else pretrained)
-        load_imagenet_weights(body, path)
+    load_pretrained_trunk(body, pretrained)
     return ResNetFPN(body, FPN(body.out_channels_list, out_channels, norm=fpn_norm,
                                fast_path=fast_path))

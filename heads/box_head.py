@@ -73,16 +73,46 @@ class ConvFCHead(nn.Module):
         return F.relu(self.fc6(x.flatten(start_dim=1)))
 
 
+def two_fc_head(in_channels: int, pool_size: int, representation_size: int,
+                conv_dim: int = 256, norm: str = "none",
+                fast_path: FastPath = FastPath()) -> TwoMLPHead:
+    """BOX_HEADS["2fc"]: TwoMLPHead on the flattened pooled features (conv_dim, norm and
+    fast_path unused)."""
+    return TwoMLPHead(in_channels * pool_size ** 2, representation_size)
+
+
+def conv_fc_head(in_channels: int, pool_size: int, representation_size: int,
+                 conv_dim: int = 256, norm: str = "none", fast_path: FastPath = FastPath(),
+                 num_convs: int = 4) -> "ConvFCHead":
+    """BOX_HEADS["Nconv1fc"]: ConvFCHead with num_convs = N convs of conv_dim."""
+    return ConvFCHead(in_channels, pool_size, num_convs, conv_dim, representation_size, norm,
+                      fast_path)
+
+
+# The box head, by the config key box_head.box_head. builder.py calls an entry with
+#     in_channels: int (FPN channels C), pool_size: int (P, box_pool_size),
+#     representation_size: int, conv_dim: int (box_conv_dim), norm: str (box_norm),
+#     fast_path: layers.FastPath
+# and, for a key with "N" (the name's first number there: "4conv1fc" -> "Nconv1fc"),
+#     num_convs: int = N.
+# The module maps pooled features Tensor[R, C, P, P] -> Tensor[R, representation_size]
+# (what the box predictor takes).
+BOX_HEADS = {"2fc": two_fc_head, "Nconv1fc": conv_fc_head}
+
+
 def build_box_head(kind: str, in_channels: int, pool_size: int, representation_size: int,
                    conv_dim: int = 256, norm: str = "none",
                    fast_path: FastPath = FastPath()) -> nn.Module:
-    """The box head named by the config key box_head: "2fc" or "Nconv1fc" (N >= 0)."""
+    """The box head named by the config key box_head: "2fc" or "Nconv1fc" (N >= 0), or
+    another entry of BOX_HEADS (builder.py looks names up the same way)."""
+    kwargs = dict(in_channels=in_channels, pool_size=pool_size,
+                  representation_size=representation_size, conv_dim=conv_dim, norm=norm,
+                  fast_path=fast_path)
+    if kind in BOX_HEADS:
+        return BOX_HEADS[kind](**kwargs)
     match = re.fullmatch(r"(\d+)conv1fc", kind)
-    if kind == "2fc":
-        return TwoMLPHead(in_channels * pool_size ** 2, representation_size)
     if match:
-        return ConvFCHead(in_channels, pool_size, int(match.group(1)), conv_dim,
-                          representation_size, norm, fast_path)
+        return BOX_HEADS["Nconv1fc"](**kwargs, num_convs=int(match.group(1)))
     raise ValueError(f"box_head must be '2fc' or 'Nconv1fc' (e.g. '4conv1fc'), got {kind!r}")
 
 
@@ -103,6 +133,14 @@ class BoxPredictor(nn.Module):
         """x: Tensor[R, D] -> (pred_logits Tensor[R, K+1], pred_deltas Tensor[R, 4(K+1)])."""
         x = x.flatten(start_dim=1)
         return self.cls_score(x), self.bbox_pred(x)
+
+
+# The box predictor, by the config key box_head.box_predictor. builder.py calls an entry
+# with in_channels: int (representation_size) and num_classes: int (K + 1); the module
+# maps Tensor[R, representation_size] -> (class logits Tensor[R, K+1], box deltas
+# Tensor[R, 4(K+1)]) and keeps cls_score / bbox_pred (the box loss and inference read them
+# only through the outputs).
+BOX_PREDICTORS = {"fastrcnn": BoxPredictor}
 
 
 def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],

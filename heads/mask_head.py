@@ -102,6 +102,22 @@ class MaskPredictor(nn.Sequential):
         return out + conv.bias[labels][:, None, None] if conv.bias is not None else out
 
 
+# The mask head, by the config key mask_head.mask_head. builder.py calls an entry with
+#     in_channels: int (FPN channels C), layers: tuple[int, ...] (mask_layers),
+#     dilation: int (mask_dilation), norm: str (mask_norm), fast_path: layers.FastPath
+# and the module maps pooled features Tensor[R, C, P, P] -> Tensor[R, layers[-1], P, P].
+MASK_HEADS = {"fcn": MaskHead}
+
+# The mask predictor, by the config key mask_head.mask_predictor. builder.py calls an
+# entry with
+#     in_channels: int (layers[-1]), dim_reduced: int (mask_dim_reduced),
+#     num_classes: int (K + 1), fast_path: layers.FastPath
+# and the module's forward(x: Tensor[R, C, P, P], labels: Tensor[R] | None = None) gives
+# mask logits Tensor[R, K+1, S, S], or with labels (training) each RoI's own class
+# Tensor[R, S, S]; S = 2P for the shipped one.
+MASK_PREDICTORS = {"deconv": MaskPredictor}
+
+
 def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor,
                            size: int) -> Tensor:
     """RoIAlign each RoI's matched GT mask to size x size (the mask targets).

@@ -2,7 +2,8 @@
 
     from pooling import RoIAlign, MultiScaleRoIAlign
 """
-from .multiscale import MultiScaleRoIAlign, level_scales, map_levels
+from .multiscale import LEVEL_RULES, ROI_POOLERS, MultiScaleRoIAlign, level_scales, map_levels
 from .roi_align import RoIAlign
 
-__all__ = ["RoIAlign", "MultiScaleRoIAlign", "level_scales", "map_levels"]
+__all__ = ["RoIAlign", "MultiScaleRoIAlign", "level_scales", "map_levels", "LEVEL_RULES",
+           "ROI_POOLERS"]

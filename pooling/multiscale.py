@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from libs import boxes_to_rois, ops, pooling_dtype, roi_align
 from tools.tracing import is_tracing, round_log2, size_tensor
 
-__all__ = ["MultiScaleRoIAlign", "level_scales", "traced_level_scales", "map_levels"]
+__all__ = ["MultiScaleRoIAlign", "level_scales", "traced_level_scales", "map_levels",
+           "LEVEL_RULES", "ROI_POOLERS", "torchvision_level", "detectron2_level"]
 
 
 def level_scales(feature_sizes: Sequence[Tuple[int, int]],
@@ -40,34 +41,52 @@ def level_scales(feature_sizes: Sequence[Tuple[int, int]],
     return scales
 
 
+def torchvision_level(sizes: Tensor, canonical_scale: float, canonical_level: int,
+                      eps: float) -> Tensor:
+    """torchvision: ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``."""
+    return torch.floor(canonical_level + torch.log2(sizes / canonical_scale)
+                       + torch.tensor(eps, dtype=sizes.dtype))
+
+
+def detectron2_level(sizes: Tensor, canonical_scale: float, canonical_level: int,
+                     eps: float) -> Tensor:
+    """detectron2: ``floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8))``
+    (eps unused)."""
+    return torch.floor(canonical_level + torch.log2(sizes / canonical_scale + 1e-8))
+
+
+# The level rule, by the config key roi_heads.roi_level_rule (MultiScaleRoIAlign's
+# level_rule). An entry is a function
+#     rule(sizes: Tensor[R] = sqrt(box area), canonical_scale: float, canonical_level: int,
+#          eps: float) -> Tensor[R] float, the unclamped, floored absolute level
+# (map_levels clamps it to the pyramid). A new rule is one function and one entry here.
+LEVEL_RULES = {"torchvision": torchvision_level, "detectron2": detectron2_level}
+
+
+def _check_level_rule(level_rule: str) -> None:
+    if level_rule not in LEVEL_RULES:
+        raise ValueError(f"level_rule must be {' or '.join(map(repr, LEVEL_RULES))}, "
+                         f"got {level_rule!r}")
+
+
 def map_levels(boxes: Sequence[Tensor], k_min: int, k_max: int, canonical_scale: float,
                canonical_level: int, level_rule: str = "torchvision",
                eps: float = 1e-6) -> Tensor:
     """Pyramid level of each box, relative to ``k_min``: Tensor[R] int64 in [0, k_max-k_min].
 
-    torchvision: ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``;
-    detectron2: ``floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8))``;
-    both clamped to the available levels.
+    ``LEVEL_RULES[level_rule]`` of the boxes' sqrt(area): torchvision
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, detectron2
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8))``; clamped to
+    the available levels.
     """
     b = torch.cat(list(boxes), dim=0)
     s = torch.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    _check_level_rule(level_rule)
+    lvl = LEVEL_RULES[level_rule](s, canonical_scale, canonical_level, eps)
     if isinstance(k_min, Tensor):    # traced: k_min, k_max float 0-d tensors
-        lvl = _level_rule(s, canonical_scale, canonical_level, level_rule, eps)
         return (torch.minimum(torch.maximum(lvl, k_min), k_max) - k_min).to(torch.int64)
-    lvl = _level_rule(s, canonical_scale, canonical_level, level_rule, eps)
     lvl = torch.clamp(lvl, min=k_min, max=k_max)
     return lvl.to(torch.int64) - k_min
-
-
-def _level_rule(s: Tensor, canonical_scale: float, canonical_level: int, level_rule: str,
-                eps: float) -> Tensor:
-    """Unclamped level (float) of boxes of side s Tensor[R]."""
-    if level_rule == "torchvision":
-        return torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                           + torch.tensor(eps, dtype=s.dtype))
-    if level_rule == "detectron2":
-        return torch.floor(canonical_level + torch.log2(s / canonical_scale + 1e-8))
-    raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', got {level_rule!r}")
 
 
 def traced_level_scales(features: Sequence[Tensor], image_h) -> Tensor:
@@ -88,7 +107,8 @@ class MultiScaleRoIAlign(nn.Module):
         aligned: pixel-centre convention (see ``libs.roi_align``).
         canonical_scale, canonical_level: a box of side ``canonical_scale`` maps to level
             ``canonical_level`` (224 -> P4, as in the FPN paper).
-        level_rule: "torchvision" or "detectron2" (differ only in where the epsilon sits).
+        level_rule: a name in LEVEL_RULES: "torchvision" or "detectron2" (differ only in
+            where the epsilon sits).
         eps: torchvision's epsilon added before the floor.
 
     forward(features: list[Tensor[N, C, H_l, W_l]] finest first (P2..P5),
@@ -101,9 +121,7 @@ class MultiScaleRoIAlign(nn.Module):
                  canonical_scale: float = 224, canonical_level: int = 4,
                  level_rule: str = "torchvision", eps: float = 1e-6):
         super().__init__()
-        if level_rule not in ("torchvision", "detectron2"):
-            raise ValueError(f"level_rule must be 'torchvision' or 'detectron2', "
-                             f"got {level_rule!r}")
+        _check_level_rule(level_rule)
         self.output_size = (output_size, output_size) if isinstance(output_size, int) \
             else tuple(output_size)
         self.sampling_ratio = sampling_ratio
@@ -189,3 +207,14 @@ class MultiScaleRoIAlign(nn.Module):
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
                 f"aligned={self.aligned}, level_rule={self.level_rule!r}")
+
+
+# The RoI pooler, by the config keys box_head.box_roi_pool and mask_head.mask_roi_pool.
+# builder.py calls an entry with these keyword arguments:
+#     output_size: int, sampling_ratio: int, aligned: bool, canonical_scale: float,
+#     canonical_level: int, level_rule: str (a name in LEVEL_RULES)
+# and the module it returns is called as
+#     pooler(features: list[Tensor[N, C, H_l, W_l]] finest first (P2..P5),
+#            boxes: list[Tensor[R_i, 4]] per image, resized-image pixels,
+#            image_sizes: list[(h, w)]) -> Tensor[sum R_i, C, P, P], image order then box order.
+ROI_POOLERS = {"multiscale": MultiScaleRoIAlign}

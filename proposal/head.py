@@ -51,3 +51,11 @@ class RPNHead(nn.Module):
             objectness.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return objectness, deltas
+
+
+# The RPN head, by the config key rpn.rpn_head. builder.py calls an entry with
+#     in_channels: int (FPN channels C), num_anchors: int (A per location),
+#     num_convs: int (rpn_head_convs), fast_path: layers.FastPath
+# and the module maps features list[Tensor[N, C, H_l, W_l]] (P2..P6) -> (objectness
+# list[Tensor[N, A, H_l, W_l]], deltas list[Tensor[N, 4A, H_l, W_l]]).
+RPN_HEADS = {"standard": RPNHead}

@@ -251,7 +251,50 @@ EFFECT_CASES = [
     ("mask_dim_reduced", 8, "structure", ""),
     ("mask_paste_padding", 0, "eval", ""),
     ("mask_paste", "detectron2", "eval", ""),
+    # Slots whose table ships one entry: a variant registered at run time (VARIANTS) is
+    # picked by the key.
+    ("fpn", "variant", "structure", ""),
+    ("rpn_head", "variant", "structure", ""),
+    ("box_roi_pool", "variant", "structure", ""),
+    ("box_predictor", "variant", "structure", ""),
+    ("mask_roi_pool", "variant", "structure", ""),
+    ("mask_head", "variant", "structure", ""),
+    ("mask_predictor", "variant", "structure", ""),
 ]
+
+
+def _tagged(constructor):
+    """A table entry that builds what `constructor` builds plus a buffer: a variant that
+    changes the model's structure, and nothing else."""
+    def build(**kwargs):
+        module = constructor(**kwargs)
+        module.register_buffer("variant_tag", torch.zeros(1))
+        return module
+    return build
+
+
+def _variant_tables():
+    """{config key: (its table, the shipped entry)} of the one-entry slots."""
+    from backbones import FPNS
+    from heads import BOX_PREDICTORS, MASK_HEADS, MASK_PREDICTORS
+    from pooling import ROI_POOLERS
+    from proposal import RPN_HEADS
+    return {"fpn": (FPNS, "fpn"), "rpn_head": (RPN_HEADS, "standard"),
+            "box_roi_pool": (ROI_POOLERS, "multiscale"),
+            "box_predictor": (BOX_PREDICTORS, "fastrcnn"),
+            "mask_head": (MASK_HEADS, "fcn"), "mask_predictor": (MASK_PREDICTORS, "deconv")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_variants():
+    """Registers "variant" in the one-entry tables for this module's tests (the lookup
+    happens at build time, so an entry added at run time is accepted)."""
+    tables = [table for table, _ in _variant_tables().values()]
+    for table, shipped in _variant_tables().values():
+        table["variant"] = _tagged(table[shipped])
+    yield
+    for table in tables:
+        table.pop("variant", None)
 
 TRAIN_SEED = 7        # the RPN and RoI samplers' draws, the same on both sides
 
