@@ -41,13 +41,15 @@ def resized_size(h, w, min_size: int, max_size: int):
     h, w: ints -> ints; SymInts (torch.export) -> SymInts; 0-d tensors (TorchScript
     tracer) -> 0-d int64 tensors."""
     if isinstance(h, Tensor):
-        hf, wf = h.to(torch.float64), w.to(torch.float64)
+        # 1-element, not 0-d: the ONNX exporter computes 0-d tensors ("scalars") in
+        # float32, where 389 * (512 / 389) rounds up to 512.
+        hf, wf = h.reshape(1).to(torch.float64), w.reshape(1).to(torch.float64)
         # A Python number / tensor traces as reciprocal(tensor) * number, which rounds
         # differently from Python's division: divide two tensors instead.
         lo, hi = torch.full_like(hf, min_size), torch.full_like(hf, max_size)
         scale = torch.minimum(lo / torch.minimum(hf, wf), hi / torch.maximum(hf, wf))
-        return (torch.floor(hf * scale).to(torch.int64).clamp(min=1),
-                torch.floor(wf * scale).to(torch.int64).clamp(min=1))
+        return (torch.floor(hf * scale).to(torch.int64).clamp(min=1).reshape(()),
+                torch.floor(wf * scale).to(torch.int64).clamp(min=1).reshape(()))
     if isinstance(h, int) and isinstance(w, int):
         scale = min(min_size / min(h, w), max_size / max(h, w))
         return max(math.floor(h * scale), 1), max(math.floor(w * scale), 1)

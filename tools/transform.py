@@ -113,7 +113,11 @@ class ImageTransform(nn.Module):
         # torchvision's arithmetic: scale_factor with recompute_scale_factor interpolates
         # to floor(side * scale), which resized_size computes (tensors when traced).
         size = dict(size=resized_size(h, w, self._choose_min_size(), self.max_size))
-        image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size)[0]
+        if is_tracing():
+            image = bilinear_resize(image, *size["size"])
+        else:
+            image = F.interpolate(image[None], mode="bilinear", align_corners=False,
+                                  **size)[0]
         if target is None:
             return image, None
         valid = target.get("mask_valid")
@@ -150,6 +154,36 @@ class ImageTransform(nn.Module):
                                                             original, self.mask_paste_padding)
             out.append(det)
         return out
+
+
+def _linear_taps(in_size, out_size, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Along one axis of a bilinear resize from in_size to out_size pixels
+    (align_corners=False), PyTorch's CPU arithmetic: the float32 scale in / out, source
+    coordinate scale * (dst + 0.5) - 0.5 (one rounding) clamped at 0, taps i0 = floor and
+    i1 = min(i0 + 1, in - 1), weights 1 - lambda and lambda. -> (i0, i1, w0, w1), each
+    Tensor[out_size]."""
+    in_size = size_tensor(in_size, device)
+    scale = in_size.to(torch.float32) / size_tensor(out_size, device).to(torch.float32)
+    # scale * (dst + 0.5) - 0.5 rounded once, as the kernel's fused multiply-add does:
+    # exact in float64 (float32 scale times a half-integer), then rounded to float32.
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
+    src = ((dst + 0.5) * scale.reshape(1).to(torch.float64) - 0.5).to(torch.float32)
+    src = src.clamp(min=0)
+    i0 = torch.minimum(src.to(torch.int64), in_size - 1)      # src >= 0: trunc is floor
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    lam = (src - i0.to(torch.float32)).clamp(0, 1)
+    return i0, i1, 1 - lam, lam
+
+
+def bilinear_resize(image: Tensor, new_h, new_w) -> Tensor:
+    """F.interpolate(image[None], (new_h, new_w), mode="bilinear")[0] for image
+    Tensor[C, H, W], as gathers and weighted sums in the order PyTorch's CPU kernel adds
+    (along W, then H): what an exported graph computes instead of its Resize op, whose
+    coordinate arithmetic differs from PyTorch's by ~1e-4 of a pixel value."""
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[-1], new_w, image.device)
+    y0, y1, wy0, wy1 = _linear_taps(image.shape[-2], new_h, image.device)
+    rows = image.index_select(2, x0) * wx0 + image.index_select(2, x1) * wx1
+    return rows.index_select(1, y0) * wy0[:, None] + rows.index_select(1, y1) * wy1[:, None]
 
 
 def image_size(image: Tensor) -> tuple:
