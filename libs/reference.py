@@ -1,8 +1,8 @@
 """Pure-PyTorch RoIAlign and NMS: the readable reference and the fallback.
 
-These implement exactly the semantics in ``shared/specs/kernels.md`` (the same arithmetic
-as ``torchvision.ops``) with ordinary tensor operations, so they run on any device and
-any floating dtype. The compiled kernels in ``libs/csrc`` are tested against
+These implement exactly the semantics in ``docs/kernels.md`` ("Semantics"; the same
+arithmetic as ``torchvision.ops``) with ordinary tensor operations, so they run on any
+device and any floating dtype. The compiled kernels in ``libs/csrc`` are tested against
 ``torchvision.ops``; these functions are what ``libs`` uses when a compiled library is
 missing (or ``MASKRCNN_FORCE_FALLBACK=1``).
 

@@ -1,8 +1,8 @@
 /*
  * RoIAlign forward/backward on the CPU (libmrcnn_cpu.so): the extern "C" layer, the split
- * of the RoIs by level and the choice of path. Semantics: docs in
- * /work/shared/specs/kernels.md; bit-identical to torchvision's CPU kernel when compiled
- * with -ffp-contract=off (same expressions, same order of operations, on every path).
+ * of the RoIs by level and the choice of path. Semantics: docs/kernels.md, section
+ * "Semantics"; bit-identical to torchvision's CPU kernel when compiled with
+ * -ffp-contract=off (same expressions, same order of operations, on every path).
  *
  * Multi-level (FPN): one call takes every level and each RoI's level and pools each RoI
  * straight into its output row (no gather / concatenation / scatter); a single map is
