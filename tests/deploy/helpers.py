@@ -37,3 +37,20 @@ def assert_same_detections(eager: dict, exported: dict, what: str) -> None:
 def eager(model, image: torch.Tensor) -> dict:
     with torch.no_grad():
         return model([image])[0]
+
+
+def pair_detections(eager: dict, exported: dict, score_tol: float = SCORE_TOL,
+                    box_tol: float = BOX_TOL) -> list[tuple[int, int]]:
+    """(i, j) pairs of eager detection i and exported detection j with the same label,
+    score within score_tol and box within box_tol px; greedy in eager's order, each
+    exported detection used once (the order of equal scores is free)."""
+    used, pairs = set(), []
+    for i in range(len(eager["scores"])):
+        for j in range(len(exported["scores"])):
+            if j not in used and int(eager["labels"][i]) == int(exported["labels"][j]) \
+                    and abs(float(eager["scores"][i] - exported["scores"][j])) <= score_tol \
+                    and float((eager["boxes"][i] - exported["boxes"][j]).abs().max()) <= box_tol:
+                used.add(j)
+                pairs.append((i, j))
+                break
+    return pairs

@@ -54,3 +54,37 @@ def coco_v1_like(image, seed=0, **tv_kwargs):
             module.eps = 0.0
     damp_residual_blocks(backbone)
     return calibrate(TvMaskRCNN(backbone, num_classes=91, **tv_kwargs).eval(), image)
+
+
+def coco_v2_like(images, seed=0, logit_std=3.0, **tv_kwargs):
+    """torchvision's maskrcnn_resnet50_fpn_v2 (BatchNorm in the trunk, FPN, RPN, box and
+    mask heads; 91 classes) with random weights: every BatchNorm's statistics measured on
+    `images` (list of Tensor[3, H, W]), the class logits scaled to std `logit_std`, eval
+    mode. The issue's export case: min_size=512, max_size=704, logit_std 3."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+    torch.manual_seed(seed)
+    tv = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91,
+                                  **tv_kwargs)
+    for norm in tv.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.reset_running_stats()
+            norm.momentum = None              # the plain average over the batches seen
+    with torch.no_grad():
+        tv.eval()
+        batch, _ = tv.transform(images)
+        tv.backbone.train()
+        tv.backbone(batch.tensors)            # the trunk's and FPN's statistics
+        tv.eval()
+        features = tv.backbone(batch.tensors)
+        proposals, _ = tv.rpn(batch, features)
+        heads = tv.roi_heads
+        heads.train()                         # the heads' statistics, on real proposals
+        heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        heads.mask_head(heads.mask_roi_pool(features, proposals, batch.image_sizes))
+        tv.eval()
+        pooled = heads.box_roi_pool(features, proposals, batch.image_sizes)
+        logits, _ = heads.box_predictor(heads.box_head(pooled))
+        scale = logit_std / logits.std()
+        heads.box_predictor.cls_score.weight.mul_(scale)
+        heads.box_predictor.cls_score.bias.mul_(scale)
+    return tv
