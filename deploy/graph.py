@@ -56,6 +56,7 @@ class InferenceGraph(nn.Module):
         super().__init__()
         self.model = export_copy(model)
         self.mask_on = bool(self.model.roi_heads.mask_on)
+        self.eval()
 
     def forward(self, image: Tensor):
         detections = self.model([image.to(torch.float32)])[0]

@@ -67,7 +67,10 @@ def _check_sweep(model, run, sizes, what, seed=5):
 
 def _onnx(model, tmp_path, size):
     path = deploy.export_onnx(model, tmp_path / "model.onnx", example_size=size)
-    return deploy.OnnxPredictor(path, threads=2)
+    # ONNX Runtime 1.32's layout pass changes one mask of the v2 sweep (detection 79 at
+    # 333 x 1000: IoU 0.81) while PyTorch running the same traced graph gives eager's:
+    # the graph is right, the pass is not (deploy.OnnxPredictor, layout_optimizations).
+    return deploy.OnnxPredictor(path, threads=2, layout_optimizations=False)
 
 
 def _program(model, size):
@@ -87,7 +90,7 @@ def v2_model():
     (eager fast vs eager exact, scores still within 1e-3); the export computes with direct
     convs (layers.EXPORT), so the eager side it must equal is the exact mode."""
     from tests.zoo.torchvision_oracle import coco_v2_like
-    tv = coco_v2_like(images([(384, 512), (480, 360)], seed=1), min_size=512, max_size=704)
+    tv = coco_v2_like(images([(384, 512), (512, 680)], seed=1), min_size=512, max_size=704)
     return MaskRCNN.from_torchvision(tv, fuse_bn=False).eval()
 
 

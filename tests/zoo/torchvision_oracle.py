@@ -59,8 +59,8 @@ def coco_v1_like(image, seed=0, **tv_kwargs):
 def coco_v2_like(images, seed=0, logit_std=3.0, **tv_kwargs):
     """torchvision's maskrcnn_resnet50_fpn_v2 (BatchNorm in the trunk, FPN, RPN, box and
     mask heads; 91 classes) with random weights: every BatchNorm's statistics measured on
-    `images` (list of Tensor[3, H, W]), the class logits scaled to std `logit_std`, eval
-    mode. The issue's export case: min_size=512, max_size=704, logit_std 3."""
+    `images` (list of Tensor[3, H, W]), the class and mask logits scaled to std
+    `logit_std`, eval mode. The issue's export case: min_size=512, max_size=704, logit_std 3."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
     torch.manual_seed(seed)
     tv = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91,
@@ -87,4 +87,12 @@ def coco_v2_like(images, seed=0, logit_std=3.0, **tv_kwargs):
         scale = logit_std / logits.std()
         heads.box_predictor.cls_score.weight.mul_(scale)
         heads.box_predictor.cls_score.bias.mul_(scale)
+        # Mask logits of std logit_std too: random heads give logits of 1e2..1e3, whose
+        # rounding (1e-4 relative) would decide pixels near the 0.5 boundary.
+        pooled = heads.mask_roi_pool(features, proposals, batch.image_sizes)
+        mask_logits = heads.mask_predictor(heads.mask_head(pooled))
+        last = heads.mask_predictor.mask_fcn_logits
+        scale = logit_std / mask_logits.std()
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
     return tv
