@@ -5,7 +5,7 @@ when the number of classes differs).
 Formats, detected from the content (never from the file name):
     ours         a state dict, or a training checkpoint {"model": ..., "config": ...}, or
                  a model-only weights file (safetensors: the state, and the config and
-                 categories as JSON metadata; tools.export)
+                 categories as JSON metadata; engine.export)
     torchvision  a MaskRCNN state dict (v1 or v2): keys `backbone.fpn.inner_blocks.*`, ...
     detectron2   a model-zoo .pkl ({"model": {name: array}}) or a training .pth
                  ({"model": {name: tensor}}): keys `backbone.bottom_up.*`, ...
@@ -24,7 +24,7 @@ from convert.detectron2 import convert_detectron2_state, is_detectron2_state
 from convert.torchvision import (convert_torchvision_backbone_state_dict,
                                  convert_torchvision_roi_heads_state_dict,
                                  convert_torchvision_rpn_state_dict)
-from tools.export import is_safetensors, read_safetensors
+from engine.export import is_safetensors, read_safetensors
 from tools.zoo import categories_for, read_checkpoint
 
 PathLike = Union[str, os.PathLike]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from maskrcnn import MaskRCNN
 from tests.deploy.helpers import assert_same_detections, eager
-from tools.cli import main
+from engine.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("boxes", "labels", "scores", "masks")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools import checkpoint as ckpt
+from engine import checkpoint as ckpt
 from tools.zoo import UnsafeCheckpointError
 
 

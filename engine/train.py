@@ -47,8 +47,8 @@ from torch import nn
 
 from builder import build_model
 from configs import apply_overrides
-from tools import distributed as dist_utils
-from tools.checkpoint import (atomic_save, latest_checkpoint, load_checkpoint,
+from engine import distributed as dist_utils
+from engine.checkpoint import (atomic_save, latest_checkpoint, load_checkpoint,
                               load_latest_checkpoint, plain, rng_state, save_checkpoint,
                               set_rng_state)
 
@@ -160,7 +160,7 @@ def _is_disabled(path: Any) -> bool:
 
 def build_datasets(cfg: EasyDict):
     """(train CocoInstances, val CocoInstances or None) from cfg.data."""
-    from tools.data import CocoInstances
+    from engine.data import CocoInstances
     d = cfg.data
     for key in ("train_json", "train_images"):
         if not Path(d[key]).exists():
@@ -319,7 +319,7 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    from tools.data import build_loader
+    from engine.data import build_loader
     loader = build_loader(train_set, batch_size=solver.batch_size // world, shuffle=True,
                           num_workers=cfg.data.num_workers, seed=solver.seed,
                           distributed=distributed)
@@ -446,7 +446,7 @@ class _Loop:
         return values
 
     def state(self, iteration, epoch, batch_in_epoch, elapsed, rngs) -> dict:
-        """The checkpoint content (see tools/checkpoint.py); rngs: every rank's RNG state."""
+        """The checkpoint content (see engine/checkpoint.py); rngs: every rank's RNG state."""
         return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -477,7 +477,7 @@ class _Loop:
         """COCO AP on the val set (a bar over its images with progress), logged; writes
         model_best.pth when the AP of best_kind beats every earlier evaluation's; prints
         one line (rank 0)."""
-        from tools.evaluate import evaluate
+        from engine.evaluate import evaluate
         rng = rng_state()              # the training state's, as a checkpoint now holds
         metrics = evaluate(_unwrap(self.model), self.val_set,
                            batch_size=self.cfg.eval.eval_batch_size, device=self.device,
@@ -655,7 +655,7 @@ class _Monitor:
         first), the best so far and whether model_best.pth was just written."""
         if not self.main:
             return
-        from tools.evaluate import IOU_TYPES, METRIC_NAMES
+        from engine.evaluate import IOU_TYPES, METRIC_NAMES
         types = [kind] + [t for t in IOU_TYPES if t in metrics and t != kind]
         shown = "  ".join(f"{t} AP={metrics[t]['AP']:.4f} AP50={metrics[t]['AP50']:.4f}"
                           for t in types)

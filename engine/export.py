@@ -101,13 +101,13 @@ def save_weights(state: dict[str, Tensor], path: PathLike, config: Optional[dict
     Args:
         state: the model's state dict (moved to the CPU, made contiguous; tensors that
             share storage are copied, as safetensors requires).
-        config: the plain {section: {key: value}} config (tools.checkpoint.plain(cfg)).
+        config: the plain {section: {key: value}} config (engine.checkpoint.plain(cfg)).
         categories: {label: (name, COCO id)}.
     Raises:
         OSError naming the file when it cannot be written.
     """
     from safetensors.torch import save_file
-    from tools.checkpoint import plain
+    from engine.checkpoint import plain
     path = Path(path)
     tensors, seen = {}, set()
     for key, value in state.items():
@@ -140,7 +140,7 @@ def save_weights(state: dict[str, Tensor], path: PathLike, config: Optional[dict
 
 
 def export_weights(checkpoint: PathLike, out: PathLike) -> Path:
-    """The model-only weights file of a training checkpoint (tools/train.py's
+    """The model-only weights file of a training checkpoint (engine/train.py's
     model_*.pth): its model state, config, categories and iteration; no optimizer,
     scheduler or RNG state. Returns `out`.
 

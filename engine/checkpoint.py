@@ -37,7 +37,7 @@ PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^model_(\d+)\.pth$")
 # mkstemp names of atomic_save / _atomic_write_text: a killed save leaves one behind
 _TEMP = re.compile(r"^\.(model_\d+\.pth|last_checkpoint)\..+\.tmp$")
-# Test hook (tests/tools/test_faults.py): when this variable names a checkpoint file,
+# Test hook (tests/engine/test_faults.py): when this variable names a checkpoint file,
 # atomic_save SIGKILLs its own process after writing that file's temp file and before
 # renaming it, the worst moment for a crash. Inert unless set.
 KILL_SAVING_ENV = "MASKRCNN_TEST_KILL_SAVING"
