@@ -31,7 +31,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from tools.zoo import UnsafeCheckpointError, torch_load_safe
+from convert.weights import read_file
+from tools.download import UnsafeCheckpointError
 
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^model_(\d+)\.pth$")
@@ -154,11 +155,9 @@ def _remove_temp_files(output_dir: PathLike) -> None:
 
 
 def _load(path: Path) -> dict:
-    """torch.load(weights_only=True) on the CPU through tools.zoo's reader: its errors are
-    one line naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch_load_safe(path, str(path))
+    """The checkpoint's dict on the CPU, read by convert.weights (torch.load with
+    weights_only=True for our files): its errors are one line naming the file."""
+    return read_file(path)
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:

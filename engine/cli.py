@@ -336,7 +336,7 @@ def cmd_export(args, parser) -> int:
         except ImportError:
             parser.error("--format onnx needs the onnx package: pip install "
                          "'mask-rcnn-pytorch[export]' (or onnx onnxruntime)")
-    from tools.zoo import DownloadError
+    from tools.download import DownloadError
     try:
         model = MaskRCNN(pretrained=args.weights, config=args.config, **overrides).eval()
     except (FileNotFoundError, ValueError, DownloadError) as err:
@@ -360,7 +360,7 @@ def cmd_export(args, parser) -> int:
 
 
 def cmd_zoo(args, parser) -> int:
-    from tools.zoo import COCO_FOR_BACKBONE, cache_dir, describe_zoo
+    from convert.zoo import COCO_FOR_BACKBONE, cache_dir, describe_zoo
     rows = describe_zoo()
     width = max(len(r["name"]) for r in rows)
     print(f"{'name':<{width}}  box AP  mask AP  cached")

@@ -22,10 +22,10 @@ from builder import build_model
 from configs import apply_overrides, resolve_config
 from configs.loader import known_keys
 from maskrcnn import MaskRCNN
-from tools import zoo
+from convert import zoo
 from engine.checkpoint import load_checkpoint
 from engine.evaluate import detections_to_coco
-from engine.export import is_safetensors
+from convert.weights import is_safetensors
 from tools.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -37,7 +37,7 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
     Args:
         weights: a checkpoint written by engine/train.py (it holds the config and the
             class mapping; loaded with weights_only=True), a weights file exported from
-            one (`maskrcnn export-weights`), or "coco" / a model-zoo name (tools.zoo.ZOO:
+            one (`maskrcnn export-weights`), or "coco" / a model-zoo name (convert.zoo.ZOO:
             downloaded once, verified, with its COCO categories).
         overrides: config keys to change for inference (e.g. box_score_thresh).
     Returns:
@@ -66,7 +66,7 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
 
 
 def is_zoo_name(weights) -> bool:
-    """"coco" or a name of tools.zoo.ZOO (anything else is a file path)."""
+    """"coco" or a name of convert.zoo.ZOO (anything else is a file path)."""
     return str(weights) == "coco" or str(weights) in zoo.ZOO
 
 

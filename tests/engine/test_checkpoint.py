@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from tools.zoo import UnsafeCheckpointError
+from tools.download import UnsafeCheckpointError
 
 
 def test_save_keeps_last_and_points_to_newest(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from maskrcnn import MaskRCNN
 from engine.checkpoint import atomic_save, plain
 from engine.cli import build_parser, main
-from engine.export import export_weights, is_safetensors, read_safetensors
+from convert.weights import is_safetensors, read_safetensors
+from engine.export import export_weights
 from convert.pretrained import read_model_weights
 
 # Not the defaults (resnet101, 256 channels): a load that ignored the stored config would

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from maskrcnn import MaskRCNN
-from tools import zoo
+from convert import zoo
 
 d2 = pytest.importorskip("tests.zoo.detectron2_oracle",
                          reason="detectron2 (the oracle) is not installed")

@@ -16,7 +16,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
 from maskrcnn import MaskRCNN
 from tests.zoo.torchvision_oracle import calibrate, coco_v1_like, damp_residual_blocks
-from tools import zoo
+from convert import zoo
 
 torch.set_num_threads(2)
 # Test-time overrides: they apply over the preset (small images keep the CPU time low).
