@@ -24,7 +24,7 @@ from convert.detectron2 import convert_detectron2_state, is_detectron2_state
 from convert.torchvision import (convert_torchvision_backbone_state_dict,
                                  convert_torchvision_roi_heads_state_dict,
                                  convert_torchvision_rpn_state_dict)
-from convert.weights import is_torchvision_state, read_weights
+from convert.weights import is_torchvision_state, read_weights  # noqa: F401 (re-exported)
 
 PathLike = Union[str, os.PathLike]
 

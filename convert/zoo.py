@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import configs
-from convert.weights import COCO_CATEGORIES, categories_for, read_file
+from convert.weights import COCO_CATEGORIES, categories_for, read_file  # noqa: F401
 from tools import download
 from tools.download import (OFFLINE_ENV, SOURCES, ChecksumError, DownloadError,  # noqa: F401
                             UnsafeCheckpointError, cache_dir, cached_file, sha256_file)
