@@ -22,9 +22,9 @@ from configs import DEFAULT_CONFIG, apply_overrides, load_config, resolve_config
 from configs.loader import (configured_backbone, explicit_keys, known_keys, overlay_config,
                             trainable_without_weights)
 from convert import pretrained as pretrained_weights
+from convert import zoo
 from convert.torchvision import load_torchvision_weights, torchvision_hyperparameters
 from generalized_rcnn import GeneralizedRCNN
-from convert import zoo
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _dist_version

@@ -21,11 +21,11 @@ import torch
 from builder import build_model
 from configs import apply_overrides, resolve_config
 from configs.loader import known_keys
-from maskrcnn import MaskRCNN
 from convert import zoo
+from convert.weights import is_safetensors
 from engine.checkpoint import load_checkpoint
 from engine.evaluate import detections_to_coco
-from convert.weights import is_safetensors
+from maskrcnn import MaskRCNN
 from tools.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn import build_model
 from engine.train import seed_everything
+from maskrcnn import build_model
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 

@@ -6,12 +6,12 @@ import struct
 import pytest
 import torch
 
-from maskrcnn import MaskRCNN
+from convert.pretrained import read_model_weights
+from convert.weights import is_safetensors, read_safetensors
 from engine.checkpoint import atomic_save, plain
 from engine.cli import build_parser, main
-from convert.weights import is_safetensors, read_safetensors
 from engine.export import export_weights
-from convert.pretrained import read_model_weights
+from maskrcnn import MaskRCNN
 
 # Not the defaults (resnet101, 256 channels): a load that ignored the stored config would
 # build another architecture, and the weights would not fit it.

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import maskrcnn
-from maskrcnn import build_model
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.train import LRSchedule, NonFiniteLossError, build_optimizer, train
+import maskrcnn
+from maskrcnn import build_model
 
 
 def _schedule(**kw):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
+from convert import zoo
 from maskrcnn import MaskRCNN
 from tests.zoo.torchvision_oracle import calibrate, coco_v1_like, damp_residual_blocks
-from convert import zoo
 
 torch.set_num_threads(2)
 # Test-time overrides: they apply over the preset (small images keep the CPU time low).
