@@ -22,9 +22,9 @@ from configs import DEFAULT_CONFIG, apply_overrides, load_config, resolve_config
 from configs.loader import (configured_backbone, explicit_keys, known_keys, overlay_config,
                             trainable_without_weights)
 from convert import pretrained as pretrained_weights
+from convert import zoo
 from convert.torchvision import load_torchvision_weights, torchvision_hyperparameters
 from generalized_rcnn import GeneralizedRCNN
-from tools import zoo
 
 try:
     from importlib.metadata import PackageNotFoundError, version as _dist_version
@@ -45,8 +45,8 @@ class MaskRCNN(GeneralizedRCNN):
             checkpoint's. Another K than the checkpoint's loads everything but the
             class-specific predictors, which are re-initialised (one-line notice).
         pretrained: None (the config's model.pretrained, "none" by default); "coco"
-            (the zoo's model for the configured backbone: tools.zoo.COCO_FOR_BACKBONE);
-            a zoo name ("detectron2/mask_rcnn_R_101_FPN_3x", see tools.zoo.ZOO); a
+            (the zoo's model for the configured backbone: convert.zoo.COCO_FOR_BACKBONE);
+            a zoo name ("detectron2/mask_rcnn_R_101_FPN_3x", see convert.zoo.ZOO); a
             checkpoint path (ours, torchvision's or detectron2's .pth / .pkl, detected
             from the content); or "imagenet" (backbone only). A zoo model brings its
             preset's architecture and categories; it is downloaded into the torch hub

@@ -30,7 +30,8 @@ except ImportError:   # pragma: no cover (older setuptools: the wheel package's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["backbones", "proposal", "pooling", "heads", "layers", "convert", "tools", "libs",
-            "configs", "deploy"]
+            "configs", "deploy",
+            "engine"]
 KERNELS = "build/*.so"   # libs/build/, relative to the libs package
 
 

@@ -16,7 +16,7 @@ from torchvision.models import resnet as tv_resnet
 from layers import FastPath
 from layers.conv import use_onednn
 from layers.norm import norm_layer_factory
-from tools import zoo
+from tools import download as zoo
 
 from .fused_trunk import (block_forward, fused_trunk_forward, stage_forward, stem_forward,
                           trunk_all_frozen_bn, trunk_is_foldable)

@@ -19,7 +19,7 @@ resident set size (VmHWM) is that model's alone: the process peak and the increa
 during inference over the RSS after building (the peak is reset there); on CUDA,
 torch.cuda.max_memory_allocated during inference.
 
-Zoo mode, ours against the SOURCE framework of a model-zoo entry (tools.zoo.ZOO):
+Zoo mode, ours against the SOURCE framework of a model-zoo entry (convert.zoo.ZOO):
 
     python bench/inference.py --zoo detectron2/mask_rcnn_R_50_FPN_3x --runs 3
     python bench/inference.py --zoo torchvision/maskrcnn_resnet50_fpn_v2 --exact
@@ -320,7 +320,7 @@ ZOO_ROWS = {"ours": ("ours", True), "ours-exact": ("ours (exact)", False)}  # fu
 
 
 def _zoo_entry(name: str):
-    from tools import zoo
+    from convert import zoo
     return zoo.ZOO[name]
 
 
@@ -423,7 +423,7 @@ def load_zoo_source(name: str, weights: str):
     """The source framework's model for `name` with the weights saved by build_zoo_source
     (memory children: no calibration pass in their process)."""
     import torch
-    from tools import zoo
+    from convert import zoo
     entry = _zoo_entry(name)
     if entry.source == "torchvision":
         model = _tv_zoo_architecture(name)
@@ -688,14 +688,14 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-only", action="store_true",
                         help="only the per-model memory children (no timing)")
     parser.add_argument("--zoo", metavar="NAME", default=None,
-                        help="a tools.zoo.ZOO entry (e.g. detectron2/mask_rcnn_R_50_FPN_3x): "
+                        help="a convert.zoo.ZOO entry (e.g. detectron2/mask_rcnn_R_50_FPN_3x): "
                              "ours against its source framework on the same (random, "
                              "calibrated) weights; --depth and --num-classes do not apply")
     parser.add_argument("--exact", action="store_true",
                         help="--zoo: also ours with fuse_bn=False (the source's arithmetic)")
     args = parser.parse_args(argv)
     if args.zoo is not None:
-        from tools import zoo
+        from convert import zoo
         if args.zoo not in zoo.ZOO:
             parser.error(f"--zoo {args.zoo!r}: not a zoo entry; one of: {', '.join(zoo.ZOO)}")
         if args.ablate != "none" or args.memory_only:

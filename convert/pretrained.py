@@ -5,11 +5,11 @@ when the number of classes differs).
 Formats, detected from the content (never from the file name):
     ours         a state dict, or a training checkpoint {"model": ..., "config": ...}, or
                  a model-only weights file (safetensors: the state, and the config and
-                 categories as JSON metadata; tools.export)
+                 categories as JSON metadata; engine/export.py)
     torchvision  a MaskRCNN state dict (v1 or v2): keys `backbone.fpn.inner_blocks.*`, ...
     detectron2   a model-zoo .pkl ({"model": {name: array}}) or a training .pth
                  ({"model": {name: tensor}}): keys `backbone.bottom_up.*`, ...
-Reading never runs code from the file (tools.zoo.read_checkpoint).
+Files are read by convert.weights.read_weights, which never runs code from them.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from convert.detectron2 import convert_detectron2_state, is_detectron2_state
 from convert.torchvision import (convert_torchvision_backbone_state_dict,
                                  convert_torchvision_roi_heads_state_dict,
                                  convert_torchvision_rpn_state_dict)
-from tools.export import is_safetensors, read_safetensors
-from tools.zoo import categories_for, read_checkpoint
+from convert.weights import is_torchvision_state, read_weights  # noqa: F401 (re-exported)
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,11 +49,6 @@ class ModelWeights:
     categories: Optional[dict] = None
 
 
-def is_torchvision_state(state: dict) -> bool:
-    return any(k.startswith(("backbone.fpn.inner_blocks.", "rpn.head.conv."))
-               for k in state)
-
-
 def convert_torchvision_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A whole torchvision MaskRCNN state dict (v1 or v2) in our names."""
     converters = {"backbone.": convert_torchvision_backbone_state_dict,
@@ -67,39 +61,21 @@ def convert_torchvision_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _stored_categories(raw: dict) -> Optional[dict]:
-    """Categories saved with our checkpoints: label l <-> (class_names, cat_ids)[l - 1]."""
-    names, ids = raw.get("class_names"), raw.get("cat_ids")
-    if raw.get("categories"):
-        return {int(k): (str(v[0]), int(v[1])) for k, v in raw["categories"].items()}
-    if names and ids and len(names) == len(ids):
-        return {i + 1: (str(n), int(c)) for i, (n, c) in enumerate(zip(names, ids))}
-    return None
-
-
 def read_model_weights(path: PathLike) -> ModelWeights:
-    """Read and convert a checkpoint file of any supported format.
+    """Read a checkpoint file of any supported format (convert.weights.read_weights) and
+    put its parameters into our names.
 
     Raises:
-        FileNotFoundError naming the file; ValueError (tools.zoo's UnsafeCheckpointError
-        and friends) for files that are not safe, complete checkpoints.
+        FileNotFoundError naming the file; ValueError (tools.download's
+        UnsafeCheckpointError and friends) for files that are not safe, complete
+        checkpoints.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # safetensors: an 8-byte header length, then a JSON header `{`; torch / pickle otherwise
-    raw = read_safetensors(path) if is_safetensors(path) else read_checkpoint(path)
-    state = raw.get("model", raw) if isinstance(raw, dict) else raw
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a model checkpoint (expected a state dict of tensors, "
-                         f"or a dict holding one under 'model')")
-    if is_detectron2_state(state):
-        return ModelWeights(convert_detectron2_state(state), "detectron2",
-                            categories=categories_for("detectron2"))
-    if is_torchvision_state(state):
-        return ModelWeights(convert_torchvision_state(state), "torchvision",
-                            categories=categories_for("torchvision"))
-    config = raw.get("config") if state is not raw else None
-    return ModelWeights(state, "maskrcnn", config, _stored_categories(raw))
+    found = read_weights(path)
+    converters = {"detectron2": convert_detectron2_state,
+                  "torchvision": convert_torchvision_state}
+    state = converters[found.format](found.state) if found.format in converters \
+        else found.state
+    return ModelWeights(state, found.source, found.config, found.categories)
 
 
 def _class_count(state: dict[str, Tensor]) -> Optional[int]:
@@ -162,7 +138,7 @@ def load_model_weights(model: nn.Module, weights: ModelWeights, origin: str,
 
 
 def content_check(model: nn.Module) -> Callable[[dict], None]:
-    """For tools.zoo.fetch: a downloaded detectron2 file must be a dict of arrays whose
+    """For convert.zoo.fetch: a downloaded detectron2 file must be a dict of arrays whose
     names and shapes fit `model` (the preset's architecture) after conversion."""
     shapes = model.state_dict()
 

@@ -518,7 +518,7 @@ def test_no_weights_trains_every_stage_with_batchnorm(tmp_path):
 def test_our_checkpoint_rebuilds_its_architecture(tmp_path):
     """A training checkpoint carries its config: pretrained= (and from_checkpoint) rebuild
     that architecture and keep its categories, whatever the defaults say."""
-    from tools.checkpoint import atomic_save, plain
+    from engine.checkpoint import atomic_save, plain
     small = dict(SMALL, backbone="resnet18", fpn_channels=64, representation_size=128)
     source = MaskRCNN(num_classes=2, **small)
     path = atomic_save({"model": source.state_dict(), "config": plain(source.cfg),
@@ -551,12 +551,12 @@ def _recording(cfg, reads):
 
 
 def test_every_solver_data_eval_key_is_read_by_training(tmp_path):
-    """One iteration of tools.train.train on a tiny synthetic set, with a checkpoint
+    """One iteration of engine.train.train on a tiny synthetic set, with a checkpoint
     and the final evaluation: every [solver], [data] and [eval] key is read. (Read, not
     shown to act: their effects are tested in tests/tools, and an effect test per key
     would need a training run each.)"""
-    from tools.shapes import make_shapes
-    from tools.train import train
+    from engine.shapes import make_shapes
+    from engine.train import train
     train_json, train_images = make_shapes(tmp_path, "train", 2, 64, 2, seed=0)
     val_json, val_images = make_shapes(tmp_path, "val", 1, 64, 2, seed=1)
     cfg = apply_overrides(load_config(DEFAULT_CONFIG), {
@@ -581,9 +581,9 @@ def test_every_solver_data_eval_key_is_read_by_training(tmp_path):
 def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
     """run_demo with the data generator and the training stubbed out: each [demo] value
     reaches them (image counts, size and classes; the time budget as max_minutes)."""
-    import tools.shapes
-    import tools.train
-    from tools.cli import run_demo
+    import engine.shapes
+    import engine.train
+    from engine.cli import run_demo
     made, trained = [], []
 
     def fake_make_shapes(root, split, num_images, image_size, num_classes, seed=0):
@@ -594,10 +594,10 @@ def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
 
     def fake_train(cfg, progress=True):
         trained.append(cfg)
-        raise tools.train.NonFiniteLossError("stub: no training in this test")
+        raise engine.train.NonFiniteLossError("stub: no training in this test")
 
-    monkeypatch.setattr(tools.shapes, "make_shapes", fake_make_shapes)
-    monkeypatch.setattr(tools.train, "train", fake_train)
+    monkeypatch.setattr(engine.shapes, "make_shapes", fake_make_shapes)
+    monkeypatch.setattr(engine.train, "train", fake_train)
     demo = dict(demo_minutes=0.25, demo_image_size=48, demo_num_classes=2,
                 demo_num_train=7, demo_num_val=5)
     defaults = load_config(DEFAULT_CONFIG).demo

@@ -18,8 +18,8 @@ import configs
 from configs import resolve_config
 from maskrcnn import (DEFAULT_CONFIG, MaskRCNN, __version__, apply_overrides,
                       build_model, load_config)
-from tools.checkpoint import plain
-from tools.cli import DEMO_CONFIG, main
+from engine.checkpoint import plain
+from engine.cli import DEMO_CONFIG, main
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -97,17 +97,17 @@ TINY = dict(num_classes=3, backbone="resnet18", norm="gn", fpn_channels=32,
 CHECK_INSTALLED = r"""
 import json, sys
 from pathlib import Path
-import configs, libs, maskrcnn, tools.cli
+import configs, libs, maskrcnn, engine.cli
 from libs._loader import BUILD_DIR, get_lib
 from maskrcnn import MaskRCNN
-here = {m.__name__: m.__file__ for m in (configs, libs, maskrcnn, tools.cli)}
+here = {m.__name__: m.__file__ for m in (configs, libs, maskrcnn, engine.cli)}
 here["kernels"] = str(BUILD_DIR)
 default = MaskRCNN(backbone="resnet18")
 small = MaskRCNN(num_classes=3, backbone="resnet18")
 preset = MaskRCNN(config="configs/zoo/torchvision/maskrcnn_resnet50_fpn.ini")
 print(json.dumps(dict(
     files=here, default_config=str(maskrcnn.DEFAULT_CONFIG),
-    demo_config=str(tools.cli.DEMO_CONFIG), demo_exists=tools.cli.DEMO_CONFIG.is_file(),
+    demo_config=str(engine.cli.DEMO_CONFIG), demo_exists=engine.cli.DEMO_CONFIG.is_file(),
     cpu_lib=get_lib("cpu") is not None, backend=libs.backend_info()["cpu"],
     default_classes=default.num_classes, small_classes=small.num_classes,
     preset=[preset.num_classes, preset.cfg.backbone.backbone], version=maskrcnn.__version__)))
@@ -141,7 +141,7 @@ def _pip_install(python: Path, args, cwd, env):
 
 
 def _tiny_checkpoint(path: Path) -> None:
-    """What tools/train.py saves, minus the optimizer: enough for `maskrcnn predict`."""
+    """What engine/train.py saves, minus the optimizer: enough for `maskrcnn predict`."""
     torch.manual_seed(0)
     cfg = apply_overrides(load_config(DEFAULT_CONFIG), TINY)
     model = build_model(cfg)

@@ -23,9 +23,9 @@ torch.set_num_threads(2)
 def trained(tmp_path_factory):
     """(checkpoint path, val dataset) of the demo recipe after 600 iterations (a fixed
     count, not a time budget: the result must not depend on the machine's load)."""
-    from tools.data import CocoInstances
-    from tools.shapes import make_shapes
-    from tools.train import train
+    from engine.data import CocoInstances
+    from engine.shapes import make_shapes
+    from engine.train import train
     root = tmp_path_factory.mktemp("fast_path")
     train_json, train_images = make_shapes(root, "train", 300, 128, 3, seed=0)
     val_json, val_images = make_shapes(root, "val", 40, 128, 3, seed=1000)
@@ -53,8 +53,8 @@ def _matched(fast, exact, min_score=0.5):
 
 @pytest.mark.slow
 def test_fast_path_equals_exact_on_trained_weights(trained):
-    from tools.evaluate import evaluate
-    from tools.predict import load_model
+    from engine.evaluate import evaluate
+    from engine.predict import load_model
     checkpoint, dataset = trained
     fast, _ = load_model(checkpoint)
     exact, _ = load_model(checkpoint, overrides={"fuse_bn": False})

@@ -37,9 +37,9 @@ def tv_model():
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(checkpoint path, held-out shapes images): the demo recipe after 150 iterations."""
-    from tools.data import CocoInstances
-    from tools.shapes import make_shapes
-    from tools.train import train
+    from engine.data import CocoInstances
+    from engine.shapes import make_shapes
+    from engine.train import train
     root = tmp_path_factory.mktemp("deploy_trained")
     train_json, train_images = make_shapes(root, "train", 150, 128, 3, seed=0)
     val_json, val_images = make_shapes(root, "val", 8, 128, 3, seed=1000)

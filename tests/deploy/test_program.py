@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.cli import main
 from maskrcnn import MaskRCNN
 from tests.deploy.helpers import assert_same_detections, eager
-from tools.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("boxes", "labels", "scores", "masks")

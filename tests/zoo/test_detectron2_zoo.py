@@ -15,8 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from convert import zoo
 from maskrcnn import MaskRCNN
-from tools import zoo
 
 d2 = pytest.importorskip("tests.zoo.detectron2_oracle",
                          reason="detectron2 (the oracle) is not installed")

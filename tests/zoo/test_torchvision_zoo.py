@@ -14,9 +14,9 @@ import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
+from convert import zoo
 from maskrcnn import MaskRCNN
 from tests.zoo.torchvision_oracle import calibrate, coco_v1_like, damp_residual_blocks
-from tools import zoo
 
 torch.set_num_threads(2)
 # Test-time overrides: they apply over the preset (small images keep the CPU time low).
@@ -189,8 +189,8 @@ def test_coco_resolves_per_backbone_and_rejects_conflicts():
 
 def test_cli_predict_and_zoo_with_a_zoo_name(tv_models, hub, tmp_path, monkeypatch, capsys):
     from PIL import Image
-    from tools.cli import main
-    from tools.predict import load_model
+    from engine.cli import main
+    from engine.predict import load_model
     entry = _publish(tmp_path, monkeypatch, V1, tv_models[V1].state_dict())
     image = (_images()[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     Image.fromarray(image).save(tmp_path / "photo.png")

@@ -8,9 +8,9 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
+from engine.data import CocoInstances
+from engine.evaluate import detections_to_coco, evaluate, format_table
 from maskrcnn import build_model
-from tools.data import CocoInstances
-from tools.evaluate import detections_to_coco, evaluate, format_table
 
 
 class Oracle(torch.nn.Module):

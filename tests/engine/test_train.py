@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import list_checkpoints, load_checkpoint
+from engine.train import LRSchedule, NonFiniteLossError, build_optimizer, train
 import maskrcnn
 from maskrcnn import build_model
-from tools.checkpoint import list_checkpoints, load_checkpoint
-from tools.train import LRSchedule, NonFiniteLossError, build_optimizer, train
 
 
 def _schedule(**kw):
@@ -67,7 +67,7 @@ def _fixed_batch_loss(model, dataset):
 
 @pytest.mark.slow
 def test_short_training_lowers_the_loss(tiny_cfg):
-    from tools.data import CocoInstances
+    from engine.data import CocoInstances
     cfg = tiny_cfg(max_iter=12, lr=1e-3, warmup_iters=2, flip_prob=0.0, optimizer="adamw")
     dataset = CocoInstances(cfg.data.train_json, cfg.data.train_images, train=True)
     torch.manual_seed(cfg.solver.seed)
@@ -193,7 +193,7 @@ def test_missing_training_data_is_a_clear_error(tiny_cfg, tmp_path):
 
 
 def test_init_weights_from_a_checkpoint_with_other_classes(tiny_cfg, tmp_path):
-    from tools.checkpoint import atomic_save
+    from engine.checkpoint import atomic_save
     torch.manual_seed(42)
     source = build_model(tiny_cfg(num_classes=5)).state_dict()
     path = atomic_save({"model": source}, tmp_path / "five_classes.pth")
@@ -213,7 +213,7 @@ def test_pretrained_key_finetunes_with_other_classes(tiny_cfg, tmp_path, capsys)
     """[model] pretrained (here a plain state dict file; "coco" and zoo names take the same
     path) loads everything but the class-specific predictors, which get fresh weights
     for the data set's classes, and the checkpoint records the config used."""
-    from tools.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint
     torch.manual_seed(43)
     source = build_model(tiny_cfg(num_classes=5)).state_dict()
     path = tmp_path / "five_classes_state.pth"
@@ -323,18 +323,18 @@ def _metrics(segm, bbox):
 ])
 def test_best_checkpoint_follows_the_ap_and_each_evaluation_prints_a_line(
         tiny_cfg, shapes_data, monkeypatch, capsys, mask_on, segm, bbox, best_iter):
-    import tools.evaluate
-    import tools.train
+    import engine.evaluate
+    import engine.train
     vj, vi = shapes_data["val"]
     script = iter(_metrics(s, b) for s, b in zip(segm or [None] * 4, bbox))
-    monkeypatch.setattr(tools.evaluate, "evaluate", lambda model, dataset, **kw: next(script))
+    monkeypatch.setattr(engine.evaluate, "evaluate", lambda model, dataset, **kw: next(script))
     saved = []
-    real_save = tools.train.atomic_save
+    real_save = engine.train.atomic_save
 
     def spy(obj, path):
         saved.append((Path(path).name, obj["iteration"]))
         return real_save(obj, path)
-    monkeypatch.setattr(tools.train, "atomic_save", spy)
+    monkeypatch.setattr(engine.train, "atomic_save", spy)
     cfg = tiny_cfg(max_iter=4, eval_every=1, checkpoint_every=1, keep_last=0,
                    mask_on=mask_on, val_json=str(vj), val_images=str(vi))
     train(cfg, progress=False)
@@ -360,7 +360,7 @@ def test_best_checkpoint_follows_the_ap_and_each_evaluation_prints_a_line(
 
 @pytest.mark.slow
 def test_best_checkpoint_of_a_real_evaluation_loads_for_inference(tiny_cfg, shapes_data):
-    from tools.predict import load_model
+    from engine.predict import load_model
     vj, vi = shapes_data["val"]
     cfg = tiny_cfg(max_iter=1, val_json=str(vj), val_images=str(vi))
     summary = train(cfg, progress=False)

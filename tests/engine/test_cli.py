@@ -9,8 +9,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tools.checkpoint import latest_checkpoint, load_checkpoint
-from tools.cli import build_parser, main
+from engine.checkpoint import latest_checkpoint, load_checkpoint
+from engine.cli import build_parser, main
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 

@@ -1,4 +1,4 @@
-"""tools/shapes.py: determinism, annotations against the pixels (decoded with pycocotools),
+"""engine/shapes.py: determinism, annotations against the pixels (decoded with pycocotools),
 occlusion order, statistics, and that pycocotools reads the JSON."""
 import contextlib
 import io
@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tools.shapes import CLASS_NAMES, draw_shape, make_shapes, render_scene
+from engine.shapes import CLASS_NAMES, draw_shape, make_shapes, render_scene
 
 
 def _load(json_path):

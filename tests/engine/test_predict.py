@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tools import predict as predict_mod
-from tools.checkpoint import atomic_save, load_checkpoint
-from tools.train import train
+from engine import predict as predict_mod
+from engine.checkpoint import atomic_save, load_checkpoint
+from engine.train import train
 from tools.visualize import PALETTE, draw_detections, plot_training
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools import checkpoint as ckpt
-from tools.zoo import UnsafeCheckpointError
+from engine import checkpoint as ckpt
+from tools.download import UnsafeCheckpointError
 
 
 def test_save_keeps_last_and_points_to_newest(tmp_path):

@@ -31,13 +31,14 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from tools.zoo import UnsafeCheckpointError, torch_load_safe
+from convert.weights import read_file
+from tools.download import UnsafeCheckpointError
 
 PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^model_(\d+)\.pth$")
 # mkstemp names of atomic_save / _atomic_write_text: a killed save leaves one behind
 _TEMP = re.compile(r"^\.(model_\d+\.pth|last_checkpoint)\..+\.tmp$")
-# Test hook (tests/tools/test_faults.py): when this variable names a checkpoint file,
+# Test hook (tests/engine/test_faults.py): when this variable names a checkpoint file,
 # atomic_save SIGKILLs its own process after writing that file's temp file and before
 # renaming it, the worst moment for a crash. Inert unless set.
 KILL_SAVING_ENV = "MASKRCNN_TEST_KILL_SAVING"
@@ -154,11 +155,9 @@ def _remove_temp_files(output_dir: PathLike) -> None:
 
 
 def _load(path: Path) -> dict:
-    """torch.load(weights_only=True) on the CPU through tools.zoo's reader: its errors are
-    one line naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch_load_safe(path, str(path))
+    """The checkpoint's dict on the CPU, read by convert.weights (torch.load with
+    weights_only=True for our files): its errors are one line naming the file."""
+    return read_file(path)
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
@@ -224,6 +223,55 @@ def rng_state() -> dict:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     return state
+
+
+def training_state(model, optimizer, schedule, scaler, train_set, cfg, iteration: int,
+                   position: tuple[int, int], elapsed: float, rngs: list) -> dict:
+    """The checkpoint content (see the module docstring). scaler: None without AMP;
+    position: (epoch, batch_in_epoch); rngs: every rank's rng_state()."""
+    epoch, batch_in_epoch = position
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "iteration": iteration,
+        "data": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
+        "elapsed_s": float(elapsed),
+        "rng": rngs,
+        "cat_ids": [int(c) for c in train_set.cat_ids],
+        "class_names": [str(n) for n in train_set.class_names],
+        "config": plain(cfg),
+    }
+
+
+def resume_training(output_dir: PathLike, resume: bool, main: bool, rank: int, model,
+                    optimizer, schedule, scaler) -> tuple[Optional[Path], tuple]:
+    """With `resume`, load the newest checkpoint of output_dir that loads into the run's
+    model, optimizer, schedule, scaler and this rank's RNGs (rank 0 says so).
+
+    Returns:
+        (its path or None, (iteration, elapsed_s, epoch, batch_in_epoch)): zeros for a
+        fresh start.
+    """
+    # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    path, state = load_latest_checkpoint(output_dir, verbose=main) if resume else (None, None)
+    if path is None:
+        if not resume and main and latest_checkpoint(output_dir) is not None:
+            print(f"note: {output_dir} holds checkpoints of an earlier run; starting fresh "
+                  f"(pass --resume to continue it)", file=sys.stderr)
+        return None, (0, 0.0, 0, 0)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    if main:
+        print(f"resuming from {path} (iteration {state['iteration']})")
+    return path, (state["iteration"], state["elapsed_s"], state["data"]["epoch"],
+                  state["data"]["batch_in_epoch"])
 
 
 def set_rng_state(state: dict) -> None:

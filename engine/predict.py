@@ -21,11 +21,11 @@ import torch
 from builder import build_model
 from configs import apply_overrides, resolve_config
 from configs.loader import known_keys
+from convert import zoo
+from convert.weights import is_safetensors
+from engine.checkpoint import load_checkpoint
+from engine.evaluate import detections_to_coco
 from maskrcnn import MaskRCNN
-from tools import zoo
-from tools.checkpoint import load_checkpoint
-from tools.evaluate import detections_to_coco
-from tools.export import is_safetensors
 from tools.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -35,9 +35,9 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
     """The MaskRCNN of a training checkpoint (eval mode) and its metadata.
 
     Args:
-        weights: a checkpoint written by tools/train.py (it holds the config and the
+        weights: a checkpoint written by engine/train.py (it holds the config and the
             class mapping; loaded with weights_only=True), a weights file exported from
-            one (`maskrcnn export-weights`), or "coco" / a model-zoo name (tools.zoo.ZOO:
+            one (`maskrcnn export-weights`), or "coco" / a model-zoo name (convert.zoo.ZOO:
             downloaded once, verified, with its COCO categories).
         overrides: config keys to change for inference (e.g. box_score_thresh).
     Returns:
@@ -66,7 +66,7 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
 
 
 def is_zoo_name(weights) -> bool:
-    """"coco" or a name of tools.zoo.ZOO (anything else is a file path)."""
+    """"coco" or a name of convert.zoo.ZOO (anything else is a file path)."""
     return str(weights) == "coco" or str(weights) in zoo.ZOO
 
 
@@ -102,7 +102,7 @@ def predict(model, paths: Sequence[Union[str, Path]], out_dir, class_names: Sequ
             cat_ids: Sequence[int], score_threshold: float = 0.5,
             mask_threshold: float = 0.5, device="cpu", progress: bool = True) -> Path:
     """Overlay PNGs and results.json for every image; returns the JSON's path."""
-    from tools.data import load_rgb
+    from engine.data import load_rgb
     files = collect_images(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ would leave an earlier shape with a tiny visible part is re-drawn instead (dropp
 shape afterwards would leave an un-annotated fragment in the image).
 
     json_path, image_dir = make_shapes("data/shapes", "train", num_images=2000, image_size=128)
-    CocoInstances(json_path, image_dir, train=True)     # tools/data.py reads it
+    CocoInstances(json_path, image_dir, train=True)     # engine/data.py reads it
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _polygon(kind: str, radius: float, angle: float) -> np.ndarray:
         xy = np.asarray(pts, dtype=np.float64)
         t, r = np.arctan2(xy[:, 1], xy[:, 0]), np.hypot(xy[:, 0], xy[:, 1])
     else:
-        raise ValueError(f"tools/shapes.py: unknown shape kind {kind!r}; "
+        raise ValueError(f"engine/shapes.py: unknown shape kind {kind!r}; "
                          f"known: {', '.join(CLASS_NAMES)}")
     t = t + angle
     return np.stack((r * np.cos(t), r * np.sin(t)), axis=1)
@@ -157,7 +157,7 @@ def _annotation(mask: np.ndarray, label: int, image_id: int, ann_id: int) -> dic
 
 
 def _check_args(split, num_images, image_size, num_classes, min_instances, max_instances):
-    where = "tools/shapes.py make_shapes"
+    where = "engine/shapes.py make_shapes"
     if not split or any(c in split for c in "/\\"):
         raise ValueError(f"{where}: split must be a plain name like 'train', got {split!r}")
     if num_images < 1:
@@ -206,7 +206,7 @@ def make_shapes(root: Union[str, os.PathLike], split: str, num_images: int, imag
                                            len(annotations) + 1))
     categories = [dict(id=k, name=CLASS_NAMES[k - 1], supercategory="shape")
                   for k in range(1, num_classes + 1)]
-    data = dict(info=dict(description="synthetic shapes (tools/shapes.py)", shapes=params),
+    data = dict(info=dict(description="synthetic shapes (engine/shapes.py)", shapes=params),
                 images=images, annotations=annotations, categories=categories)
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data))

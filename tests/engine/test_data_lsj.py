@@ -1,4 +1,4 @@
-"""Large-scale jitter (tools.data.large_scale_jitter, CocoInstances(lsj=True)): hand-computed
+"""Large-scale jitter (engine.data.large_scale_jitter, CocoInstances(lsj=True)): hand-computed
 pixels, boxes and masks for fixed scales and offsets, boxes equal to the masks' tight boxes,
 sizes, per-sample reproducibility, and nothing changed when lsj is off."""
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools.data import LSJ_FILL, CocoInstances, build_loader, large_scale_jitter
+from engine.data import LSJ_FILL, CocoInstances, build_loader, large_scale_jitter
 
 torch.set_num_threads(2)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import checkpoint
-from tools.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from tools.cli import main
+from engine import checkpoint
+from engine.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from engine.cli import main
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
@@ -77,8 +77,8 @@ THREADS = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _start(ini, log, *args, env=None):
-    """`python -m tools.cli train` in a subprocess, stdout + stderr to `log`."""
-    command = [sys.executable, "-m", "tools.cli", "train", "--config", str(ini),
+    """`python -m engine.cli train` in a subprocess, stdout + stderr to `log`."""
+    command = [sys.executable, "-m", "engine.cli", "train", "--config", str(ini),
                "--no-progress", *args]
     with open(log, "w") as f:
         return subprocess.Popen(command, cwd=PACKAGE_DIR, stdout=f, stderr=subprocess.STDOUT,

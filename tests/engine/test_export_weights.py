@@ -6,11 +6,12 @@ import struct
 import pytest
 import torch
 
-from maskrcnn import MaskRCNN
-from tools.checkpoint import atomic_save, plain
-from tools.cli import build_parser, main
-from tools.export import export_weights, is_safetensors, read_safetensors
 from convert.pretrained import read_model_weights
+from convert.weights import is_safetensors, read_safetensors
+from engine.checkpoint import atomic_save, plain
+from engine.cli import build_parser, main
+from engine.export import export_weights
+from maskrcnn import MaskRCNN
 
 # Not the defaults (resnet101, 256 channels): a load that ignored the stored config would
 # build another architecture, and the weights would not fit it.
@@ -21,7 +22,7 @@ SMALL = dict(backbone="resnet18", fpn_channels=64, representation_size=128, min_
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(model, training checkpoint path): a checkpoint shaped like tools/train.py's, with
+    """(model, training checkpoint path): a checkpoint shaped like engine/train.py's, with
     optimizer state (SGD momentum) beside the model."""
     torch.manual_seed(0)
     model = MaskRCNN(num_classes=2, **SMALL)
@@ -146,7 +147,7 @@ def test_help_documents_export_weights(capsys):
 def test_predict_takes_an_exported_weights_file(trained, tmp_path):
     """load_model (maskrcnn predict / eval --weights) reads exported files like
     checkpoints: the architecture, categories and test-time overrides."""
-    from tools.predict import load_model
+    from engine.predict import load_model
     _, checkpoint = trained
     out = tmp_path / "model.safetensors"
     assert main(["export-weights", "--weights", str(checkpoint), "--out", str(out)]) == 0

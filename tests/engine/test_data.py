@@ -1,4 +1,4 @@
-"""tools/data.py against pycocotools (COCO.annToMask, loadAnns), hand-made masks and images,
+"""engine/data.py against pycocotools (COCO.annToMask, loadAnns), hand-made masks and images,
 and hand-computed boxes. Every data set is written here in tmp_path (PIL + JSON)."""
 import json
 import logging
@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tools.data import (CocoInstances, ImageError, SeededSampler, build_loader, collate,
+from engine.data import (CocoInstances, ImageError, SeededSampler, build_loader, collate,
                         load_rgb)
 
 # non-contiguous COCO category ids, listed out of order on purpose
@@ -325,7 +325,7 @@ def test_on_error_skip_logs_and_uses_next_image(tmp_path, caplog):
     with pytest.raises(ImageError, match="gone.png"):
         CocoInstances(json_path, image_dir)[1]
     ds = CocoInstances(json_path, image_dir, on_error="skip")
-    with caplog.at_level(logging.WARNING, logger="tools.data"):
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
         image, target = ds[1]
     assert target["image_id"] == 3
     torch.testing.assert_close(image, torch.from_numpy(random_rgb(10, 10, 3)).permute(2, 0, 1)
@@ -357,7 +357,7 @@ def test_boxes_clipped_and_empty_boxes_dropped(tmp_path, caplog):
                  segmentation=full)]                                             # negative
     json_path, image_dir = _one_image_set(tmp_path, anns, size=(w, h))
     ds = CocoInstances(json_path, image_dir)
-    with caplog.at_level(logging.WARNING, logger="tools.data"):
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
         _, target = ds[0]
     assert target["boxes"].tolist() == [[0.0, 12.0, 15.0, 20.0]]
     assert target["masks"].shape == (1, h, w)
@@ -381,7 +381,7 @@ def test_empty_mask_for_box_is_dropped(tmp_path, caplog):
             dict(image_id=1, category_id=12, bbox=[2.0, 2.0, 10.0, 10.0], id=7,
                  segmentation=[[2, 2, 12, 2, 12, 12, 2, 12]])]
     json_path, image_dir = _one_image_set(tmp_path, anns, size=(w, h))
-    with caplog.at_level(logging.WARNING, logger="tools.data"):
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
         _, target = CocoInstances(json_path, image_dir)[0]
     assert target["labels"].tolist() == [3]
     messages = [r.getMessage() for r in caplog.records]
@@ -397,7 +397,7 @@ def test_box_far_from_mask_uses_mask_box(tmp_path, caplog):
             dict(image_id=1, category_id=3, bbox=[24.5, 3.0, 10.5, 6.0], id=9,
                  segmentation=compressed_rle(mask))]          # agrees (IoU 0.95): kept
     json_path, image_dir = _one_image_set(tmp_path, anns, size=(w, h))
-    with caplog.at_level(logging.WARNING, logger="tools.data"):
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
         _, target = CocoInstances(json_path, image_dir)[0]
     assert target["boxes"].tolist() == [[25.0, 3.0, 35.0, 9.0], [24.5, 3.0, 35.0, 9.0]]
     assert any("annotation 8" in r.getMessage() and "mask's box" in r.getMessage()
@@ -648,7 +648,7 @@ def _log_losses(cfg):
 
 def test_box_only_file_trains_a_box_model(shapes_data, tiny_cfg, tmp_path):
     """End to end: a COCO file without any segmentation trains a box-only model."""
-    from tools.train import train
+    from engine.train import train
     json_path, image_dir = shapes_data["train"]
     box_only = _drop_segmentation(json_path, tmp_path / "boxes.json", lambda a, anns: True)
     cfg = tiny_cfg(train_json=str(box_only), train_images=str(image_dir), mask_on=False,
@@ -667,7 +667,7 @@ def test_mixed_file_mask_loss_counts_only_instances_with_masks(shapes_data, tiny
     finite and equals the loss_mask of the same batch without those instances (the
     maskless boxes touch no other box, and 512 RoIs per image keep every positive)."""
     from maskrcnn import build_model
-    from tools.train import train
+    from engine.train import train
     json_path, image_dir = shapes_data["train"]
     mixed = _drop_segmentation(json_path, tmp_path / "mixed.json", mixed_drop)
     cfg = tiny_cfg(train_json=str(mixed), train_images=str(image_dir), max_iter=2,
@@ -719,7 +719,7 @@ def test_mask_model_on_box_only_validation_data_reports_bbox_ap(shapes_data, tin
                                                                tmp_path):
     """A mask model evaluated on box-only ground truth: bbox AP, no segm (pycocotools has
     no masks to score against); and [data] lsj reaches the training data set."""
-    from tools.train import train
+    from engine.train import train
     json_path, image_dir = shapes_data["val"]
     box_only = _drop_segmentation(json_path, tmp_path / "val_boxes.json", lambda a, anns: True)
     cfg = tiny_cfg(val_json=str(box_only), val_images=str(image_dir), max_iter=1,

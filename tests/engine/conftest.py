@@ -21,7 +21,7 @@ TINY_MODEL = {
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """{"train": (json, dir), "val": (json, dir)}: 8 + 4 images of 64 px, 3 classes."""
-    from tools.shapes import make_shapes
+    from engine.shapes import make_shapes
     root = tmp_path_factory.mktemp("shapes")
     return {"train": make_shapes(root, "train", 8, 64, 3, seed=0),
             "val": make_shapes(root, "val", 4, 64, 3, seed=1000)}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.train import seed_everything
 from maskrcnn import build_model
-from tools.train import seed_everything
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
@@ -26,15 +26,15 @@ WORKER = """
 import sys, json, torch
 torch.set_num_threads(1)
 from maskrcnn import load_config, apply_overrides, DEFAULT_CONFIG
-from tools import distributed as dist_utils
-from tools.train import train
+from engine import distributed as dist_utils
+from engine.train import train
 cfg = apply_overrides(load_config(DEFAULT_CONFIG), json.loads(sys.argv[1]))
 summary = train(cfg, progress=False)
 rank = dist_utils.get_rank()
 torch.save(summary["model"].state_dict(), f"{sys.argv[2]}/rank{rank}.pt")
 # distributed evaluation: each rank runs its shard, rank 0 gathers and scores
-from tools.data import CocoInstances
-from tools.evaluate import evaluate
+from engine.data import CocoInstances
+from engine.evaluate import evaluate
 
 val = CocoInstances(cfg.data.train_json, cfg.data.train_images, train=False)
 metrics = evaluate(summary["model"], val, progress=False,
@@ -46,13 +46,13 @@ dist_utils.cleanup()
 
 @pytest.fixture
 def two_images(tmp_path):
-    from tools.shapes import make_shapes
+    from engine.shapes import make_shapes
     return make_shapes(tmp_path / "data", "train", 2, 64, 3, seed=5, min_instances=2)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(two_images, tiny_cfg, tmp_path):
-    from tools.data import CocoInstances
+    from engine.data import CocoInstances
     json_path, image_dir = two_images
     iters, lr = 3, 0.01
     cfg = tiny_cfg(train_json=str(json_path), train_images=str(image_dir), batch_size=2,
@@ -98,7 +98,7 @@ def test_two_gloo_processes_match_one_process(two_images, tiny_cfg, tmp_path):
         moved += not torch.equal(rank0[key], initial[key])
     assert moved > 10                                  # training did change the weights
     # distributed evaluation equals single-process evaluation of the same weights
-    from tools.evaluate import evaluate
+    from engine.evaluate import evaluate
     model.load_state_dict(rank0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                           # as the workers: same float sums

@@ -9,7 +9,7 @@
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--minutes 10]
 
-    torchrun --nproc-per-node 4 -m tools.cli train --config my.ini     # DDP, one GPU each
+    torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
 Bad arguments (unknown config key, wrong type, missing file) end with an argparse usage
 error (exit code 2) that names the problem. A training run stopped by a NaN/inf loss
@@ -216,7 +216,7 @@ def _need_file(parser, option: str, path, folder: bool = False) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_train(args, parser) -> int:
-    from tools.train import MissingPackageError, NonFiniteLossError, train
+    from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
     try:
@@ -226,7 +226,7 @@ def cmd_train(args, parser) -> int:
         return 1
     except (FileNotFoundError, MissingPackageError) as err:
         parser.error(str(err))
-    from tools.distributed import is_main_process
+    from engine.distributed import is_main_process
     if is_main_process():
         _print_summary(summary)
     return 0
@@ -242,10 +242,10 @@ def _inference_overrides(parser, sets) -> dict:
 
 
 def cmd_eval(args, parser) -> int:
-    from tools import distributed as dist_utils
-    from tools.data import CocoInstances
-    from tools.evaluate import evaluate, format_table
-    from tools.predict import is_zoo_name, load_model
+    from engine import distributed as dist_utils
+    from engine.data import CocoInstances
+    from engine.evaluate import evaluate, format_table
+    from engine.predict import is_zoo_name, load_model
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     _need_file(parser, "--data", args.data)
@@ -282,7 +282,7 @@ def cmd_eval(args, parser) -> int:
 
 
 def cmd_predict(args, parser) -> int:
-    from tools.predict import collect_images, is_zoo_name, load_model, predict
+    from engine.predict import collect_images, is_zoo_name, load_model, predict
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     overrides = _inference_overrides(parser, args.sets)
@@ -299,7 +299,7 @@ def cmd_predict(args, parser) -> int:
 
 
 def cmd_export_weights(args, parser) -> int:
-    from tools.export import export_weights
+    from engine.export import export_weights
     _need_file(parser, "--weights", args.weights)
     if Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a folder; name the file to write "
@@ -318,7 +318,7 @@ def cmd_export_weights(args, parser) -> int:
 
 def cmd_export(args, parser) -> int:
     from maskrcnn import MaskRCNN
-    from tools.predict import is_zoo_name
+    from engine.predict import is_zoo_name
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     if args.config is not None:
@@ -336,7 +336,7 @@ def cmd_export(args, parser) -> int:
         except ImportError:
             parser.error("--format onnx needs the onnx package: pip install "
                          "'mask-rcnn-pytorch[export]' (or onnx onnxruntime)")
-    from tools.zoo import DownloadError
+    from tools.download import DownloadError
     try:
         model = MaskRCNN(pretrained=args.weights, config=args.config, **overrides).eval()
     except (FileNotFoundError, ValueError, DownloadError) as err:
@@ -360,7 +360,7 @@ def cmd_export(args, parser) -> int:
 
 
 def cmd_zoo(args, parser) -> int:
-    from tools.zoo import COCO_FOR_BACKBONE, cache_dir, describe_zoo
+    from convert.zoo import COCO_FOR_BACKBONE, cache_dir, describe_zoo
     rows = describe_zoo()
     width = max(len(r["name"]) for r in rows)
     print(f"{'name':<{width}}  box AP  mask AP  cached")
@@ -390,9 +390,9 @@ def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = T
     """The `make demo` job (see the module docstring and docs/demo.md). Returns the
     summary dict (metrics, timings), or None when training stopped on a NaN/inf loss."""
     import torch
-    from tools import distributed as dist_utils
-    from tools.shapes import make_shapes
-    from tools.train import NonFiniteLossError, train
+    from engine import distributed as dist_utils
+    from engine.shapes import make_shapes
+    from engine.train import NonFiniteLossError, train
     d = cfg.demo
     minutes = d.demo_minutes if minutes is None else minutes
     num_val = d.get("demo_num_val", 64)
@@ -444,7 +444,7 @@ def _clean_previous_run(out: Path) -> None:
 
 def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
     import torch
-    from tools.data import CocoInstances
+    from engine.data import CocoInstances
     from tools.visualize import draw_detections
     dataset = CocoInstances(cfg.data.val_json, cfg.data.val_images, train=False)
     device = next(model.parameters()).device
@@ -460,7 +460,7 @@ def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    from tools.evaluate import format_table
+    from engine.evaluate import format_table
     it, secs = summary["iterations"], summary["elapsed_s"]
     print(f"trained {it} iterations in {secs:.1f} s; last checkpoint {summary['checkpoint']}")
     if summary.get("metrics"):
@@ -468,7 +468,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _print_demo_summary(summary: dict, data_s: float, minutes: float, out: Path) -> None:
-    from tools.evaluate import format_table
+    from engine.evaluate import format_table
     m = summary["metrics"]
     it, train_s = summary["iterations"], summary["elapsed_s"]
     rows = [("data generation", f"{data_s:.1f} s"),
@@ -495,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # errors found after parsing are usage errors of the subcommand's parser
         return args.func(args, args.command_parser)
     finally:
-        from tools.distributed import cleanup
+        from engine.distributed import cleanup
         cleanup()
 
 

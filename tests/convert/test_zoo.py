@@ -14,7 +14,7 @@ import torch
 from torchvision.models.detection import (MaskRCNN_ResNet50_FPN_V2_Weights,
                                           MaskRCNN_ResNet50_FPN_Weights)
 
-from tools import zoo
+from convert import zoo
 
 REPO = Path(__file__).resolve().parents[2]
 D2_MODEL_ZOO = Path("/tmp/d2src/detectron2-src-02b5c4e/MODEL_ZOO.md")

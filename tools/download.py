@@ -1,10 +1,12 @@
-"""Model zoo: COCO-pretrained Mask R-CNN checkpoints, a safe downloader and a safe reader.
+"""Verified downloads into torch.hub's cache, and safe reading of pickled weights.
 
-    ZOO[name]            a ZooEntry: preset config, URL, published hash, COCO AP, source
-    resolve_name(p, b)   "coco" / a zoo name -> its ZooEntry; anything else -> None (a path)
-    fetch(entry)         the checkpoint in the torch hub cache, downloaded and verified once
-    read_checkpoint(p)   a torch .pth or detectron2 .pkl as a dict of tensors; never runs code
-    categories_for(src)  model label -> (COCO name, COCO category id)
+    fetch(entry)            the file in the torch hub cache, downloaded and verified once
+    read_torch_or_pickle(p) a torch .pth or a raw pickle (.pkl) as a dict; never runs code
+    torch_load_safe(p)      torch.load(weights_only=True) with one-line errors
+
+A leaf module: it imports no other package of the project. The table of downloadable
+models (convert/zoo.py) and the reader that tells weight formats apart
+(convert/weights.py) build on it.
 
 The cache is torch.hub's ($TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints by
 default), shared with torchvision. A download goes to `<file>.partial-<random>` and is
@@ -22,7 +24,6 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
-import difflib
 import hashlib
 import http.client
 import importlib
@@ -38,13 +39,12 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 import torch
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from tqdm import tqdm
 
 PathLike = Union[str, os.PathLike]
+# (path, name shown in errors) -> the file's dict; fetch checks content through one
+Reader = Callable[[Path, str], dict]
 
-# The folder holding the top-level packages: the repository root in a checkout.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("torchvision", "detectron2")
 OFFLINE_ENV = "MASKRCNN_OFFLINE"
 _CHUNK = 1 << 20   # 1 MiB: hashing / downloading 170-500 MB files without holding them
@@ -63,11 +63,11 @@ class DownloadError(RuntimeError):
     """A checkpoint could not be downloaded (network, HTTP or file error)."""
 
 
-# ------------------------------------------------------------------------- the table
+# ------------------------------------------------------------------ a downloadable file
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One pretrained checkpoint.
+    """One downloadable checkpoint (convert.zoo.ZooEntry adds what its preset says).
 
     name:    "<source>/<model>", the key in ZOO (e.g. "detectron2/mask_rcnn_R_50_FPN_3x")
     preset:  its config file, relative to the package root ("configs/zoo/<name>.ini")
@@ -99,113 +99,6 @@ class ZooEntry:
     def filename(self) -> str:
         """The last URL path component: the file's name in the cache."""
         return urllib.request.url2pathname(self.url.rstrip("/").rsplit("/", 1)[-1])
-
-    @property
-    def preset_path(self) -> Path:
-        """The preset config as an absolute path: the package's shipped copy (see
-        configs.shipped), wherever the package is installed."""
-        import configs
-        return configs.shipped(Path(self.preset).relative_to("configs").as_posix())
-
-    @property
-    def categories(self) -> dict[int, tuple[str, int]]:
-        """Model label -> (COCO name, COCO category id); see categories_for."""
-        return categories_for(self.source)
-
-
-def _torchvision(model: str, sha256: str, box_ap: float, mask_ap: float,
-                 backbone: str) -> ZooEntry:
-    """A torchvision weights file: <model>_coco-<sha256 prefix>.pth."""
-    return ZooEntry(name=f"torchvision/{model}", preset=f"configs/zoo/torchvision/{model}.ini",
-                    url=f"{_TV}/{model}_coco-{sha256}.pth", sha256=sha256, box_ap=box_ap,
-                    mask_ap=mask_ap, source="torchvision", backbone=backbone)
-
-
-def _detectron2(model: str, folder: str, file: str, box_ap: float, mask_ap: float,
-                backbone: str) -> ZooEntry:
-    """A detectron2 model-zoo file: <folder>/<model>/<run>/model_final_<hash>.pkl (no hash
-    published: checked by content, see fetch)."""
-    return ZooEntry(name=f"detectron2/{model}", preset=f"configs/zoo/detectron2/{model}.ini",
-                    url=f"{_D2}/{folder}/{model}/{file}", sha256=None, box_ap=box_ap,
-                    mask_ap=mask_ap, source="detectron2", backbone=backbone)
-
-
-_TV = "https://download.pytorch.org/models"
-_D2 = "https://dl.fbaipublicfiles.com/detectron2"
-_IS, _NB = "COCO-InstanceSegmentation", "new_baselines"     # detectron2's zoo folders
-# APs: torchvision's weights meta and detectron2's MODEL_ZOO.md (tests check both).
-ZOO: dict[str, ZooEntry] = {e.name: e for e in [
-    _torchvision("maskrcnn_resnet50_fpn", "bf2d0c1e", 37.9, 34.6, "resnet50"),
-    _torchvision("maskrcnn_resnet50_fpn_v2", "73cbd019", 47.4, 41.8, "resnet50"),
-    _detectron2("mask_rcnn_R_50_FPN_3x", _IS, "137849600/model_final_f10217.pkl",
-                41.0, 37.2, "resnet50"),
-    _detectron2("mask_rcnn_R_101_FPN_3x", _IS, "138205316/model_final_a3ec72.pkl",
-                42.9, 38.6, "resnet101"),
-    _detectron2("mask_rcnn_X_101_32x8d_FPN_3x", _IS, "139653917/model_final_2d9806.pkl",
-                44.3, 39.5, "resnext101"),
-    _detectron2("mask_rcnn_R_50_FPN_400ep_LSJ", _NB, "42019571/model_final_14d201.pkl",
-                47.4, 42.5, "resnet50"),
-    _detectron2("mask_rcnn_R_101_FPN_400ep_LSJ", _NB, "42073830/model_final_f96b26.pkl",
-                48.9, 43.7, "resnet101"),
-]}
-
-# pretrained="coco": the best checkpoint for each backbone.
-COCO_FOR_BACKBONE: dict[str, str] = {
-    "resnet101": "detectron2/mask_rcnn_R_101_FPN_400ep_LSJ",
-    "resnet50": "detectron2/mask_rcnn_R_50_FPN_400ep_LSJ",
-    "resnext101": "detectron2/mask_rcnn_X_101_32x8d_FPN_3x",
-}
-
-
-def resolve_name(pretrained: str, backbone: str) -> Optional[ZooEntry]:
-    """The zoo entry `pretrained` names, or None when it is not a zoo name (a file path).
-
-    "coco" means COCO_FOR_BACKBONE[backbone]; a zoo name ("detectron2/...") its entry.
-
-    Raises:
-        ValueError: "coco" for a backbone without COCO weights (lists those with), or a
-            string starting with "torchvision/" / "detectron2/" that is not in ZOO (lists
-            the closest and all valid names).
-    """
-    if pretrained == "coco":
-        if backbone not in COCO_FOR_BACKBONE:
-            raise ValueError(f"pretrained='coco': no COCO checkpoint for backbone "
-                             f"{backbone!r}; backbones with one: "
-                             f"{', '.join(sorted(COCO_FOR_BACKBONE))}")
-        return ZOO[COCO_FOR_BACKBONE[backbone]]
-    if pretrained in ZOO:
-        return ZOO[pretrained]
-    # A mistyped zoo name must not be taken for a (missing) file path.
-    if pretrained.startswith(tuple(f"{s}/" for s in SOURCES)):
-        close = difflib.get_close_matches(pretrained, list(ZOO), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"pretrained={pretrained!r} is not in the model zoo.{hint} "
-                         f"Valid names: {', '.join(ZOO)}")
-    return None
-
-
-# ------------------------------------------------------------------------ categories
-
-# torchvision's 91 names: index = COCO category id, "__background__" at 0, "N/A" in gaps.
-_TV_NAMES: list[str] = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
-
-# The 80 COCO object categories as (coco_id, name), in COCO id order.
-COCO_CATEGORIES: list[tuple[int, str]] = [
-    (cid, name) for cid, name in enumerate(_TV_NAMES) if cid > 0 and name != "N/A"]
-
-
-def categories_for(source: str) -> dict[int, tuple[str, int]]:
-    """Model label -> (name, COCO category id) for a zoo source.
-
-    torchvision models have 90 object classes whose label is the COCO id (1..90); the ten
-    ids COCO does not use map to ("N/A", id). detectron2 models predict contiguous labels
-    1..80 (our label = detectron2 class index + 1), the 80 categories in COCO id order.
-    """
-    if source == "torchvision":
-        return {cid: (_TV_NAMES[cid], cid) for cid in range(1, len(_TV_NAMES))}
-    if source == "detectron2":
-        return {i + 1: (name, cid) for i, (cid, name) in enumerate(COCO_CATEGORIES)}
-    raise ValueError(f"unknown zoo source {source!r}; expected one of {SOURCES}")
 
 
 # ------------------------------------------------------------------------ safe reading
@@ -308,9 +201,21 @@ def torch_load_safe(path: Path, shown: str) -> Any:
         raise ValueError(f"{shown} is truncated or not a checkpoint: {first}") from err
 
 
-def _read(path: Path, shown: str) -> dict:
-    """read_checkpoint, with errors naming `shown` (a download's temp file is shown by its
-    final name)."""
+def read_torch_or_pickle(path: Path, shown: str) -> dict:
+    """A torch file (zip or legacy) or a raw pickle as a dict, without ever executing code
+    from it; errors name `shown` (a download's temp file is shown by its final name).
+
+    torch files go through torch.load(weights_only=True); raw pickles (detectron2 .pkl:
+    {"model": {name: ndarray}, "__author__": ..., ...}, protocol 2 Python 2 pickles
+    included) through an unpickler that only admits numpy arrays. The format is told by
+    content, not by extension. Numeric numpy arrays become tensors, the dict structure
+    is kept.
+
+    Raises:
+        UnsafeCheckpointError: it pickles anything else (a class, a function): one line
+            naming the file and the global; nothing of it was run.
+        ValueError: truncated, corrupt or not a checkpoint (naming the file).
+    """
     with open(path, "rb") as f:
         magic = f.read(2)
         f.seek(0)
@@ -334,27 +239,6 @@ def _read(path: Path, shown: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{shown} holds a {type(state).__name__}, not a dict of weights")
     return _to_torch(state)
-
-
-def read_checkpoint(path: PathLike) -> dict:
-    """Read a checkpoint file without ever executing code from it.
-
-    torch files (zip or legacy) go through torch.load(weights_only=True); raw pickles
-    (detectron2 .pkl: {"model": {name: ndarray}, "__author__": ..., ...}, protocol 2
-    Python 2 pickles included) through an unpickler that only admits numpy arrays. The
-    format is told by content, not by extension. Numeric numpy arrays become tensors,
-    the dict structure is kept.
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafeCheckpointError: it pickles anything else (a class, a function): one line
-            naming the file and the global; nothing of it was run.
-        ValueError: truncated, corrupt or not a checkpoint (naming the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return _read(path, str(path))
 
 
 # ------------------------------------------------------------------------ the cache
@@ -395,12 +279,12 @@ def _write_sidecar(path: Path, digest: str) -> None:
         raise
 
 
-def _content_failure(path: Path, shown: str,
-                     check_content: Optional[Callable[[dict], None]]) -> Optional[Exception]:
-    """None when the file reads as a safe checkpoint and passes check_content, else the
-    error saying why."""
+def _content_failure(path: Path, shown: str, check_content: Optional[Callable[[dict], None]],
+                     read: Reader) -> Optional[Exception]:
+    """None when `read` reads the file and it passes check_content, else the error saying
+    why."""
     try:
-        state = _read(path, shown)
+        state = read(path, shown)
         if check_content is not None:
             check_content(state)
     except Exception as err:   # any failure of the caller's check is a verdict, not a crash
@@ -413,7 +297,7 @@ def _why(err: Exception) -> str:
 
 
 def _verify_cached(entry: ZooEntry, path: Path,
-                   check_content: Optional[Callable[[dict], None]]) -> None:
+                   check_content: Optional[Callable[[dict], None]], read: Reader) -> None:
     """Raise ChecksumError when the cached file is not the one `entry` names."""
     sidecar = _sidecar(path)
     redo = (f"Delete it (rm {path}" + (f" {sidecar}" if entry.sha256 is None else "")
@@ -434,8 +318,8 @@ def _verify_cached(entry: ZooEntry, path: Path,
                                 f"{want or '(empty)'}. {redo}")
         return
     # Cached without a record (copied in by hand, or an older version of this code).
-    _check_content(path, str(path), check_content, f"cached {entry.name} checkpoint {path}",
-                   redo)
+    _check_content(path, str(path), check_content, read,
+                   f"cached {entry.name} checkpoint {path}", redo)
     _write_sidecar(path, sha256_file(path))
 
 
@@ -467,11 +351,12 @@ def _download(entry: ZooEntry, tmp: Path, final: Path, progress: bool) -> str:
 
 
 def fetch(entry: ZooEntry, progress: bool = True,
-          check_content: Optional[Callable[[dict], None]] = None) -> Path:
+          check_content: Optional[Callable[[dict], None]] = None,
+          read: Reader = read_torch_or_pickle) -> Path:
     """The verified local file of `entry`, downloaded into cache_dir() if not there.
 
     Verification: with entry.sha256, the file's sha256 must start with it. Without (the
-    detectron2 files), the file must read with read_checkpoint and pass
+    detectron2 files), the file must read with `read(path, shown)` and pass
     `check_content(state)` (which raises to reject it); its sha256 is then recorded in
     `<file>.sha256`, and later calls only compare the hash with that record.
 
@@ -484,7 +369,7 @@ def fetch(entry: ZooEntry, progress: bool = True,
     """
     final = cached_file(entry)
     if final.is_file():
-        _verify_cached(entry, final, check_content)
+        _verify_cached(entry, final, check_content, read)
         return final
     if os.environ.get(OFFLINE_ENV) == "1":
         raise FileNotFoundError(
@@ -496,7 +381,7 @@ def fetch(entry: ZooEntry, progress: bool = True,
     tmp = Path(name)
     try:
         digest = _download(entry, tmp, final, progress)
-        _verify_download(entry, tmp, final, digest, check_content)
+        _verify_download(entry, tmp, final, digest, check_content, read)
         if entry.sha256 is None:
             _write_sidecar(final, digest)
         os.replace(tmp, final)
@@ -506,7 +391,7 @@ def fetch(entry: ZooEntry, progress: bool = True,
 
 
 def _verify_download(entry: ZooEntry, tmp: Path, final: Path, digest: str,
-                     check_content: Optional[Callable[[dict], None]]) -> None:
+                     check_content: Optional[Callable[[dict], None]], read: Reader) -> None:
     where = f"the download of {entry.name} from {entry.url}"
     if entry.sha256 is not None:
         if not digest.startswith(entry.sha256):
@@ -514,37 +399,15 @@ def _verify_download(entry: ZooEntry, tmp: Path, final: Path, digest: str,
                                 f"{digest} does not start with {entry.sha256}. Nothing was "
                                 f"saved at {final}; retry, or check the URL.")
         return
-    _check_content(tmp, str(final), check_content, where,
+    _check_content(tmp, str(final), check_content, read, where,
                    f"Nothing was saved at {final}; retry, or check the URL.")
 
 
 def _check_content(path: Path, shown: str, check_content: Optional[Callable[[dict], None]],
-                   what: str, advice: str) -> None:
+                   read: Reader, what: str, advice: str) -> None:
     """Raises ChecksumError "<what> failed its content check: <why>. <advice>" when the
     checkpoint at `path` (named `shown` in messages) fails check_content."""
-    failure = _content_failure(path, shown, check_content)
+    failure = _content_failure(path, shown, check_content, read)
     if failure is not None:
         raise ChecksumError(f"{what} failed its content check: {_why(failure)}. "
                             f"{advice}") from failure
-
-
-# ------------------------------------------------------------------------ listings
-
-def describe_zoo() -> list[dict]:
-    """One row per entry for `maskrcnn zoo`: name, preset, box_ap, mask_ap, cached, path."""
-    rows = []
-    for entry in ZOO.values():
-        path = cached_file(entry)
-        rows.append({"name": entry.name, "preset": entry.preset, "box_ap": entry.box_ap,
-                     "mask_ap": entry.mask_ap, "cached": path.is_file(), "path": str(path)})
-    return rows
-
-
-def zoo_markdown_table() -> str:
-    """The zoo as a markdown table (name, preset, box AP, mask AP, source, URL)."""
-    lines = ["| name | preset | box AP | mask AP | source | URL |",
-             "|---|---|---:|---:|---|---|"]
-    for e in ZOO.values():
-        lines.append(f"| `{e.name}` | `{e.preset}` | {e.box_ap:.1f} | {e.mask_ap:.1f} "
-                     f"| {e.source} | [{e.filename}]({e.url}) |")
-    return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ MASTER_PORT; multi-node works with torchrun's usual flags (--nnodes, --node-rank
 --rdzv-endpoint ...). Without those variables everything runs as a single process and
 every helper here is a no-op. Only rank 0 logs and writes files.
 
-    torchrun --nproc-per-node 8 -m tools.cli train --config my.ini
+    torchrun --nproc-per-node 8 -m engine.cli train --config my.ini
 """
 from __future__ import annotations
 

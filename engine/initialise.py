@@ -1,0 +1,117 @@
+"""What a training run starts from: the seeds, the data sets and the model's initial
+weights ([model] pretrained, [solver] init_weights, [data])."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from easydict import EasyDict
+from torch import nn
+
+from builder import build_model
+from configs import apply_overrides
+from engine.checkpoint import load_checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _is_disabled(path: Any) -> bool:
+    return path is None or str(path).strip().lower() in ("", "none")
+
+
+def build_datasets(cfg: EasyDict):
+    """(train CocoInstances, val CocoInstances or None) from cfg.data."""
+    from engine.data import CocoInstances
+    d = cfg.data
+    for key in ("train_json", "train_images"):
+        if not Path(d[key]).exists():
+            raise FileNotFoundError(f"[data] {key} = {d[key]}: not found")
+    train_set = CocoInstances(d.train_json, d.train_images, train=True,
+                              skip_empty=d.skip_empty, flip_prob=d.flip_prob, lsj=d.lsj,
+                              lsj_scale=d.lsj_scale, lsj_size=d.lsj_size)
+    if len(train_set) == 0:
+        raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
+    val_set = None
+    if not _is_disabled(d.val_json):
+        for key in ("val_json", "val_images"):
+            if not Path(d[key]).exists():
+                raise FileNotFoundError(f"[data] {key} = {d[key]}: not found (set "
+                                        f"val_json = none to train without evaluation)")
+        val_set = CocoInstances(d.val_json, d.val_images, train=False)
+    return train_set, val_set
+
+
+def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:
+    """The model to train: with [model] pretrained set (coco, a zoo name, a checkpoint of
+    any supported format, imagenet), MaskRCNN(pretrained=...) with cfg's num_classes (a
+    zoo model brings its preset's architecture; the returned model's cfg is the merged
+    one, and other classes than the checkpoint's re-initialise only the predictors).
+    Else build_model(cfg) initialised as [solver] init_weights says: none (random),
+    imagenet (ImageNet backbone from the torch hub cache), a training checkpoint (its
+    model weights whose shapes match, e.g. to fine-tune with other classes) or a file of
+    ImageNet ResNet weights."""
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and str(pretrained).lower() != "none":
+        from maskrcnn import MaskRCNN
+        return MaskRCNN(num_classes=cfg.model.num_classes, pretrained=str(pretrained),
+                        config=cfg)
+    init = str(cfg.solver.init_weights).strip()
+    if _is_disabled(init):
+        if cfg.backbone.norm == "frozen_bn" and verbose:
+            print("warning: norm = frozen_bn with random init: the frozen BatchNorm "
+                  "statistics are random and training cannot fix them; use norm = bn or gn, "
+                  "or [solver] init_weights = imagenet", file=sys.stderr)
+        return build_model(cfg)
+    if init == "imagenet":
+        return build_model(cfg, pretrained_backbone="imagenet")
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"[solver] init_weights = {init}: file not found")
+    state = load_checkpoint(init)
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
+        return build_model(cfg, pretrained_backbone=init)
+    model = build_model(cfg)
+    own = model.state_dict()
+    usable = {k: v for k, v in state["model"].items()
+              if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    skipped = sorted(set(own) - set(usable))
+    if verbose:
+        print(f"init_weights {init}: {len(usable)} tensors loaded"
+              + (f", {len(skipped)} kept at random init ({', '.join(skipped[:4])}"
+                 f"{', ...' if len(skipped) > 4 else ''})" if skipped else ""))
+    return model
+
+
+def prepare_run(cfg: EasyDict, main: bool, rank: int,
+                device: torch.device) -> tuple[EasyDict, nn.Module, Any, Any]:
+    """(cfg, model on `device`, train set, val set or None) of a run. num_classes follows
+    the training set's categories (rank 0 notes a change); the returned cfg is the
+    model's: a zoo model's preset architecture with this config's values."""
+    train_set, val_set = build_datasets(cfg)
+    if cfg.model.num_classes != train_set.num_classes:
+        if main:
+            print(f"note: model.num_classes = {cfg.model.num_classes} but {cfg.data.train_json}"
+                  f" has {train_set.num_classes} categories; using {train_set.num_classes}")
+        cfg = apply_overrides(cfg, {"model.num_classes": train_set.num_classes})
+    seed_everything(cfg.solver.seed + rank)
+    model = build_initial_model(cfg, verbose=main).to(device)
+    return model.cfg, model, train_set, val_set
+
+
+def build_train_loader(train_set, solver: EasyDict, num_workers: int, world: int,
+                       distributed: bool):
+    """The training DataLoader at epoch 0: this rank's share of each global batch of
+    solver.batch_size images, in an order seeded by solver.seed (engine.data.build_loader)."""
+    from engine.data import build_loader
+    loader = build_loader(train_set, batch_size=solver.batch_size // world, shuffle=True,
+                          num_workers=num_workers, seed=solver.seed, distributed=distributed)
+    loader.sampler.set_epoch(0)
+    return loader
