@@ -54,3 +54,14 @@ def pair_detections(eager: dict, exported: dict, score_tol: float = SCORE_TOL,
                 pairs.append((i, j))
                 break
     return pairs
+
+
+def pairs_with_masks(eager: dict, exported: dict, score_tol: float, box_tol: float,
+                     min_mask_iou: float, what: str) -> list[tuple[int, int]]:
+    """pair_detections, asserting mask IoU >= min_mask_iou on every pair."""
+    pairs = pair_detections(eager, exported, score_tol, box_tol)
+    if pairs:
+        i, j = (torch.tensor(index) for index in zip(*pairs))
+        iou = mask_iou(eager["masks"][i], exported["masks"][j]).min().item()
+        assert iou >= min_mask_iou, f"{what}: mask IoU {iou:.4f}"
+    return pairs
