@@ -57,11 +57,19 @@ def pair_detections(eager: dict, exported: dict, score_tol: float = SCORE_TOL,
 
 
 def pairs_with_masks(eager: dict, exported: dict, score_tol: float, box_tol: float,
-                     min_mask_iou: float, what: str) -> list[tuple[int, int]]:
-    """pair_detections, asserting mask IoU >= min_mask_iou on every pair."""
+                     min_mask_iou: float, what: str,
+                     pixel_slack: int = 0) -> list[tuple[int, int]]:
+    """pair_detections, asserting mask IoU >= min_mask_iou on every pair, or at most
+    pixel_slack pixels differing (a mask of a few dozen pixels cannot reach 0.98 with
+    one pixel flipped, and a tiny box turns the float rounding of its corners into the
+    largest shifts of the mask's samples)."""
     pairs = pair_detections(eager, exported, score_tol, box_tol)
     if pairs:
         i, j = (torch.tensor(index) for index in zip(*pairs))
-        iou = mask_iou(eager["masks"][i], exported["masks"][j]).min().item()
-        assert iou >= min_mask_iou, f"{what}: mask IoU {iou:.4f}"
+        a, b = eager["masks"][i].flatten(1) >= 0.5, exported["masks"][j].flatten(1) >= 0.5
+        iou = mask_iou(eager["masks"][i], exported["masks"][j])
+        off = (a ^ b).sum(1)
+        bad = torch.where((iou < min_mask_iou) & (off > pixel_slack))[0]
+        assert len(bad) == 0, (f"{what}: mask IoU {iou[bad[0]].item():.4f} "
+                               f"({int(off[bad[0]])} pixels differ)")
     return pairs

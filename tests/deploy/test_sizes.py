@@ -7,7 +7,8 @@ Oracle: the eager model itself (tests/deploy/helpers.eager), on calibrated torch
 and v2 models and a calibrated detectron2 R50-FPN 3x checkpoint. At least 98% of the
 detections pair (the issue's pairing: same label, score within 1e-3, box within 0.05 px;
 random weights amplify the rounding of eager's Winograd convs against the export's direct
-ones to ~2e-4 in scores) and the paired masks have IoU >= 0.98. Where pairs are missing, the only cause allowed is one the exporter
+ones to ~2e-4 in scores) and the paired masks have IoU >= 0.98 (or differ in one pixel:
+a 36-pixel mask of a 6-pixel box has one pixel flipped by its corners' rounding). Where pairs are missing, the only cause allowed is one the exporter
 cannot express: a tie in scores (equal scores order freely in NMS, top-k and sort), so
 every unpaired detection must have a score tied with another detection.
 """
@@ -47,7 +48,7 @@ def _check_sweep(model, run, sizes, what, seed=5):
     for size, image in zip(sizes, images(sizes, seed=seed)):
         expected, got = eager(model, image), run(image)
         pairs = pairs_with_masks(expected, got, SCORE_TOL, BOX_TOL, MASK_IOU_MIN,
-                                 f"{what} at {size}")
+                                 f"{what} at {size}", pixel_slack=1)
         total, paired = total + len(expected["scores"]), paired + len(pairs)
         for side, index in ((expected, 0), (got, 1)):
             done = {p[index] for p in pairs}
