@@ -37,8 +37,10 @@ SWEEP = (
     (481, 641),   # odd, downscaled
     (333, 1000),  # wide
 )
-# The torchvision v2 case (min_size 512, max_size 704, traced at 384 x 512).
-V2_SWEEP = ((389, 517), (517, 389), (600, 800), (333, 1000), (512, 680), (768, 1020))
+# The torchvision v2 case (min_size 512, max_size 704, traced at 384 x 512): the
+# sizes where the export used to differ, and one unresized (512 x 680). The .pt2 program
+# is swept on v1 and detectron2 (a v2 torch.export costs half a minute more).
+V2_SWEEP = ((389, 517), (517, 389), (600, 800), (333, 1000), (512, 680))
 
 
 def _check_sweep(model, run, sizes, what, seed=5):
@@ -118,7 +120,6 @@ def test_torchvision_v1_every_size(tv_model, tmp_path):
 @pytest.mark.slow
 def test_torchvision_v2_every_size(v2_model, tmp_path):
     _check_sweep(v2_model, _onnx(v2_model, tmp_path, (384, 512)), V2_SWEEP, "v2 ONNX")
-    _check_sweep(v2_model, _program(v2_model, (384, 512)), V2_SWEEP[:2], "v2 .pt2")
 
 
 @pytest.mark.slow
