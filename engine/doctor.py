@@ -103,7 +103,7 @@ def cuda_archs(path: str) -> dict:
     from libs.fatbin import FatbinError, fatbin_archs
     try:
         return fatbin_archs(path)
-    except (OSError, FatbinError, IndexError, ValueError) as err:
+    except (OSError, FatbinError) as err:
         return {"error": f"cannot read its architectures: {err}"}
 
 

@@ -34,8 +34,8 @@ def _section(data: bytes, name: bytes) -> bytes:
                for i in range(shnum)]
     names_at = headers[shstrndx][4]
     for sh_name, _type, _flags, _addr, offset, size in headers:
-        end = data.index(b"\0", names_at + sh_name)
-        if data[names_at + sh_name:end] == name:
+        start = names_at + sh_name
+        if data[start:start + len(name) + 1] == name + b"\0":
             return data[offset:offset + size]
     raise FatbinError(f"no {name.decode()} section (not built by nvcc, or no device code)")
 
@@ -55,7 +55,13 @@ def _entries(blob: bytes, start: int, end: int):
 def fatbin_archs(path: str | Path) -> dict:
     """{"sass": sorted architectures with machine code, "ptx": sorted ones with PTX}, as
     numbers (sm_86 -> 86). Raises FatbinError (or OSError) when it cannot be read."""
-    blob = _section(Path(path).read_bytes(), b".nv_fatbin")
+    try:
+        return _archs(_section(Path(path).read_bytes(), b".nv_fatbin"))
+    except (struct.error, IndexError) as err:    # offsets past the end: a truncated file
+        raise FatbinError(f"malformed ELF or fat binary ({err})") from err
+
+
+def _archs(blob: bytes) -> dict:
     found = {"sass": set(), "ptx": set()}
     pos = 0
     # Containers follow each other, 8-byte aligned; anything else between them is skipped.
