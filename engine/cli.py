@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: train, eval, predict, demo.
+"""The `maskrcnn` command: train, eval, predict, demo, doctor.
 
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/

@@ -218,22 +218,20 @@ def zoo(verify: bool = False) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+def _fallback_problem(what: str, lib: dict) -> str:
+    return (f"{what}: no kernel ({lib['problem']}): the pure-PyTorch fallback is in use; "
+            f"build it with `{lib['build_command']}`")
+
+
 def problems(report: dict) -> list[str]:
     """One line per visible device without a kernel (the exit status counts these)."""
-    out = []
-    cpu = report["kernels"]["cpu"]
-    if not cpu["loaded"]:
-        out.append(f"cpu: no kernel ({cpu['problem']}): the pure-PyTorch fallback is in use; "
-                   f"build it with `{cpu['build_command']}`")
-    cuda = report["kernels"]["cuda"]
+    cpu, cuda = report["kernels"]["cpu"], report["kernels"]["cuda"]
+    out = [] if cpu["loaded"] else [_fallback_problem("cpu", cpu)]
     for gpu in report["gpus"]:
-        if gpu["kernel"] is not None:
-            continue
         what = f"{gpu['device']} ({gpu['name']}, {gpu['sm']})"
         if not cuda["loaded"]:
-            out.append(f"{what}: no kernel ({cuda['problem']}): the pure-PyTorch fallback is "
-                       f"in use; build it with `{cuda['build_command']}`")
-        else:
+            out.append(_fallback_problem(what, cuda))
+        elif gpu["kernel"] is None:
             out.append(f"{what}: no kernel for {gpu['sm']} in {cuda['path']} "
                        f"({_arch_list(cuda['archs'])}); rebuild with "
                        f"`python libs/build_libs.py {gpu['sm']}` (or `auto`)")
