@@ -206,19 +206,28 @@ def test_fatbin_archs_rejects_files_without_device_code(tmp_path):
 NVCC = shutil.which("nvcc")
 
 
+def _nvcc(*args: str) -> None:
+    res = subprocess.run([NVCC, *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed: no CUDA library to read")
 def test_fatbin_archs_of_a_library_nvcc_built(tmp_path):
-    """The oracle is the -gencode list given to nvcc (as libs/build_libs.py passes it:
-    SASS for each arch, PTX for the newest; static CUDA runtime)."""
-    src = tmp_path / "k.cu"
-    src.write_text('extern "C" __global__ void k(float* x) { x[threadIdx.x] *= 2.f; }\n'
-                   'extern "C" int host_fn(void) { return 1; }\n')
+    """The oracle is the -gencode lists given to nvcc: two translation units built for
+    different architectures (two fat binary containers, both must be read), linked with
+    the static CUDA runtime as libs/build_libs.py links libmrcnn_cuda.so."""
+    gencodes = {"a": ["arch=compute_75,code=sm_75"],
+                "b": ["arch=compute_86,code=sm_86", "arch=compute_90,code=[sm_90,compute_90]"]}
+    objects = []
+    for name, codes in gencodes.items():
+        src = tmp_path / f"{name}.cu"
+        src.write_text(f'extern "C" __global__ void {name}(float* x) '
+                       '{ x[threadIdx.x] *= 2.f; }\n')
+        objects.append(str(tmp_path / f"{name}.o"))
+        _nvcc("-c", "-Xcompiler", "-fPIC", *[f"-gencode={c}" for c in codes], str(src),
+              "-o", objects[-1])
     lib = tmp_path / "libk.so"
-    cmd = [NVCC, "-shared", "-Xcompiler", "-fPIC", "-cudart=static",
-           "-gencode", "arch=compute_75,code=sm_75",
-           "-gencode", "arch=compute_90,code=[sm_90,compute_90]", str(src), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert fatbin_archs(lib) == {"sass": [75, 90], "ptx": [90]}
-    assert doctor.cuda_archs(str(lib)) == {"sass": [75, 90], "ptx": [90]}
+    _nvcc("-shared", "-cudart=static", *objects, "-o", str(lib))
+    assert fatbin_archs(lib) == {"sass": [75, 86, 90], "ptx": [90]}
+    assert doctor.cuda_archs(str(lib)) == {"sass": [75, 86, 90], "ptx": [90]}
