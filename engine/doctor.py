@@ -219,8 +219,9 @@ def zoo(verify: bool = False) -> dict:
 # --------------------------------------------------------------------------- report
 
 def _fallback_problem(what: str, lib: dict) -> str:
-    return (f"{what}: no kernel ({lib['problem']}): the pure-PyTorch fallback is in use; "
-            f"build it with `{lib['build_command']}`")
+    remedy = ("unset MASKRCNN_FORCE_FALLBACK" if lib.get("forced_fallback") else
+              f"build it with `{lib['build_command']}`")
+    return f"{what}: no kernel ({lib['problem']}): the pure-PyTorch fallback is in use; {remedy}"
 
 
 def problems(report: dict) -> list[str]:

@@ -147,11 +147,10 @@ def library_status(device_type: str) -> dict:
     file exists and is loaded, the ABI version it reported (None: never opened) and why
     it is not used (None when it is). Opens nothing: call get_lib first to try."""
     path = BUILD_DIR / _FILES[device_type]
-    loaded = device_type in _libs and not _forced_fallback()
-    problem = _problem.get(device_type)
-    if _forced_fallback():
-        problem = "MASKRCNN_FORCE_FALLBACK=1"
-    return {"path": str(path), "present": path.exists(), "loaded": loaded,
+    forced = _forced_fallback()
+    problem = "MASKRCNN_FORCE_FALLBACK=1" if forced else _problem.get(device_type)
+    return {"path": str(path), "present": path.exists(),
+            "loaded": device_type in _libs and not forced, "forced_fallback": forced,
             "abi": _found_abi.get(device_type), "expected_abi": ABI_VERSION,
             "problem": problem, "build_command": _BUILD_CMD[device_type]}
 
