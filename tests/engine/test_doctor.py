@@ -233,3 +233,34 @@ def test_fatbin_archs_of_a_library_nvcc_built(tmp_path):
     _nvcc("-shared", "-cudart=static", *objects, "-o", str(lib))
     assert fatbin_archs(lib) == {"sass": [75, 86, 90], "ptx": [90]}
     assert doctor.cuda_archs(str(lib)) == {"sass": [75, 86, 90], "ptx": [90]}
+
+
+@pytest.fixture(scope="module")
+def real_cuda_build(tmp_path_factory):
+    """libmrcnn_cuda.so built by libs/build_libs.py for sm_80 (SASS sm_80 + PTX 80), next
+    to a copy of the CPU library; no GPU is needed to build or dlopen it."""
+    if NVCC is None or not CPU_LIB.exists():
+        pytest.skip("needs nvcc and libs/build/libmrcnn_cpu.so")
+    from libs.build_libs import build_cuda
+    out = tmp_path_factory.mktemp("cuda_build")
+    build_cuda(["sm_80"], str(out), NVCC)
+    shutil.copy(CPU_LIB, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability, kernel", [
+    ([7, 5], None), ([8, 6], "SASS sm_80"), ([9, 0], "PTX compute_80 (JIT on first use)")])
+def test_real_cuda_library_against_faked_gpus(real_cuda_build, fresh_loader, empty_cache,
+                                              monkeypatch, capsys, capability, kernel):
+    monkeypatch.setattr(_loader, "BUILD_DIR", real_cuda_build)
+    monkeypatch.setattr(doctor, "visible_gpus", lambda: [dict(FAKE_H100, capability=capability)])
+    code, out = run_doctor(capsys)
+    words = " ".join(out.split())     # the column widths do not matter here
+    assert f"cuda native: {real_cuda_build / 'libmrcnn_cuda.so'} (ABI" in words
+    assert "cuda archs SASS sm_80; PTX compute_80" in words
+    if kernel is None:
+        assert code == 1 and "cuda:0 (Fake H100, sm_75): no kernel for sm_75 in" in out
+    else:
+        assert code == 0 and out.splitlines()[-1].startswith("status: ok")
+        assert f"(sm_{capability[0]}{capability[1]}): {kernel}" in out
