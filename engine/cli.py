@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: train, eval, predict, demo.
+"""The `maskrcnn` command: train, eval, predict, demo, doctor.
 
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
@@ -8,6 +8,7 @@
     maskrcnn export-weights --weights outputs/model_0001000.pth --out model.safetensors
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--minutes 10]
+    maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
@@ -171,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar: one line per [solver] log_every iterations instead "
                         "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_demo, command_parser=p)
+
+    p = sub.add_parser("doctor", help="what this installation has (for you or a bug report)",
+                       description="Versions, the kernel libraries (loaded or why not), the "
+                                   "CUDA architectures against each visible GPU, CPU "
+                                   "features, threads, optional extras and the zoo cache. "
+                                   "Exit status 1 when a visible device has no native "
+                                   "kernel.")
+    p.add_argument("--json", action="store_true", help="the report as JSON (for bug reports)")
+    p.add_argument("--verify-zoo", action="store_true",
+                   help="re-hash the cached zoo files against their sha256 (seconds per file)")
+    p.set_defaults(func=cmd_doctor, command_parser=p)
     return parser
 
 
@@ -370,6 +382,11 @@ def cmd_zoo(args, parser) -> int:
     coco = ", ".join(f"{b}: {n}" for b, n in COCO_FOR_BACKBONE.items())
     print(f"\npretrained='coco' by backbone: {coco}\ncache: {cache_dir()}")
     return 0
+
+
+def cmd_doctor(args, parser) -> int:
+    from engine import doctor
+    return doctor.main(json_output=args.json, verify_zoo=args.verify_zoo)
 
 
 def cmd_demo(args, parser) -> int:

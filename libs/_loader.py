@@ -17,7 +17,8 @@ from pathlib import Path
 
 import cffi
 
-__all__ = ["ABI_VERSION", "HEADER", "BUILD_DIR", "get_lib", "check", "backend_info", "ffi"]
+__all__ = ["ABI_VERSION", "HEADER", "BUILD_DIR", "get_lib", "check", "backend_info",
+           "library_status", "ffi"]
 
 ABI_VERSION = 6
 _HERE = Path(__file__).resolve().parent
@@ -48,6 +49,7 @@ ffi.cdef(_declarations(HEADER.read_text()))
 _lock = threading.Lock()
 _libs: dict = {}          # device type -> opened library
 _problem: dict = {}       # device type -> why no library is used (for backend_info)
+_found_abi: dict = {}     # device type -> the ABI version the file reported (doctor)
 _warned: set = set()
 
 
@@ -84,6 +86,7 @@ def _open(device_type: str):
     except (OSError, AttributeError) as exc:
         _warn_once(device_type, f"cannot load {path}: {exc}")
         return None
+    _found_abi[device_type] = version
     if version != ABI_VERSION:
         _warn_once(device_type, f"{path} has ABI version {version}, expected {ABI_VERSION} "
                                 "(stale build)")
@@ -139,9 +142,23 @@ def backend_info() -> dict:
     return info
 
 
+def library_status(device_type: str) -> dict:
+    """What the loader knows of one library, for `maskrcnn doctor`: its path, whether the
+    file exists and is loaded, the ABI version it reported (None: never opened) and why
+    it is not used (None when it is). Opens nothing: call get_lib first to try."""
+    path = BUILD_DIR / _FILES[device_type]
+    forced = _forced_fallback()
+    problem = "MASKRCNN_FORCE_FALLBACK=1" if forced else _problem.get(device_type)
+    return {"path": str(path), "present": path.exists(),
+            "loaded": device_type in _libs and not forced, "forced_fallback": forced,
+            "abi": _found_abi.get(device_type), "expected_abi": ABI_VERSION,
+            "problem": problem, "build_command": _BUILD_CMD[device_type]}
+
+
 def reset_for_tests() -> None:
     """Forgets the opened libraries and warnings (tests simulate a late build)."""
     with _lock:
         _libs.clear()
         _problem.clear()
+        _found_abi.clear()
         _warned.clear()
