@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARCH   ?=
 
-.PHONY: all venv install libs test demo bench clean
+.PHONY: all venv install libs test check demo bench clean
 
 all: libs
 
@@ -41,6 +41,13 @@ $(VENV)/.export: $(VENV)/.installed pyproject.toml
 
 test: libs $(VENV)/.oracles $(VENV)/.export
 	$(PY) -m pytest tests
+
+# The edit-test loop: the kernels, the stages and the config against their oracles,
+# without the slow end-to-end tests (make test runs everything).
+CHECK := tests/libs tests/layers tests/pooling tests/proposal tests/heads tests/tools \
+         tests/test_config.py tests/test_builder.py tests/test_layering.py tests/test_inputs.py
+check: libs
+	$(PY) -m pytest -m "not slow" $(CHECK)
 
 demo: libs
 	$(VENV)/bin/maskrcnn demo
