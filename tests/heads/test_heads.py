@@ -28,8 +28,6 @@ def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs
     class's channel selected, then heads.mask_loss (the model selects the channel inside
     MaskPredictor instead)."""
     labels = mask_target_labels(gt_labels, mask_matched_idxs)
-    if labels.numel() == 0:
-        return mask_logits.sum() * 0
     pred = mask_logits[torch.arange(labels.shape[0]), labels]
     return mask_loss(pred, proposals, gt_masks, mask_matched_idxs)
 
@@ -147,12 +145,20 @@ def test_mask_predictor_selected_class_equals_full_logits(layout, seed):
 
 
 def test_maskrcnn_loss_no_positives_is_zero_and_connected():
+    """heads.mask_loss itself (not a wrapper) on no positive RoI: zero, attached to the
+    logits' graph (a zero gradient reaches them), as torchvision's maskrcnn_loss."""
     logits = torch.randn(0, K + 1, 28, 28, requires_grad=True)
-    loss = maskrcnn_loss(logits, [torch.zeros(0, 4)], [torch.zeros(0, 20, 20)],
-                         [torch.zeros(0, dtype=torch.int64)],
-                         [torch.zeros(0, dtype=torch.int64)])
-    assert loss.item() == 0 and loss.requires_grad
+    args = ([torch.zeros(0, 4)], [torch.zeros(0, 20, 20)], [torch.zeros(0, dtype=torch.int64)],
+            [torch.zeros(0, dtype=torch.int64)])
+    proposals, gt_masks, gt_labels, matched = args
+    pred = logits[torch.arange(0), mask_target_labels(gt_labels, matched)]   # [0, 28, 28]
+    loss = mask_loss(pred, proposals, gt_masks, matched)
+    assert loss.shape == () and loss.item() == 0 and loss.requires_grad
     loss.backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+    assert torch.equal(loss, tv_roi_heads.maskrcnn_loss(logits, *args))
+    # the wrapper used by the other tests goes through the same function
+    assert torch.equal(maskrcnn_loss(logits, *args), loss)
 
 
 def test_mask_inference_matches_torchvision():
