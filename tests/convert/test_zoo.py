@@ -17,7 +17,27 @@ from torchvision.models.detection import (MaskRCNN_ResNet50_FPN_V2_Weights,
 from convert import zoo
 
 REPO = Path(__file__).resolve().parents[2]
-D2_MODEL_ZOO = Path("/tmp/d2src/detectron2-src-02b5c4e/MODEL_ZOO.md")
+# detectron2's source at the commit the zoo table was taken from (the oracle for its URLs
+# and APs), as a tarball beside the checkout: shared/oracles in the repository or next to it.
+D2_SRC_NAME = "detectron2-src-02b5c4e"
+D2_SRC_TARBALLS = [REPO / "shared" / "oracles" / f"{D2_SRC_NAME}.tar.gz",
+                   REPO.parent / "shared" / "oracles" / f"{D2_SRC_NAME}.tar.gz"]
+
+
+@pytest.fixture(scope="session")
+def d2_model_zoo_md(tmp_path_factory) -> Path:
+    """detectron2's MODEL_ZOO.md, extracted (that one file) from the source tarball into a
+    temporary folder; skips only when no tarball is there."""
+    import tarfile
+    tarball = next((p for p in D2_SRC_TARBALLS if p.is_file()), None)
+    if tarball is None:
+        pytest.skip("detectron2's source (the oracle for the zoo's detectron2 URLs and APs) "
+                    f"is absent: none of {[str(p) for p in D2_SRC_TARBALLS]}")
+    dest = tmp_path_factory.mktemp("d2src")
+    member = f"{D2_SRC_NAME}/MODEL_ZOO.md"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(dest, members=[tar.getmember(member)], filter="data")
+    return dest / member
 
 
 # --------------------------------------------------------------------------- helpers
@@ -108,12 +128,8 @@ def test_torchvision_entries_match_torchvision(name, weights):
     assert e.sha256 == re.search(r"-([0-9a-f]+)\.pth$", weights.url).group(1)
 
 
-def test_detectron2_entries_match_model_zoo_md():
-    if not D2_MODEL_ZOO.is_file():
-        pytest.skip(f"{D2_MODEL_ZOO} not found: extract ../shared/oracles/"
-                    f"detectron2-src-02b5c4e.tar.gz into /tmp/d2src to check the "
-                    f"detectron2 URLs and APs")
-    text = D2_MODEL_ZOO.read_text()
+def test_detectron2_entries_match_model_zoo_md(d2_model_zoo_md):
+    text = d2_model_zoo_md.read_text()
     entries = [e for e in zoo.ZOO.values() if e.source == "detectron2"]
     assert len(entries) == 5
     for e in entries:

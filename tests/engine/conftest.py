@@ -68,3 +68,39 @@ def _write_ini(cfg, path):
 def write_ini():
     """write_ini(cfg, path) -> path: a full config as a config file (its non-default keys)."""
     return _write_ini
+
+
+class FakeClock:
+    """time.perf_counter as engine.train reads it, advanced by `step_s` per training step
+    and by nothing else: a time budget then stops after budget / step_s iterations on
+    any machine and under any load. Multiples of step_s are exact in binary floats when
+    step_s is a power-of-two fraction (0.5, 0.25...), so elapsed times compare exactly."""
+
+    def __init__(self, step_s: float):
+        self.step_s, self.now = step_s, 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """fake_clock(step_s) -> FakeClock installed in engine.train (time.perf_counter) and
+    advanced after each _Loop.step."""
+    import types
+
+    import engine.train as train_module
+
+    def install(step_s: float) -> FakeClock:
+        clock = FakeClock(step_s)
+        monkeypatch.setattr(train_module, "time",
+                            types.SimpleNamespace(perf_counter=clock.perf_counter))
+        real_step = train_module._Loop.step
+
+        def step(self, *args, **kwargs):
+            losses = real_step(self, *args, **kwargs)
+            clock.now += clock.step_s
+            return losses
+        monkeypatch.setattr(train_module._Loop, "step", step)
+        return clock
+    return install

@@ -87,9 +87,10 @@ def test_predict_command(trained, shapes_data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, fake_clock):
     out = tmp_path / "demo"
     minutes = 0.2
+    clock = fake_clock(1.0)      # each training step 1 s of a fake clock: 12 steps in 0.2 min
     code = main(["demo", "--out", str(out), "--minutes", str(minutes), "--no-progress",
                  "--set", "demo.demo_num_train=8", "demo.demo_num_val=3",
                  "demo.demo_image_size=64", "demo.demo_num_classes=3", "log_every=1",
@@ -106,7 +107,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     steps = [0.0] + [r["time"] for r in records if "time" in r]
     longest = max(b - a for a, b in zip(steps, steps[1:]))
     assert len(steps) - 1 == state["iteration"] >= 1
-    # training stops at the first iteration end past the budget (evaluation excluded)
+    # training stops at the first iteration end past the budget (evaluation excluded):
+    # on the fake clock exactly budget / step iterations, and the budget to the bit
+    assert state["iteration"] == round(minutes * 60 / clock.step_s) == 12
+    assert state["elapsed_s"] == minutes * 60
     assert minutes * 60 <= state["elapsed_s"] <= minutes * 60 + longest + 1.0
     assert any("eval" in r for r in records)
     text = capsys.readouterr().out

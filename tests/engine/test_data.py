@@ -716,14 +716,35 @@ def test_mask_valid_is_checked_and_box_only_masks_are_not_resampled(tiny_cfg):
 
 
 def test_mask_model_on_box_only_validation_data_reports_bbox_ap(shapes_data, tiny_cfg,
-                                                               tmp_path):
+                                                               tmp_path, monkeypatch):
     """A mask model evaluated on box-only ground truth: bbox AP, no segm (pycocotools has
-    no masks to score against); and [data] lsj reaches the training data set."""
+    no masks to score against); and [data] lsj reaches the training data set: every
+    training sample the loader takes is LSJ's (lsj_size 48 of the 64 px images, scale
+    fixed at 0.5: the image fills the top-left 24 x 24, the rest is LSJ_FILL), while the
+    validation samples keep their size."""
+    from engine.data import LSJ_FILL, CocoInstances
     from engine.train import train
     json_path, image_dir = shapes_data["val"]
     box_only = _drop_segmentation(json_path, tmp_path / "val_boxes.json", lambda a, anns: True)
+    samples = []                                  # (train, image) the data sets hand out
+    real_getitem = CocoInstances.__getitem__
+
+    def getitem(self, i):
+        image, target = real_getitem(self, i)
+        samples.append((self.train, image))
+        return image, target
+    monkeypatch.setattr(CocoInstances, "__getitem__", getitem)
     cfg = tiny_cfg(val_json=str(box_only), val_images=str(image_dir), max_iter=1,
-                   lsj=True, lsj_size=64)
+                   lsj=True, lsj_size=48, lsj_scale=(0.5, 0.5))
     summary = train(cfg, progress=False)
     assert summary["model"].roi_heads.mask_on
     assert set(summary["metrics"]) == {"bbox"} and summary["metrics"]["bbox"]["AP"] >= 0
+    trained = [image for is_train, image in samples if is_train]
+    assert len(trained) >= cfg.solver.batch_size, len(samples)
+    fill = torch.tensor(LSJ_FILL)[:, None, None]
+    for image in trained:
+        assert image.shape == (3, 48, 48), image.shape
+        assert (image[:, 24:, :] == fill).all() and (image[:, :, 24:] == fill).all()
+        assert not (image[:, :24, :24] == fill).all()
+    validated = [image for is_train, image in samples if not is_train]
+    assert validated and all(image.shape == (3, 64, 64) for image in validated)

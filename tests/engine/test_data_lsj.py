@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from engine.data import LSJ_FILL, CocoInstances, build_loader, large_scale_jitter
 
@@ -177,6 +178,22 @@ def test_lsj_off_changes_nothing(shapes_data, tmp_path):
         assert torch.equal(sample[0], image.flip(-1) if flip else image)
     evaluation = CocoInstances(*paths, lsj=True, lsj_size=32)
     assert _samples_equal(evaluation[0], unflipped[0])
+    # An oracle outside CocoInstances (the comparisons above are the class against
+    # itself): the files' pixels decoded here with PIL, and which instances have a mask
+    # read from the JSON itself.
+    data = json.loads(paths[0].read_text())
+    for i in range(4):
+        image_id = unflipped.ids[i]
+        info = next(im for im in data["images"] if im["id"] == image_id)
+        with Image.open(paths[1] / info["file_name"]) as f:
+            pixels = np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(pixels).permute(2, 0, 1)
+        has_mask = [("segmentation" in a) for a in data["annotations"]
+                    if a["image_id"] == image_id and not a.get("iscrowd", 0)]
+        for ds in (unflipped, evaluation):
+            image, target = ds[i]
+            assert torch.equal(image, pixels), (i, (image - pixels).abs().max())
+            assert target["mask_valid"].tolist() == has_mask, i
 
 
 @pytest.mark.parametrize("kwargs, pattern", [

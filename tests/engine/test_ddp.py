@@ -78,6 +78,8 @@ def test_two_gloo_processes_match_one_process(two_images, tiny_cfg, tmp_path):
     # the reference: one process, the same global batch (both images) each iteration
     seed_everything(cfg.solver.seed)                 # rank 0's initialisation
     model = build_model(cfg).train()
+    # the weights every process starts from, copied before any step changes them
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                           momentum=0.9)
     dataset = CocoInstances(json_path, image_dir, train=True)
@@ -91,7 +93,6 @@ def test_two_gloo_processes_match_one_process(two_images, tiny_cfg, tmp_path):
     reference = model.state_dict()
 
     moved = 0
-    initial = build_model(cfg).state_dict()
     for key in reference:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], reference[key], atol=1e-5, rtol=0, msg=key)

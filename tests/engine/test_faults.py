@@ -97,8 +97,24 @@ def _wait_for(condition, proc, what, timeout_s=60.0):
 
 
 def _kill(proc):
+    """SIGKILL `proc`, and check that the kill is what ended it (not a run that had
+    already finished: os.kill on an exited, unreaped child succeeds silently)."""
+    assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, proc.returncode
+
+
+def _last_iter_logged(out):
+    """The highest iteration in out/log.jsonl so far (0 if none); a line being written
+    (not yet a whole JSON object) is skipped."""
+    last = 0
+    path = out / "log.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            last = max(last, json.loads(line).get("iter", 0))
+        except ValueError:
+            continue
+    return last
 
 
 def _assert_no_half_written_checkpoint(out):
@@ -158,24 +174,31 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tiny_cfg, tmp_path, 
     moments.append("just after model_0000004.pth appeared")
     _assert_no_half_written_checkpoint(out)
 
-    # 3. killed at random moments of a resumed run
+    # 3. killed at (seeded) random moments of a resumed run: a short random delay after
+    # a random iteration past everything already logged (so the line is this run's, and
+    # at least one iteration, the final checkpoint and the plot are still to come: the
+    # kill cannot miss; _kill asserts it is what ended the run)
+    rng = random.Random(22)
     for _ in range(2):
+        before = _last_iter_logged(out)
+        assert before <= 8, f"the earlier kills left too little to kill: {moments}"
+        target = min(rng.randint(before + 1, before + 2), 9)
+        delay = rng.uniform(0.0, 0.1)
         log = next(logs)
         run = _start(ini, log, "--resume")
-        if _wait_for(lambda: "resuming from" in log.read_text(), run, "resume"):
-            delay = random.uniform(0.0, 1.0)     # ~4 iterations
-            time.sleep(delay)
-            moments.append(f"{delay:.2f} s after resuming")
-            _kill(run)
+        assert _wait_for(lambda: _last_iter_logged(out) >= target, run, f"iteration {target}"), \
+            (moments, log.read_text())
+        assert "resuming from" in log.read_text(), log.read_text()
+        time.sleep(delay)
+        moments.append(f"{delay:.3f} s after iteration {target}")
+        _kill(run)
         _assert_no_half_written_checkpoint(out)
 
-    # then resume until done
-    for _ in range(3):
-        log = next(logs)
-        run = _start(ini, log, "--resume")
-        if run.wait(timeout=120) == 0:
-            break
-    assert run.returncode == 0, (moments, log.read_text())
+    # then one resume to the end
+    log = next(logs)
+    run = _start(ini, log, "--resume")
+    assert run.wait(timeout=120) == 0, (moments, log.read_text())
+    assert "resuming from" in log.read_text(), log.read_text()
 
     final_a = load_checkpoint(checkpoint_path(reference, 10))
     final_b = load_checkpoint(checkpoint_path(out, 10))

@@ -145,8 +145,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
                if v.is_floating_point())
 
 
-def test_time_budget_stops_training_and_ends_cosine(tiny_cfg):
+def test_time_budget_stops_training_and_ends_cosine(tiny_cfg, fake_clock):
+    """A fake clock (each step takes 0.5 s of it, nothing else any): the budget of 4 s
+    stops training after exactly 8 iterations, whatever the machine's speed or load."""
     budget_s = 4.0
+    clock = fake_clock(0.5)
     cfg = tiny_cfg(max_iter=100000, max_minutes=budget_s / 60, lr_schedule="cosine",
                    min_lr_factor=0.0, log_every=1)
     summary = train(cfg, progress=False)
@@ -155,8 +158,10 @@ def test_time_budget_stops_training_and_ends_cosine(tiny_cfg):
     times = [0.0] + [r["time"] for r in records]
     longest = max(b - a for a, b in zip(times, times[1:]))
     assert 1 <= summary["iterations"] == len(records) < 100000
-    # stops at the first iteration end at or after the budget (the time excludes nothing
-    # here but a checkpoint write, so allow a little slack)
+    # stops at the first iteration end at or after the budget: 8 steps of 0.5 s
+    assert summary["iterations"] == int(budget_s / clock.step_s) == 8
+    assert times == [clock.step_s * i for i in range(9)]
+    assert summary["elapsed_s"] == budget_s
     assert budget_s <= summary["elapsed_s"] <= budget_s + longest + 1.0
     lrs = [r["lr"] for r in records]
     assert lrs[0] == 0.01

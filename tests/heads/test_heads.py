@@ -28,8 +28,6 @@ def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs
     class's channel selected, then heads.mask_loss (the model selects the channel inside
     MaskPredictor instead)."""
     labels = mask_target_labels(gt_labels, mask_matched_idxs)
-    if labels.numel() == 0:
-        return mask_logits.sum() * 0
     pred = mask_logits[torch.arange(labels.shape[0]), labels]
     return mask_loss(pred, proposals, gt_masks, mask_matched_idxs)
 
@@ -147,12 +145,20 @@ def test_mask_predictor_selected_class_equals_full_logits(layout, seed):
 
 
 def test_maskrcnn_loss_no_positives_is_zero_and_connected():
+    """heads.mask_loss itself (not a wrapper) on no positive RoI: zero, attached to the
+    logits' graph (a zero gradient reaches them), as torchvision's maskrcnn_loss."""
     logits = torch.randn(0, K + 1, 28, 28, requires_grad=True)
-    loss = maskrcnn_loss(logits, [torch.zeros(0, 4)], [torch.zeros(0, 20, 20)],
-                         [torch.zeros(0, dtype=torch.int64)],
-                         [torch.zeros(0, dtype=torch.int64)])
-    assert loss.item() == 0 and loss.requires_grad
+    args = ([torch.zeros(0, 4)], [torch.zeros(0, 20, 20)], [torch.zeros(0, dtype=torch.int64)],
+            [torch.zeros(0, dtype=torch.int64)])
+    proposals, gt_masks, gt_labels, matched = args
+    pred = logits[torch.arange(0), mask_target_labels(gt_labels, matched)]   # [0, 28, 28]
+    loss = mask_loss(pred, proposals, gt_masks, matched)
+    assert loss.shape == () and loss.item() == 0 and loss.requires_grad
     loss.backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+    assert torch.equal(loss, tv_roi_heads.maskrcnn_loss(logits, *args))
+    # the wrapper used by the other tests goes through the same function
+    assert torch.equal(maskrcnn_loss(logits, *args), loss)
 
 
 def test_mask_inference_matches_torchvision():
@@ -437,9 +443,12 @@ def test_box_inference_matches_detectron2_with_its_postprocess():
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
     (boxes,), (scores,), (labels,) = box_inference(logits, deltas, proposals, [size], coder,
                                                    box_min_size=0.0, box_drop_empty=True)
-    # detectron2: background last, class-specific boxes without background rows
+    # detectron2: background last, class-specific boxes without background rows, decoded
+    # by its own Box2BoxTransform (not our BoxCoder: the oracle builds its own inputs)
+    box_regression = pytest.importorskip("detectron2.modeling.box_regression")
+    d2_coder = box_regression.Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
     d2_scores = torch.cat([logits[:, 1:], logits[:, :1]], 1).softmax(-1)
-    d2_boxes = coder.decode(deltas, proposals[0])[:, 1:].reshape(40, -1)
+    d2_boxes = d2_coder.apply_deltas(deltas[:, 4:], proposals[0])
     ref, _ = fast_rcnn.fast_rcnn_inference_single_image(d2_boxes, d2_scores, size, 0.05,
                                                          0.5, 100)
     nonempty = ref.pred_boxes.nonempty()

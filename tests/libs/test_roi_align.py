@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import libs
-from libs import _loader, ops, reference
+from libs import _loader, ops
 from tests.libs.conftest import require_native
 
 SEEDS = [0, 1, 2]
@@ -319,6 +319,60 @@ def test_empty(kernel_backend, device):
     assert torch.equal(libs.roi_align(empty_map, rois, 2), torch.zeros(1, 3, 2, 2, device=device))
 
 
+def _roi_align_loop(x, rois, scale, pooled, sampling_ratio, aligned):
+    """RoIAlign written out as torchvision's CPU kernel reads (roi_align_kernel.cpp), one
+    output value at a time in Python floats: the independent oracle where torchvision
+    itself cannot be called (negative-size RoIs) and libs.reference is the fallback under
+    test. x: Tensor[N, C, H, W]; rois: Tensor[K, 5] -> Tensor[K, C, pooled, pooled]."""
+    import math
+    _, C, H, W = x.shape
+    v = x.detach().cpu().double().tolist()
+
+    def bilinear(plane, y, xx):
+        if y < -1.0 or y > H or xx < -1.0 or xx > W:
+            return 0.0
+        y, xx = max(y, 0.0), max(xx, 0.0)
+        y_lo, x_lo = int(y), int(xx)
+        if y_lo >= H - 1:
+            y_lo = y_hi = H - 1
+            y = float(y_lo)
+        else:
+            y_hi = y_lo + 1
+        if x_lo >= W - 1:
+            x_lo = x_hi = W - 1
+            xx = float(x_lo)
+        else:
+            x_hi = x_lo + 1
+        ly, lx = y - y_lo, xx - x_lo
+        hy, hx = 1.0 - ly, 1.0 - lx
+        return (hy * hx * plane[y_lo][x_lo] + hy * lx * plane[y_lo][x_hi]
+                + ly * hx * plane[y_hi][x_lo] + ly * lx * plane[y_hi][x_hi])
+
+    out = torch.zeros(len(rois), C, pooled, pooled, dtype=torch.float64)
+    offset = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.detach().cpu().double().tolist()):
+        start_w, start_h = x1 * scale - offset, y1 * scale - offset
+        roi_w, roi_h = x2 * scale - offset - start_w, y2 * scale - offset - start_h
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / pooled, roi_w / pooled
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled)
+        count = max(grid_h * grid_w, 1)
+        for c in range(C):
+            plane = v[int(b)][c]
+            for ph in range(pooled):
+                for pw in range(pooled):
+                    total = 0.0
+                    for iy in range(grid_h):            # empty when grid_h <= 0
+                        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                        for ix in range(grid_w):
+                            xx = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                            total += bilinear(plane, y, xx)
+                    out[k, c, ph, pw] = total / count
+    return out.to(x.dtype)
+
+
 def test_degenerate_aligned_rois(kernel_backend, device):
     """Negative-size RoIs with aligned=True: no clamp, an empty adaptive grid, zero output
     (never a negative allocation); with aligned=False they are clamped to 1x1."""
@@ -329,7 +383,8 @@ def test_degenerate_aligned_rois(kernel_backend, device):
     for sr in (-1, 2):
         for aligned in (False, True):
             got = libs.roi_align(x, rois, 3, 1.0, sr, aligned)
-            ref = reference.roi_align_forward(x, rois, 1.0, 3, 3, sr, aligned)
+            # not libs.reference: with kernel_backend "fallback" that is the code under test
+            ref = _roi_align_loop(x, rois, 1.0, 3, sr, aligned).to(device)
             torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
             assert torch.isfinite(got).all()
         assert torch.equal(libs.roi_align(x, rois[:2], 3, 1.0, -1, True),
@@ -470,6 +525,7 @@ def test_native_error_code_becomes_runtime_error(monkeypatch):
 
 def test_missing_library_warns_once_then_picks_up_late_build(monkeypatch, tmp_path):
     monkeypatch.delenv("MASKRCNN_FORCE_FALLBACK", raising=False)
+    require_native("cpu")        # the late build copied in below: fails when not built
     real = _loader.BUILD_DIR / "libmrcnn_cpu.so"
     monkeypatch.setattr(_loader, "BUILD_DIR", tmp_path)
     _loader.reset_for_tests()
@@ -483,11 +539,10 @@ def test_missing_library_warns_once_then_picks_up_late_build(monkeypatch, tmp_pa
             libs.roi_align(x, rois, 2)  # no second warning
             libs.nms(torch.tensor([[0, 0, 1, 1.0]]), torch.tensor([1.0]), 0.5)
         assert libs.backend_info()["cpu"].startswith("fallback")
-        if real.exists():
-            shutil.copy(real, tmp_path / "libmrcnn_cpu.so")  # "built later"
-            # fallback then native: agreement to rounding is what is promised
-            torch.testing.assert_close(libs.roi_align(x, rois, 2), first, **TOL[x.dtype])
-            assert libs.backend_info()["cpu"].startswith("native")
+        shutil.copy(real, tmp_path / "libmrcnn_cpu.so")  # "built later"
+        # fallback then native: agreement to rounding is what is promised
+        torch.testing.assert_close(libs.roi_align(x, rois, 2), first, **TOL[x.dtype])
+        assert libs.backend_info()["cpu"].startswith("native")
     finally:
         _loader.reset_for_tests()
 

@@ -7,6 +7,7 @@ built from the matching preset (configs/zoo/detectron2/<name>.ini).
 K object classes (80, COCO's, as in the presets).
 """
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,30 @@ def test_model_zoo_pickle_with_old_buffers(oracle, tmp_path):
     for key, value in reference.items():
         assert isinstance(converted[key], torch.Tensor) and torch.equal(converted[key], value)
     assert not any(k in converted for k in DROPPED)
+    # Against the .pkl's own arrays, not the converter run twice: every array outside the
+    # class predictors reaches the result unchanged (as a multiset of values: names are
+    # test_spot_names' and test_converted_state_matches_our_model's business), and the
+    # predictors are the arrays with the rows moved as detectron2 lays them out: background
+    # last in cls_score (ours first), no background box / mask (ours zeros, first).
+    arrays = blob["model"]
+
+    def fingerprint(t):
+        t = torch.as_tensor(t)
+        return (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    expected = Counter(fingerprint(v) for k, v in arrays.items() if k not in PREDICTORS)
+    got = Counter(fingerprint(v) for k, v in converted.items() if not k.startswith(
+        ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")))
+    assert got == expected, f"{sum((got - expected).values())} arrays changed or added"
+    for suffix in ("weight", "bias"):
+        cls = torch.from_numpy(arrays[f"roi_heads.box_predictor.cls_score.{suffix}"])
+        box = torch.from_numpy(arrays[f"roi_heads.box_predictor.bbox_pred.{suffix}"])
+        mask = torch.from_numpy(arrays[f"roi_heads.mask_head.predictor.{suffix}"])
+        assert torch.equal(converted[f"roi_heads.box_predictor.cls_score.{suffix}"],
+                           torch.cat([cls[-1:], cls[:-1]]))
+        assert torch.equal(converted[f"roi_heads.box_predictor.bbox_pred.{suffix}"],
+                           torch.cat([torch.zeros_like(box[:4]), box]))
+        assert torch.equal(converted[f"roi_heads.mask_predictor.mask_fcn_logits.{suffix}"],
+                           torch.cat([torch.zeros_like(mask[:1]), mask]))
 
 
 def _tiny_state():

@@ -84,10 +84,27 @@ def mask_iou(a, b):
     return torch.where(union > 0, inter / union.clamp(min=1), 1.0)
 
 
-def _assert_same_detections(ours, ref):
+# Exact mode's masks (MaskRCNN.from_torchvision): probabilities within one float32
+# rounding step of torchvision's, i.e. one ulp of 1.0 at most twice (the sigmoid of the
+# selected channel, then the paste), as tests/test_maskrcnn.py's EXACT_MASK_ATOL.
+EXACT_MASK_ATOL = 2 * torch.finfo(torch.float32).eps
+
+
+def _assert_same_detections(ours, ref, exact=False):
+    """exact (fuse_bn=False): torchvision's arithmetic, so boxes, labels and scores equal
+    to the last bit and masks within EXACT_MASK_ATOL. Else (the fast path) within the
+    fused convolutions' rounding."""
+    assert len(ours) == len(ref)
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert len(b["boxes"]) > 3, "torchvision made (almost) no detections: weak test"
         assert torch.equal(a["labels"], b["labels"]), f"image {i}: labels differ"
+        if exact:
+            for key in ("boxes", "scores"):
+                diff = ((a[key] - b[key]).abs().max().item()
+                        if a[key].shape == b[key].shape else "shapes differ")
+                assert torch.equal(a[key], b[key]), f"image {i}: {key} differ ({diff})"
+            torch.testing.assert_close(a["masks"], b["masks"], rtol=0, atol=EXACT_MASK_ATOL,
+                                       msg=f"image {i}: masks (exact mode)")
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-4)
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-2)
         assert mask_iou(a["masks"] > 0.5, b["masks"] > 0.5).min() >= 0.99, f"image {i}"
@@ -107,7 +124,7 @@ def test_zoo_entry_end_to_end(tv_models, hub, tmp_path, monkeypatch, capsys, nam
     assert model.categories[12] == ("N/A", 12)
     assert model.transform.min_size == 320, "test-time overrides must apply over the preset"
     with torch.no_grad():
-        _assert_same_detections(model(_images()), tv(_images()))
+        _assert_same_detections(model(_images()), tv(_images()), exact=not fuse_bn)
     # A second build takes the verified cached file (the source may be gone).
     (tmp_path / entry.filename).unlink()
     again = MaskRCNN(pretrained=name, fuse_bn=fuse_bn, **SMALL)
