@@ -25,9 +25,16 @@ from torch import Tensor, nn
 
 from layers import EXPORT
 
-__all__ = ["InferenceGraph", "OUTPUT_NAMES", "export_copy"]
+__all__ = ["InferenceGraph", "OUTPUT_NAMES", "export_copy", "example_image"]
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
+
+
+def example_image(size: tuple[int, int]) -> Tensor:
+    """A deterministic example image Tensor[3, H, W] to trace with (its values do not
+    shape the graph)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, *size, generator=g)
 
 
 def export_copy(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
-from .graph import OUTPUT_NAMES, InferenceGraph
+from .graph import OUTPUT_NAMES, InferenceGraph, example_image
 
 __all__ = ["export_onnx", "OnnxPredictor", "register_symbolics", "OPSET"]
 
@@ -82,12 +82,6 @@ def register_symbolics(opset: int = OPSET) -> None:
     register_custom_op_symbolic("maskrcnn::nms", _nms, opset)
 
 
-def _example(size: tuple[int, int]) -> Tensor:
-    """A deterministic example image Tensor[3, H, W] (the values do not shape the trace)."""
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(3, *size, generator=g)
-
-
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike],
                 example_size: tuple[int, int] = (480, 640), opset: int = OPSET) -> Path:
     """Write `model` (a MaskRCNN) as an ONNX file for inference on one image of any size.
@@ -120,7 +114,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike],
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every size it sees as a tensor: that is the point here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (_example(example_size),), str(path), dynamo=False,
+        torch.onnx.export(graph, (example_image(example_size),), str(path), dynamo=False,
                           opset_version=opset, input_names=["image"], output_names=outputs,
                           dynamic_axes=axes, do_constant_folding=True)
     return path

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .graph import OUTPUT_NAMES, InferenceGraph
+from .graph import OUTPUT_NAMES, InferenceGraph, example_image
 
 __all__ = ["export_program", "load_program", "aoti_package", "MAX_SIDE"]
 
@@ -34,11 +34,6 @@ def _dynamic_shapes():
     return ({1: Dim("height", min=2, max=MAX_SIDE), 2: Dim("width", min=2, max=MAX_SIDE)},)
 
 
-def _example(size: tuple[int, int]) -> Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(3, *size, generator=g)
-
-
 def exported_program(model: nn.Module, example_size: tuple[int, int] = (480, 640)):
     """torch.export.export of InferenceGraph(model) with dynamic height and width.
 
@@ -48,7 +43,7 @@ def exported_program(model: nn.Module, example_size: tuple[int, int] = (480, 640
     """
     graph = InferenceGraph(model)
     with torch.no_grad():
-        return torch.export.export(graph, (_example(example_size),),
+        return torch.export.export(graph, (example_image(example_size),),
                                    dynamic_shapes=_dynamic_shapes(), strict=False)
 
 

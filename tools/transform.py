@@ -133,7 +133,7 @@ class ImageTransform(nn.Module):
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Zero-pad to a common size, each side rounded up to size_divisible."""
-        if is_tracing() and len(images) == 1:
+        if len(images) == 1:     # also what a traced forward needs: no int() of a size
             return _pad_to_multiple(images[0][None], self.size_divisible)
         stride = float(self.size_divisible)
         max_h = int(math.ceil(max(img.shape[-2] for img in images) / stride) * stride)
@@ -195,8 +195,8 @@ def image_size(image: Tensor) -> tuple:
 
 
 def _pad_to_multiple(x: Tensor, stride: int) -> Tensor:
-    """Zero-pad x Tensor[N, C, h, w] at the bottom and right to multiples of stride (the
-    traced batch of one: batch_images' sizes without int())."""
+    """Zero-pad x Tensor[N, C, h, w] at the bottom and right to multiples of stride, in
+    tensor-friendly arithmetic (sizes may be the tracer's tensors or SymInts)."""
     h, w = x.shape[-2], x.shape[-1]
     return F.pad(x, (0, (w + stride - 1) // stride * stride - w,
                      0, (h + stride - 1) // stride * stride - h))
