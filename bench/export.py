@@ -59,29 +59,9 @@ def export_torchvision(tv, image, path: Path) -> Path:
     return path
 
 
-def ort_runner(path: Path, threads: int):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda image: session.run(None, {"image": image.numpy()})
-
-
-def openvino_runner(path: Path, threads: int):
-    import openvino as ov
-    compiled = ov.Core().compile_model(str(path), "CPU",
-                                       {"INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-
-    def run(image):
-        request.infer({0: image.numpy()})
-        return [request.get_output_tensor(i).data for i in range(len(compiled.outputs))]
-    return run
-
-
 def count(out) -> int:
-    first = out[0]["boxes"] if isinstance(out, list) and isinstance(out[0], dict) else out[0]
-    return int(first.shape[0])
+    """Detections in an eager output (a list of dicts) or a predictor's dict."""
+    return int((out[0] if isinstance(out, list) else out)["boxes"].shape[0])
 
 
 def main() -> int:
@@ -112,14 +92,14 @@ def main() -> int:
     with torch.no_grad():
         add("ours, eager (PyTorch)", lambda: ours([image]))
         add("torchvision, eager (PyTorch)", lambda: tv([image]))
-    add("ours, ONNX Runtime", lambda r=ort_runner(ours_onnx, args.threads): r(image))
+    add("ours, ONNX Runtime", lambda r=deploy.OnnxPredictor(ours_onnx, args.threads): r(image))
     add("torchvision export, ONNX Runtime",
-        lambda r=ort_runner(tv_onnx, args.threads): r(image))
+        lambda r=deploy.OnnxPredictor(tv_onnx, args.threads): r(image))
     try:
         import openvino  # noqa: F401
         for name, path in (("ours", ours_onnx), ("torchvision export", tv_onnx)):
             try:
-                runner = openvino_runner(path, args.threads)
+                runner = deploy.OpenVinoPredictor(path, args.threads)
             except Exception as err:
                 rows.append((f"{name}, OpenVINO", None, f"failed to compile: "
                                                         f"{str(err)[:120]}"))

@@ -8,6 +8,7 @@
     deploy.export_program(model, "model.pt2")     # torch.export (needs `import libs`)
 
     detections = deploy.OnnxPredictor("model.onnx")(image)   # as model([image])[0]
+    detections = deploy.OpenVinoPredictor("model.onnx")(image)   # the same in OpenVINO
 
 Both take the model's own input, one RGB image Tensor[3, H, W] in [0, 1] of any size
 (the resize, normalisation and padding are inside the graph), and return boxes Tensor[D, 4]
@@ -16,9 +17,10 @@ Tensor[D, 1, H, W] probabilities. `maskrcnn export` is the command line. See REA
 section Export, for what runs where.
 """
 from .graph import OUTPUT_NAMES, InferenceGraph
-from .onnx_export import OPSET, OnnxPredictor, export_onnx, register_symbolics
+from .onnx_export import OPSET, OnnxPredictor, OpenVinoPredictor, export_onnx, register_symbolics
 from .program import aoti_package, export_program, exported_program, load_program
 
-__all__ = ["InferenceGraph", "OUTPUT_NAMES", "export_onnx", "OnnxPredictor", "OPSET",
+__all__ = ["InferenceGraph", "OUTPUT_NAMES", "export_onnx", "OnnxPredictor",
+           "OpenVinoPredictor", "OPSET",
            "register_symbolics", "export_program", "exported_program", "load_program",
            "aoti_package"]

@@ -7,7 +7,7 @@
     maskrcnn zoo                                        # the zoo: AP, cached or not
     maskrcnn export-weights --weights outputs/model_0001000.pth --out model.safetensors
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
-    maskrcnn demo [--out outputs/demo] [--minutes 10]
+    maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
@@ -34,6 +34,9 @@ from maskrcnn import __version__
 DEMO_CONFIG = configs.shipped("demo.ini")
 # The issue's target for the demo (held-out synthetic shapes, 10 minutes on 2 cores).
 DEMO_TARGET = {"AP": 0.40, "AP50": 0.60}
+# Seconds per demo iteration on the reference machine (2 CPU cores, idle; docs/demo.md):
+# only for the expected time printed before training.
+DEMO_SECONDS_PER_ITER = {"cpu": 0.25}
 
 
 # ----------------------------------------------------------------------------- parser
@@ -158,15 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zoo, command_parser=p)
 
     p = sub.add_parser("demo", help="train + evaluate on generated shapes (make demo)",
-                       description="Generate the synthetic shapes data set, train for a time "
-                                   "budget (config.ini + configs/demo.ini + --set), evaluate "
-                                   "on the held-out shapes and write metrics.json, overlays/, "
-                                   "loss.png and log.jsonl to --out.")
+                       description="Generate the synthetic shapes data set, train a fixed "
+                                   "number of iterations (config.ini + configs/demo.ini + "
+                                   "--set; seeded, so the AP does not depend on the machine), "
+                                   "evaluate on the held-out shapes and write metrics.json, "
+                                   "overlays/, loss.png and log.jsonl to --out.")
     p.add_argument("--out", default="outputs/demo", metavar="DIR",
                    help="output directory (default outputs/demo)")
-    p.add_argument("--minutes", type=float, default=None, metavar="M",
-                   help="training time budget in minutes, evaluation excluded (default: "
-                        "demo.demo_minutes)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=int, default=None, metavar="N",
+                        help="training iterations (default: demo.demo_iters)")
+    budget.add_argument("--minutes", type=float, default=None, metavar="M",
+                        help="train for a wall-clock budget in minutes instead, evaluation "
+                             "excluded (default: demo.demo_minutes, 0 = none); the AP then "
+                             "depends on the machine's speed and load")
     _add_set(p, "applied over configs/demo.ini")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar: one line per [solver] log_every iterations instead "
@@ -392,10 +400,11 @@ def cmd_doctor(args, parser) -> int:
 def cmd_demo(args, parser) -> int:
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes {args.minutes}: must be > 0")
-    base = DEMO_CONFIG
-    cfg = _config(parser, base, args.sets)
+    if args.iters is not None and args.iters <= 0:
+        parser.error(f"--iters {args.iters}: must be > 0")
+    cfg = _config(parser, DEMO_CONFIG, args.sets)
     try:
-        summary = run_demo(cfg, Path(args.out), args.minutes, args.progress)
+        summary = run_demo(cfg, Path(args.out), args.minutes, args.progress, args.iters)
     except FileNotFoundError as err:
         parser.error(str(err))
     return 0 if summary is not None else 1
@@ -403,15 +412,21 @@ def cmd_demo(args, parser) -> int:
 
 # ------------------------------------------------------------------------------- demo
 
-def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = True):
-    """The `make demo` job (see the module docstring and docs/demo.md). Returns the
-    summary dict (metrics, timings), or None when training stopped on a NaN/inf loss."""
+def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = True,
+             iters: Optional[int] = None):
+    """The `make demo` job (see the module docstring and docs/demo.md): `iters` training
+    iterations (default demo.demo_iters), or a wall-clock budget of `minutes` (default
+    demo.demo_minutes; > 0 replaces the iteration count). Returns the summary dict
+    (metrics, timings), or None when training stopped on a NaN/inf loss."""
     import torch
     from engine import distributed as dist_utils
     from engine.shapes import make_shapes
     from engine.train import NonFiniteLossError, train
     d = cfg.demo
-    minutes = d.demo_minutes if minutes is None else minutes
+    minutes = float(d.demo_minutes if minutes is None else minutes)
+    iters = int(d.demo_iters if iters is None else iters)
+    # a time budget ends the run by itself: the iteration cap is then out of the way
+    max_iter = 10 ** 6 if minutes > 0 else iters
     num_val = d.get("demo_num_val", 64)
     out.mkdir(parents=True, exist_ok=True)
     dist_utils.init_distributed()
@@ -432,13 +447,13 @@ def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = T
         "data.val_json": str(out / "data" / "val.json"),
         "data.val_images": str(out / "data" / "val"),
         "model.num_classes": d.demo_num_classes, "solver.output_dir": str(out),
-        "solver.max_minutes": float(minutes)})
+        "solver.max_minutes": minutes, "solver.max_iter": max_iter})
     if main:
-        where = ("cuda" if torch.cuda.is_available()
-                 else f"cpu ({torch.get_num_threads()} threads)")
+        cuda = torch.cuda.is_available()
+        where = "cuda" if cuda else f"cpu ({torch.get_num_threads()} threads)"
         print(f"demo: {d.demo_num_train} train / {num_val} val shapes images "
               f"({d.demo_image_size}px, {d.demo_num_classes} classes) in {out / 'data'}; "
-              f"training for {minutes:g} min on {where}")
+              f"{_demo_length(minutes, iters, cuda)} on {where}", flush=True)
     try:
         summary = train(cfg, progress=progress)
     except NonFiniteLossError as err:
@@ -449,6 +464,17 @@ def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = T
         _demo_overlays(summary["model"], cfg, out / "overlays")
         _print_demo_summary(summary, data_s, minutes, out)
     return summary
+
+
+def _demo_length(minutes: float, iters: int, cuda: bool) -> str:
+    if minutes > 0:
+        return f"training for {minutes:g} min"
+    text = f"training {iters} iterations"
+    if not cuda:   # the reference speed is a CPU one
+        per_iter = DEMO_SECONDS_PER_ITER["cpu"]
+        text += (f" (expected: about {iters * per_iter / 60:.0f} min on 2 idle CPU cores, "
+                 f"{per_iter} s/iteration, plus about 1 min of data and evaluation)")
+    return text
 
 
 def _clean_previous_run(out: Path) -> None:
@@ -488,8 +514,9 @@ def _print_demo_summary(summary: dict, data_s: float, minutes: float, out: Path)
     from engine.evaluate import format_table
     m = summary["metrics"]
     it, train_s = summary["iterations"], summary["elapsed_s"]
+    budget = f" (budget {minutes * 60:.0f} s)" if minutes > 0 else ""
     rows = [("data generation", f"{data_s:.1f} s"),
-            ("training", f"{train_s:.1f} s (budget {minutes * 60:.0f} s), {it} iterations, "
+            ("training", f"{train_s:.1f} s{budget}, {it} iterations, "
                          f"{train_s / max(it, 1):.3f} s/iter"),
             ("evaluation", f"{summary['eval_s']:.1f} s"),
             ("segm AP / AP50", f"{m['segm']['AP']:.3f} / {m['segm']['AP50']:.3f}"),

@@ -3,9 +3,11 @@
 
     python libs/build_libs.py [ARCH ...] [--out DIR] [--cpu-only] [--force] [--verbose]
 
-ARCH is sm_XX (e.g. sm_80), ``auto`` (the visible GPU's architecture) or ``all`` (every
-architecture the installed nvcc supports). With no ARCH the CUDA library is built for the
-visible GPU when nvcc exists and a GPU is visible, and skipped otherwise.
+ARCH is sm_XX (e.g. sm_80), ``auto`` (the visible GPU's architecture), ``all`` (every
+architecture the installed nvcc supports) or ``wheel`` (every architecture from sm_75 up
+that nvcc supports, when nvcc exists: what a wheel ships; no GPU needed). With no ARCH the
+CUDA library is built for the visible GPU when nvcc exists and a GPU is visible, and
+skipped otherwise. SASS is built for each architecture, plus PTX of the newest.
 
 A library is rebuilt only when its sources, headers, compiler (path and version) or flags
 changed: a hash of them is kept in <out>/<lib>.stamp. Outputs are written atomically
@@ -44,6 +46,9 @@ CPU_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fopenmp", "-ffp-contract=off",
 CUDA_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-cudart=static", "-shared",
               "-Xcompiler", "-fPIC",
               "-Xcompiler", "-ffp-contract=off"]
+
+# The oldest architecture a wheel ships (Turing): what current CUDA toolkits still build.
+WHEEL_MIN_ARCH = 75
 
 # Architectures that exist (for telling "dropped" from "not an architecture").
 KNOWN_ARCHS = {20, 21, 30, 32, 35, 37, 50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 88,
@@ -216,46 +221,68 @@ def _up_to_date(lib_path: str, stamp_path: str, digest: str) -> bool:
         return f.read().strip() == digest
 
 
-def _compile(cmd: list[str], lib_path: str, stamp_path: str, digest: str,
-             verbose: bool) -> None:
-    out_dir = os.path.dirname(lib_path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(lib_path) + ".", suffix=".tmp",
-                               dir=out_dir)
-    os.close(fd)
-    full = cmd + ["-o", tmp]
-    if verbose:
-        log("  " + " ".join(full))
+def _jobs() -> int:
+    """Parallel compiler jobs: the cores this process may use."""
     try:
-        res = _run(full, cwd=CSRC)
-        if res.returncode != 0:
-            raise BuildError(f"compiling {os.path.basename(lib_path)} failed "
-                             f"(exit {res.returncode}):\n{' '.join(full)}\n{res.stdout}")
-        if verbose and res.stdout.strip():
-            log(res.stdout.rstrip())
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, lib_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    tmp_stamp = stamp_path + ".tmp"
-    with open(tmp_stamp, "w") as f:
-        f.write(digest + "\n")
-    os.replace(tmp_stamp, stamp_path)
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # pragma: no cover (not Linux)
+        return max(1, os.cpu_count() or 1)
+
+
+def _check(res: subprocess.CompletedProcess, cmd: list[str], lib_name: str,
+           verbose: bool) -> None:
+    if res.returncode != 0:
+        raise BuildError(f"compiling {lib_name} failed (exit {res.returncode}):\n"
+                         f"{' '.join(cmd)}\n{res.stdout}")
+    if verbose and res.stdout.strip():
+        log(res.stdout.rstrip())
+
+
+def _compile_objects(compiler: str, flags: list[str], sources: list[str], tmp_dir: str,
+                     lib_name: str, verbose: bool) -> list[str]:
+    """Compiles each source to an object file in tmp_dir, one compiler per core (the
+    libraries are a handful of independent translation units)."""
+    from concurrent.futures import ThreadPoolExecutor
+    cmds = [[compiler] + flags + ["-c", os.path.join(CSRC, src), "-o",
+                                  os.path.join(tmp_dir, f"{i}_{os.path.splitext(src)[0]}.o")]
+            for i, src in enumerate(sources)]
+    if verbose:
+        for cmd in cmds:
+            log("  " + " ".join(cmd))
+    with ThreadPoolExecutor(min(_jobs(), len(cmds))) as pool:
+        results = list(pool.map(lambda c: _run(c, cwd=CSRC), cmds))
+    for res, cmd in zip(results, cmds):
+        _check(res, cmd, lib_name, verbose)
+    return [cmd[-1] for cmd in cmds]
 
 
 def _build_if_stale(out_dir: str, lib_name: str, compiler: str, hashed_flags: list[str],
                     link_flags: list[str], sources: list[str], force: bool,
-                    verbose: bool) -> tuple[str, Optional[float]]:
+                    verbose: bool, per_source: bool = False) -> tuple[str, Optional[float]]:
     """Compiles `sources` into <out_dir>/<lib_name> unless its stamp says the sources,
-    compiler and flags are unchanged. Returns (path, seconds spent, None when up to date)."""
+    compiler and flags are unchanged; with `per_source`, each source in parallel first,
+    then one link. The library and its stamp are replaced atomically. Returns (path,
+    seconds spent, None when up to date)."""
     lib = os.path.join(out_dir, lib_name)
     stamp = lib + ".stamp"
     digest = stamp_hash(sources, compiler, hashed_flags)
     if not force and _up_to_date(lib, stamp, digest):
         return lib, None
     t0 = time.time()
-    cmd = [compiler] + hashed_flags + link_flags + [os.path.join(CSRC, s) for s in sources]
-    _compile(cmd, lib, stamp, digest, verbose)
+    with tempfile.TemporaryDirectory(prefix="." + lib_name + ".", dir=out_dir) as tmp_dir:
+        inputs = (_compile_objects(compiler, hashed_flags, sources, tmp_dir, lib_name, verbose)
+                  if per_source else [os.path.join(CSRC, s) for s in sources])
+        tmp = os.path.join(tmp_dir, lib_name)
+        cmd = [compiler] + hashed_flags + link_flags + inputs + ["-o", tmp]
+        if verbose:
+            log("  " + " ".join(cmd))
+        _check(_run(cmd, cwd=CSRC), cmd, lib_name, verbose)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, lib)
+    tmp_stamp = stamp + ".tmp"
+    with open(tmp_stamp, "w") as f:
+        f.write(digest + "\n")
+    os.replace(tmp_stamp, stamp)
     return lib, time.time() - t0
 
 
@@ -265,7 +292,7 @@ def build_cpu(out_dir: str, force: bool = False, verbose: bool = False, env=None
     cxx = cxx_compiler(env)
     link = [f"-Wl,--version-script={_version_script(out_dir)}"]
     lib, seconds = _build_if_stale(out_dir, CPU_LIB, cxx, CPU_FLAGS, link, CPU_SOURCES, force,
-                                   verbose)
+                                   verbose, per_source=True)
     log(f"{lib}: up to date" if seconds is None else
         f"built {lib} (CPU, {os.path.basename(cxx)}, {seconds:.1f} s)")
     return lib
@@ -287,7 +314,8 @@ def build_cuda(archs: list[str], out_dir: str, nvcc: str, force: bool = False,
                verbose: bool = False) -> str:
     """Builds <out_dir>/libmrcnn_cuda.so for `archs` (already validated); returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    link = [f"-Xlinker=--version-script={_version_script(out_dir)}"]
+    # (--threads: nvcc compiles the architectures in parallel; the output is the same)
+    link = [f"-Xlinker=--version-script={_version_script(out_dir)}", "--threads", str(_jobs())]
     lib, seconds = _build_if_stale(out_dir, CUDA_LIB, nvcc, CUDA_FLAGS + gencode_flags(archs),
                                    link, CUDA_SOURCES, force, verbose)
     log(f"{lib}: up to date ({', '.join(archs)})" if seconds is None else
@@ -306,11 +334,15 @@ def resolve_archs(requested: list[str], nvcc: str, env=None) -> list[str]:
     out: list[str] = []
     for tok in requested:
         t = tok.strip().lower()
-        if t == "all":
+        if t in ("all", "wheel"):
             if not supported:
                 raise BuildError(f"could not get the supported architectures from {nvcc} "
                                  f"(--list-gpu-code)")
-            cand = list(supported)
+            floor = WHEEL_MIN_ARCH if t == "wheel" else 0
+            cand = [a for a in supported if _arch_num(a) >= floor]
+            if not cand:
+                raise BuildError(f"{nvcc} builds no architecture from sm_{floor} up "
+                                 f"(it supports {', '.join(supported)})")
         elif t == "auto":
             cand = visible_gpu_archs(env)
             if not cand:
@@ -328,7 +360,7 @@ def resolve_archs(requested: list[str], nvcc: str, env=None) -> list[str]:
 
 def main(argv: list[str] | None = None, env=None) -> int:
     p = argparse.ArgumentParser(prog="build_libs.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("archs", nargs="*", metavar="ARCH", help="sm_XX, auto or all")
+    p.add_argument("archs", nargs="*", metavar="ARCH", help="sm_XX, auto, all or wheel")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default libs/build)")
     p.add_argument("--cpu-only", action="store_true", help="build only libmrcnn_cpu.so")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -344,7 +376,9 @@ def main(argv: list[str] | None = None, env=None) -> int:
         # Validate the CUDA request before spending time on the CPU build.
         archs: list[str] = []
         if not args.cpu_only:
-            if args.archs:
+            if args.archs == ["wheel"] and not nvcc:
+                pass     # a wheel without nvcc carries the CPU library only
+            elif args.archs:
                 if not nvcc:
                     raise BuildError("nvcc not found (set CUDA_HOME or add it to PATH): "
                                      f"cannot build CUDA kernels for {' '.join(args.archs)}")

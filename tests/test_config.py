@@ -580,7 +580,8 @@ def test_every_solver_data_eval_key_is_read_by_training(tmp_path):
 
 def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
     """run_demo with the data generator and the training stubbed out: each [demo] value
-    reaches them (image counts, size and classes; the time budget as max_minutes)."""
+    reaches them (image counts, size and classes; the iteration count as max_iter, or the
+    time budget as max_minutes with the iteration cap out of the way)."""
     import engine.shapes
     import engine.train
     from engine.cli import run_demo
@@ -598,7 +599,7 @@ def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine.shapes, "make_shapes", fake_make_shapes)
     monkeypatch.setattr(engine.train, "train", fake_train)
-    demo = dict(demo_minutes=0.25, demo_image_size=48, demo_num_classes=2,
+    demo = dict(demo_iters=17, demo_minutes=0.25, demo_image_size=48, demo_num_classes=2,
                 demo_num_train=7, demo_num_val=5)
     defaults = load_config(DEFAULT_CONFIG).demo
     assert set(demo) == set(_ini_keys(("demo",)))
@@ -607,3 +608,7 @@ def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
     assert run_demo(cfg, tmp_path / "demo", progress=False) is None    # the stub's error
     assert made == [("train", 7, 48, 2), ("val", 5, 48, 2)]
     assert trained[0].solver.max_minutes == 0.25 and trained[0].model.num_classes == 2
+    assert trained[0].solver.max_iter == 10 ** 6
+    cfg = apply_overrides(cfg, {"demo_minutes": 0.0})
+    assert run_demo(cfg, tmp_path / "demo", progress=False) is None
+    assert trained[1].solver.max_iter == 17 and trained[1].solver.max_minutes == 0.0

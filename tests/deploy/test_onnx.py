@@ -1,4 +1,4 @@
-"""ONNX export (deploy.export_onnx) run in ONNX Runtime against the eager model: the same
+"""ONNX export (deploy.export_onnx) run in ONNX Runtime and OpenVINO against the eager model: the same
 detections (labels, scores within 1e-4, boxes within 1e-2 px, mask IoU >= 0.99) at image
 sizes other than the one traced with, including an image without detections.
 
@@ -7,6 +7,7 @@ checkpoint trained here (trained), also run with detectron2's rules (aligned RoI
 adaptive sampling, detectron2 anchors / proposal filter / grid_sample pasting, BGR 0-255
 input) so both paste and RoIAlign variants are covered. Shapes: D detections.
 """
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,22 @@ DETECTRON2_RULES = dict(roi_aligned=True, roi_level_rule="detectron2", box_sampl
                         image_std="58.395, 57.12, 57.375")
 
 
+# The runtimes every exported file runs in: ONNX Runtime, and OpenVINO (make test installs
+# it; the README promises both).
+RUNTIMES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None,
+    reason="openvino is not installed: pip install openvino (make test installs it)"))]
+
+
+def _runtime(path, runtime):
+    if runtime == "openvino":
+        return deploy.OpenVinoPredictor(path, threads=2)
+    return deploy.OnnxPredictor(path, threads=2)
+
+
 def _export(model, tmp_path_factory, name, size):
     path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
-    deploy.export_onnx(model, path, example_size=size)
-    return deploy.OnnxPredictor(path, threads=2)
+    return deploy.export_onnx(model, path, example_size=size)
 
 
 def _shapes_images(val_images):
@@ -51,26 +64,38 @@ def tv_onnx(tv_model, tmp_path_factory):
     return _export(tv_model, tmp_path_factory, "tv", EXPORT_SIZE)
 
 
-def test_torchvision_model_matches_eager(tv_model, tv_onnx):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_torchvision_model_matches_eager(tv_model, tv_onnx, runtime):
+    predictor = _runtime(tv_onnx, runtime)
     counts = []
     for size, image in zip(CHECK_SIZES, images(CHECK_SIZES, seed=11)):
         expected = eager(tv_model, image)
-        assert_same_detections(expected, tv_onnx(image), f"torchvision model at {size}")
+        assert_same_detections(expected, predictor(image),
+                               f"torchvision model at {size} in {runtime}")
         counts.append(len(expected["scores"]))
     assert min(counts) >= 5, f"too few detections to compare: {counts}"
 
 
-@pytest.mark.parametrize("rules", ["torchvision", "detectron2"])
-def test_trained_checkpoint_matches_eager(trained, tmp_path_factory, rules):
-    checkpoint, val_images = trained
-    overrides = DETECTRON2_RULES if rules == "detectron2" else {}
+@pytest.fixture(scope="module", params=["torchvision", "detectron2"])
+def trained_onnx(request, trained, tmp_path_factory):
+    """(rules, model, .onnx path) of the trained checkpoint under each rule set."""
+    checkpoint, _ = trained
+    overrides = DETECTRON2_RULES if request.param == "detectron2" else {}
     model = MaskRCNN(pretrained=checkpoint, **overrides).eval()
-    predictor = _export(model, tmp_path_factory, f"trained_{rules}", (128, 128))
+    return request.param, model, _export(model, tmp_path_factory, f"trained_{request.param}",
+                                         (128, 128))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_trained_checkpoint_matches_eager(trained, trained_onnx, runtime):
+    _, val_images = trained
+    rules, model, path = trained_onnx
+    predictor = _runtime(path, runtime)
     counts = []
     for image in _shapes_images(val_images):
         expected = eager(model, image)
-        assert_same_detections(expected, predictor(image),
-                               f"trained ({rules} rules) at {tuple(image.shape[1:])}")
+        assert_same_detections(expected, predictor(image), f"trained ({rules} rules) at "
+                               f"{tuple(image.shape[1:])} in {runtime}")
         counts.append(len(expected["scores"]))
     assert min(counts[:2]) >= 1 and counts[2] == 0, \
         f"detections per image {counts}: the oracle needs objects, then none"
@@ -80,20 +105,37 @@ PRESETS = sorted(str(p) for p in
                  (Path(__file__).resolve().parents[2] / "configs" / "zoo").glob("*/*.ini"))
 
 
+@pytest.fixture(scope="module")
+def preset_exports(tmp_path_factory):
+    """preset -> (.onnx path, eager detections, image): each preset exported once for
+    both runtimes (the model itself is not kept: seven zoo-sized models at once would not
+    fit)."""
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            torch.manual_seed(0)
+            model = MaskRCNN(config=preset, min_size=160, max_size=256,
+                             rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                             box_detections_per_img=5, box_score_thresh=0.0).eval()
+            path = deploy.export_onnx(model, tmp_path_factory.mktemp("preset") / "model.onnx",
+                                      example_size=(128, 160))
+            image = images([(150, 120)], seed=3)[0]
+            cache[preset] = path, eager(model, image), image
+        return cache[preset]
+    return get
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.split("zoo/")[-1][:-4])
-def test_every_zoo_preset_exports(preset, tmp_path):
+def test_every_zoo_preset_exports(preset, runtime, preset_exports):
     """Random weights (no downloads): each preset's architecture exports, runs in ONNX
-    Runtime at another size and gives eager's detection count and labels. Scores of
-    random weights sit in near-ties, so only the counts and shapes are compared."""
-    torch.manual_seed(0)
-    model = MaskRCNN(config=preset, min_size=160, max_size=256, rpn_pre_nms_top_n_test=100,
-                     rpn_post_nms_top_n_test=50, box_detections_per_img=5,
-                     box_score_thresh=0.0).eval()
-    path = deploy.export_onnx(model, tmp_path / "model.onnx", example_size=(128, 160))
-    image = images([(150, 120)], seed=3)[0]
-    out = deploy.OnnxPredictor(path, threads=2)(image)
-    expected = eager(model, image)
+    Runtime and in OpenVINO at another size and gives eager's detection count and mask
+    shape. Scores of random weights sit in near-ties, so only the counts and shapes are
+    compared."""
+    path, expected, image = preset_exports(preset)
+    out = _runtime(path, runtime)(image)
     assert len(out["scores"]) == len(expected["scores"])
     assert tuple(out["masks"].shape) == tuple(expected["masks"].shape)
     assert torch.isfinite(out["boxes"]).all()
@@ -108,7 +150,7 @@ def test_model_built_from_parts_exports(trained, tmp_path):
     model = GeneralizedRCNN(built.backbone, built.rpn, built.roi_heads, built.transform).eval()
     assert model.cfg is None
     path = deploy.export_onnx(model, tmp_path / "parts.onnx", example_size=(128, 128))
-    predictor = deploy.OnnxPredictor(path, threads=2)
+    predictor = _runtime(path, "onnxruntime")
     counts = []
     for image in _shapes_images(val_images)[:2]:
         expected = eager(model, image)

@@ -3,9 +3,11 @@ import contextlib
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -117,6 +119,31 @@ def test_demo_end_to_end(tmp_path, capsys, fake_clock):
     assert "segm AP / AP50" in text and "evaluation" in text and "target" in text
 
 
+@pytest.mark.slow
+def test_demo_default_is_fixed_iterations_and_seeded(tmp_path, capsys):
+    """By default the demo trains demo.demo_iters iterations from a seed: a run next to a
+    CPU-bound process (another job on a shared machine) ends at the same iteration with the
+    same weights and the same AP as a run alone."""
+    argv = ["demo", "--no-progress", "--set", "demo.demo_iters=5", "demo.demo_num_train=8",
+            "demo.demo_num_val=3", "demo.demo_image_size=64", *TINY_SETS]
+    assert main([*argv, "--out", str(tmp_path / "alone")]) == 0
+    assert "training 5 iterations (expected: about" in capsys.readouterr().out
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert main([*argv, "--out", str(tmp_path / "loaded")]) == 0
+        assert hog.poll() is None, "the CPU-bound process ran through the second run"
+    finally:
+        hog.kill()
+        hog.wait()
+    alone, loaded = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("alone", "loaded"))
+    assert alone["iteration"] == loaded["iteration"] == 5
+    assert alone["model"].keys() == loaded["model"].keys()
+    for k, v in alone["model"].items():
+        assert torch.equal(v, loaded["model"][k]), k
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("alone", "loaded")]
+    assert metrics[0] == metrics[1]
+
+
 def _usage_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -149,6 +176,8 @@ def test_bad_arguments_are_usage_errors(trained, tmp_path, capsys):
                                                str(tmp_path / "nope.png"), "--out", "x"])
     assert "--out" in _usage_error(capsys, ["predict", "--weights", weights, "a.png"])
     assert "--minutes" in _usage_error(capsys, ["demo", "--minutes", "-1"])
+    assert "--iters" in _usage_error(capsys, ["demo", "--iters", "0"])
+    assert "not allowed with" in _usage_error(capsys, ["demo", "--iters", "5", "--minutes", "1"])
     assert "invalid float" in _usage_error(capsys, ["demo", "--minutes", "soon"])
     assert "nonsense" in _usage_error(capsys, ["nonsense"])
     import torch
