@@ -1,7 +1,8 @@
 """The fast path (BatchNorm folded into the convs, Winograd 3x3 convs) on trained weights:
 the demo recipe trained here for 600 iterations (about two minutes) on synthetic shapes,
 then evaluated twice on held-out images, fast (the default) and exact (fuse_bn = false).
-pycocotools is the oracle for AP; the detections are matched one to one.
+pycocotools is the oracle for AP; the detections are paired one to one (same label, score
+within 1e-4, box within 1e-2 px), tight enough that a 0.5% slip in folding fails.
 
 Random weights amplify rounding (features of 1e2..1e5); trained ones do not, which is why
 the fast path is the default. Shapes: D detections.
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from maskrcnn import DEFAULT_CONFIG, apply_overrides, load_config
-from tools.boxes import box_iou
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]   # the repository root
 
@@ -38,37 +38,35 @@ def trained(tmp_path_factory):
     return summary["checkpoint"], CocoInstances(str(val_json), str(val_images), train=False)
 
 
-def _matched(fast, exact, min_score=0.5):
-    """(matched, total): fast detections scoring >= min_score with an exact detection of
-    the same label at IoU >= 0.9 and a score within 0.01."""
-    keep = fast["scores"] >= min_score
-    boxes, labels, scores = fast["boxes"][keep], fast["labels"][keep], fast["scores"][keep]
-    if len(boxes) == 0:
-        return 0, 0
-    iou = box_iou(boxes, exact["boxes"]) if len(exact["boxes"]) else boxes.new_zeros(len(boxes), 0)
-    same = (labels[:, None] == exact["labels"][None]) & (iou >= 0.9) & \
-        ((scores[:, None] - exact["scores"][None]).abs() <= 0.01)
-    return int(same.any(1).sum()), len(boxes)
+# Fast vs exact on these trained weights (measured, 600 iterations, 40 held-out images, 420
+# detections): scores within 3.2e-6, boxes within 7e-5 px, every detection paired. With the
+# norms folded 0.5% off (scale * 1.005, a BatchNorm-folding slip) scores move by up to
+# 1e-2 and boxes by 0.9 px, and none of the 420 pairs at these tolerances.
+SCORE_TOL, BOX_TOL, PAIRED = 1e-4, 1e-2, 0.99
 
 
 @pytest.mark.slow
 def test_fast_path_equals_exact_on_trained_weights(trained):
     from engine.evaluate import evaluate
     from engine.predict import load_model
+    from tests.deploy.helpers import pair_detections
     checkpoint, dataset = trained
     fast, _ = load_model(checkpoint)
     exact, _ = load_model(checkpoint, overrides={"fuse_bn": False})
     assert fast.cfg.backbone.fuse_bn and fast.cfg.backbone.winograd
     assert not exact.cfg.backbone.fuse_bn
-    matched = total = 0
+    paired = total = confident = 0
     with torch.no_grad():
         for i in range(len(dataset)):
             image = dataset[i][0]
-            m, t = _matched(fast([image])[0], exact([image])[0])
-            matched, total = matched + m, total + t
-    print(f"fast vs exact: {matched} of {total} detections scoring >= 0.5 matched")
-    assert total >= 20, f"only {total} detections scoring >= 0.5: the model is undertrained"
-    assert matched >= 0.98 * total, f"{matched} of {total} detections matched"
+            expected, got = exact([image])[0], fast([image])[0]
+            assert len(got["scores"]) == len(expected["scores"]), f"image {i}: counts differ"
+            paired += len(pair_detections(expected, got, SCORE_TOL, BOX_TOL))
+            total += len(expected["scores"])
+            confident += int((expected["scores"] >= 0.5).sum())
+    print(f"fast vs exact: {paired} of {total} detections paired ({confident} score >= 0.5)")
+    assert confident >= 20, f"only {confident} detections scoring >= 0.5: undertrained"
+    assert paired >= PAIRED * total, f"{paired} of {total} detections paired"
     ap_fast = evaluate(fast, dataset, progress=False)
     ap_exact = evaluate(exact, dataset, progress=False)
     assert ap_exact["segm"]["AP"] > 0.05, "the model learned nothing: a vacuous test"
