@@ -158,6 +158,15 @@ class OnnxPredictor:
         return {name: torch.from_numpy(v) for name, v in zip(self.outputs, values)}
 
 
+def _onnx_output_name(output, index: int) -> str:
+    """The ONNX name of a compiled OpenVINO output. Its tensor may carry more names than
+    the ONNX output's (with the detectron2 rules, "boxes" and the Concat producing it),
+    and get_any_name() returns either: take the one among OUTPUT_NAMES, else the name
+    export_onnx gives that position."""
+    names = output.get_names()
+    return next((name for name in OUTPUT_NAMES if name in names), OUTPUT_NAMES[index])
+
+
 class OpenVinoPredictor:
     """An exported ONNX model in OpenVINO (CPU), called like OnnxPredictor: predictor(image)
     -> dict(boxes, labels, scores[, masks]) of torch Tensors.
@@ -180,7 +189,7 @@ class OpenVinoPredictor:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+        self.outputs = [_onnx_output_name(o, i) for i, o in enumerate(self.compiled.outputs)]
 
     def __call__(self, image: Tensor) -> dict:
         """image: Tensor[3, H, W] float RGB in [0, 1]."""

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from .intmath import float64_floor_times_ratio, int_less
+
 __all__ = ["is_tracing", "size_tensor", "resized_size", "round_log2"]
 
 
@@ -39,17 +41,20 @@ def resized_size(h, w, min_size: int, max_size: int):
     it (so 389 x (512 / 389) floors to 511, as in eager).
 
     h, w: ints -> ints; SymInts (torch.export) -> SymInts; 0-d tensors (TorchScript
-    tracer) -> 0-d int64 tensors."""
+    tracer) -> 0-d int64 tensors, exact for sides below 2^15 and sizes up to 2^13."""
     if isinstance(h, Tensor):
-        # 1-element, not 0-d: the ONNX exporter computes 0-d tensors ("scalars") in
-        # float32, where 389 * (512 / 389) rounds up to 512.
-        hf, wf = h.reshape(1).to(torch.float64), w.reshape(1).to(torch.float64)
-        # A Python number / tensor traces as reciprocal(tensor) * number, which rounds
-        # differently from Python's division: divide two tensors instead.
-        lo, hi = torch.full_like(hf, min_size), torch.full_like(hf, max_size)
-        scale = torch.minimum(lo / torch.minimum(hf, wf), hi / torch.maximum(hf, wf))
-        return (torch.floor(hf * scale).to(torch.int64).clamp(min=1).reshape(()),
-                torch.floor(wf * scale).to(torch.int64).clamp(min=1).reshape(()))
+        # In integers (tools.intmath): OpenVINO's CPU plugin runs float64 in float32,
+        # where 300 * (320 / 200) floors to 479 instead of 480.
+        sides = torch.stack((h, w)).to(torch.int64)
+        short, long = sides.min().reshape(1), sides.max().reshape(1)
+        # scale = min(min_size / short, max_size / long), compared as exact fractions
+        # (float64 division is monotonic: it cannot reorder them).
+        by_min = ~int_less(max_size * short, min_size * long)
+        num = torch.where(by_min, torch.full_like(long, min_size),
+                          torch.full_like(long, max_size))
+        den = torch.where(by_min, short, long)
+        hr, wr = float64_floor_times_ratio(sides, num, den).clamp(min=1).unbind(0)
+        return hr, wr
     if isinstance(h, int) and isinstance(w, int):
         scale = min(min_size / min(h, w), max_size / max(h, w))
         return max(math.floor(h * scale), 1), max(math.floor(w * scale), 1)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .intmath import float32_ratio, float_pow2, int_divmod, pow2
 from .paste import PASTE_MASKS
 from .structures import ImageList
 from .tracing import is_tracing, resized_size, size_tensor
@@ -161,18 +162,40 @@ def _linear_taps(in_size, out_size, device) -> tuple[Tensor, Tensor, Tensor, Ten
     (align_corners=False), PyTorch's CPU arithmetic: the float32 scale in / out, source
     coordinate scale * (dst + 0.5) - 0.5 (one rounding) clamped at 0, taps i0 = floor and
     i1 = min(i0 + 1, in - 1), weights 1 - lambda and lambda. -> (i0, i1, w0, w1), each
-    Tensor[out_size]."""
-    in_size = size_tensor(in_size, device)
-    scale = in_size.to(torch.float32) / size_tensor(out_size, device).to(torch.float32)
-    # scale * (dst + 0.5) - 0.5 rounded once, as the kernel's fused multiply-add does:
-    # exact in float64 (float32 scale times a half-integer), then rounded to float32.
-    dst = torch.arange(out_size, dtype=torch.float64, device=device)
-    src = ((dst + 0.5) * scale.reshape(1).to(torch.float64) - 0.5).to(torch.float32)
-    src = src.clamp(min=0)
+    Tensor[out_size].
+
+    In integers and exact float32 steps (tools.intmath; in_size below 2^15, out_size up to
+    2^13): OpenVINO runs float64 in float32 and its float32 Divide is an ulp off for a
+    quarter of the quotients, either of which moved the weights by up to ~1e-4."""
+    in_size = size_tensor(in_size, device).reshape(1)
+    mantissa, shift = float32_ratio(in_size, size_tensor(out_size, device).reshape(1))
+    dst = torch.arange(out_size, dtype=torch.int64, device=device)
+    src = _source_coordinates(mantissa, shift, dst).clamp(min=0)
     i0 = torch.minimum(src.to(torch.int64), in_size - 1)      # src >= 0: trunc is floor
     i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
     lam = (src - i0.to(torch.float32)).clamp(0, 1)
     return i0, i1, 1 - lam, lam
+
+
+def _source_coordinates(mantissa: Tensor, shift: Tensor, dst: Tensor) -> Tensor:
+    """float32(scale * (dst + 0.5) - 0.5) rounded once, as the kernel's fused multiply-add
+    does, for scale = mantissa * 2^-shift (tools.intmath.float32_ratio, shift in [9, 37])
+    and dst < 2^13.
+
+    The exact value is T / 2^(shift + 1), T = mantissa * (2 dst + 1) - 2^shift (39 bits):
+    written as hi * 2^15 + lo with integers hi < 2^24 and |lo| < 2^15, both terms are
+    exact float32 and their one addition rounds T (fused with a scaling into an FMA, it
+    rounds the same)."""
+    odd = 2 * dst + 1                                       # < 2^14
+    top, low = int_divmod(mantissa, torch.full_like(mantissa, 2 ** 15))
+    carry, lo = int_divmod(low * odd, torch.full_like(dst, 2 ** 15))
+    hi = top * odd + carry
+    # - 2^shift on the side where it is an integer
+    big = shift >= 15
+    hi = hi - torch.where(big, pow2((shift - 15).clamp(min=0)), torch.zeros_like(shift))
+    lo = lo - torch.where(big, torch.zeros_like(shift), pow2(shift.clamp(max=15)))
+    return (hi.to(torch.float32) * float_pow2(14 - shift)
+            + lo.to(torch.float32) * float_pow2(-1 - shift))
 
 
 def bilinear_resize(image: Tensor, new_h, new_w) -> Tensor:

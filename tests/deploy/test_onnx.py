@@ -8,8 +8,10 @@ adaptive sampling, detectron2 anchors / proposal filter / grid_sample pasting, B
 input) so both paste and RoIAlign variants are covered. Shapes: D detections.
 """
 import importlib.util
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,8 @@ import deploy  # noqa: E402
 from maskrcnn import MaskRCNN  # noqa: E402
 from tests.deploy.conftest import CHECK_SIZES, EXPORT_SIZE, images  # noqa: E402
 from tests.deploy.helpers import assert_same_detections, eager  # noqa: E402
+from tools.tracing import resized_size  # noqa: E402
+from tools.transform import _linear_taps  # noqa: E402
 
 # detectron2's inference rules, applied over the trained checkpoint's config.
 DETECTRON2_RULES = dict(roi_aligned=True, roi_level_rule="detectron2", box_sampling_ratio=0,
@@ -38,6 +42,58 @@ DETECTRON2_RULES = dict(roi_aligned=True, roi_level_rule="detectron2", box_sampl
 RUNTIMES = ["onnxruntime", pytest.param("openvino", marks=pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
     reason="openvino is not installed: pip install openvino (make test installs it)"))]
+
+
+class _SizeArithmetic(torch.nn.Module):
+    """The traced resize's size arithmetic alone: resized_size of image [1, H, W] (TV_KW's
+    320 / 512) and the bilinear taps from H to Hr and W to Wr (out_h [Hr], out_w [Wr])."""
+
+    def forward(self, image, out_h, out_w):
+        h, w = image.shape[-2], image.shape[-1]
+        return (torch.stack(resized_size(h, w, 320, 512)),
+                *_linear_taps(h, out_h.shape[0], image.device),
+                *_linear_taps(w, out_w.shape[0], image.device))
+
+
+def _size_arithmetic_runner(path, runtime):
+    """run([image, out_h, out_w] numpy arrays) -> the outputs as numpy arrays."""
+    if runtime == "openvino":
+        import openvino as ov
+        compiled = ov.Core().compile_model(str(path), "CPU",
+                                           {"INFERENCE_PRECISION_HINT": "f32"})
+        return lambda feed: list(compiled(feed).values())
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, dict(zip(("image", "out_h", "out_w"), feed)))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_size_arithmetic_matches_eager(runtime, tmp_path):
+    """Resized sizes and resize taps equal eager's in each runtime, at sizes whose float64
+    scale lands on an integer (300 * (320 / 200) = 480, 389 * (512 / 389) =
+    511.99999999999994) and random ones: OpenVINO computes float64 in float32 (479 at
+    300 x 200) and integer division through float32 (tools/intmath.py)."""
+    path = tmp_path / "sizes.onnx"
+    dims = {"image": {1: "h", 2: "w"}, "out_h": {0: "hr"}, "out_w": {0: "wr"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_SizeArithmetic(), (torch.zeros(1, 240, 320), torch.zeros(320),
+                                              torch.zeros(426)), str(path), dynamo=False,
+                          opset_version=deploy.OPSET, input_names=list(dims),
+                          dynamic_axes=dims)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(300, 200), (389, 200), (200, 389), (303, 400), (97, 411), (155, 157),
+             (481, 641), (333, 1000), (1, 4000), (6000, 1)]
+    sizes += [tuple(s) for s in torch.randint(1, 3000, (40, 2), generator=g).tolist()]
+    run = _size_arithmetic_runner(path, runtime)
+    for h, w in sizes:
+        hr, wr = resized_size(h, w, 320, 512)
+        got = run([np.zeros((1, h, w), np.float32), np.zeros(hr, np.float32),
+                   np.zeros(wr, np.float32)])
+        want = [torch.tensor([hr, wr]), *_linear_taps(h, hr, "cpu"),
+                *_linear_taps(w, wr, "cpu")]
+        for name, a, b in zip(["sizes"] + ["i0", "i1", "w0", "w1"] * 2, got, want):
+            assert torch.equal(torch.from_numpy(a), b), f"{name} at {(h, w)} in {runtime}"
 
 
 def _runtime(path, runtime):
