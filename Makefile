@@ -40,15 +40,19 @@ $(VENV)/.export: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18" "openvino>=2024.0"
 	touch $@
 
+# Two pytest-xdist workers, one per core, each a whole test file at a time (a file's
+# fixtures, e.g. a trained checkpoint, are built once); tests/conftest.py gives each
+# worker one torch thread.
+XDIST := -n 2 --dist loadfile
 test: libs $(VENV)/.oracles $(VENV)/.export $(VENV)/.wheeltools
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(XDIST) tests
 
 # The edit-test loop: the kernels, the stages and the config against their oracles,
 # without the slow end-to-end tests (make test runs everything).
 CHECK := tests/libs tests/layers tests/pooling tests/proposal tests/heads tests/tools \
          tests/test_config.py tests/test_builder.py tests/test_layering.py tests/test_inputs.py
 check: libs
-	$(PY) -m pytest -m "not slow" $(CHECK)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(CHECK)
 
 demo: libs
 	$(VENV)/bin/maskrcnn demo

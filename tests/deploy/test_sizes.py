@@ -43,6 +43,18 @@ SWEEP = (
 V2_SWEEP = ((389, 517), (517, 389), (600, 800), (333, 1000), (512, 680))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _two_threads():
+    """These random BatchNorm-everywhere weights amplify rounding: eager's convolutions
+    round differently with 1 and 2 threads, enough to move one v2 mask (IoU 0.86 at
+    600 x 800 with 1 thread). The sweeps were calibrated with 2, as `make test` ran them
+    before its xdist workers took one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _check_sweep(model, run, sizes, what, seed=5):
     """Eager vs run(image) at each size: >= PAIRED of all detections paired, paired masks
     IoU >= MASK_IOU_MIN, every unpaired detection in a score tie."""
