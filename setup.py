@@ -1,7 +1,8 @@
 """mask-rcnn-pytorch: the build steps (the metadata is in pyproject.toml).
 
-Both build the kernels with libs/build_libs.py. The kernels are plain shared libraries
-loaded with cffi, so they never link against libtorch, and one wheel serves every torch.
+A wheel and an editable install both build the kernels with libs/build_libs.py. The
+kernels are plain shared libraries loaded with cffi, so they never link against libtorch,
+and one wheel serves every torch version.
 - A wheel (`make wheel`, `pip wheel .`, `pip install .`): the CPU library always, and the
   CUDA library whenever nvcc exists (no GPU needed): SASS for every architecture from
   sm_75 up that nvcc supports, plus PTX of the newest. They are built in build/kernels/

@@ -416,15 +416,17 @@ def run_demo(cfg, out: Path, minutes: Optional[float] = None, progress: bool = T
              iters: Optional[int] = None):
     """The `make demo` job (see the module docstring and docs/demo.md): `iters` training
     iterations (default demo.demo_iters), or a wall-clock budget of `minutes` (default
-    demo.demo_minutes; > 0 replaces the iteration count). Returns the summary dict
+    demo.demo_minutes unless `iters` is given; > 0 replaces the iteration count). Returns
+    the summary dict
     (metrics, timings), or None when training stopped on a NaN/inf loss."""
     import torch
     from engine import distributed as dist_utils
     from engine.shapes import make_shapes
     from engine.train import NonFiniteLossError, train
     d = cfg.demo
-    minutes = float(d.demo_minutes if minutes is None else minutes)
-    iters = int(d.demo_iters if iters is None else iters)
+    if minutes is None:   # an iteration count asked for explicitly overrides a config budget
+        minutes = 0.0 if iters is not None else d.demo_minutes
+    minutes, iters = float(minutes), int(d.demo_iters if iters is None else iters)
     # a time budget ends the run by itself: the iteration cap is then out of the way
     max_iter = 10 ** 6 if minutes > 0 else iters
     num_val = d.get("demo_num_val", 64)

@@ -609,6 +609,9 @@ def test_every_demo_key_reaches_the_demo_run(tmp_path, monkeypatch):
     assert made == [("train", 7, 48, 2), ("val", 5, 48, 2)]
     assert trained[0].solver.max_minutes == 0.25 and trained[0].model.num_classes == 2
     assert trained[0].solver.max_iter == 10 ** 6
+    # an explicit iteration count (--iters) wins over the config's budget
+    assert run_demo(cfg, tmp_path / "demo", progress=False, iters=9) is None
+    assert trained[-1].solver.max_iter == 9 and trained[-1].solver.max_minutes == 0.0
     cfg = apply_overrides(cfg, {"demo_minutes": 0.0})
     assert run_demo(cfg, tmp_path / "demo", progress=False) is None
-    assert trained[1].solver.max_iter == 17 and trained[1].solver.max_minutes == 0.0
+    assert trained[-1].solver.max_iter == 17 and trained[-1].solver.max_minutes == 0.0
