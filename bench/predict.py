@@ -26,6 +26,7 @@ and another sub-command.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -216,7 +217,7 @@ def int8_ap(args) -> int:
     rows = [("float", float_small, float_large)]
     for name, variant in VARIANTS.items():
         if name in args.variants:
-            tag = name.split()[0].replace("/", "")
+            tag = re.sub(r"\W+", "_", name).strip("_")
             rows.append((name, *(deploy.quantize_onnx(
                 path, out / f"{path.stem}.{tag}.int8.onnx", calibration, progress=False,
                 **variant) for path in (float_small, float_large))))
