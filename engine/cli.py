@@ -353,7 +353,9 @@ def cmd_predict(args, parser) -> int:
     if predictor.count == 0 and predictor.failures:
         print("maskrcnn predict: error: no image could be read", file=sys.stderr)
         return 1
-    print(f"wrote {', '.join(str(w.path) for w in writers if hasattr(w, 'path'))}"
+    files = [str(w.path) for w in writers if hasattr(w, "path")] + \
+        [str(p) for w in writers for p in getattr(w, "written", [])]
+    print(f"wrote {', '.join(files)}"
           f"{' and overlays in ' + str(out) if 'overlays' in formats else ''}")
     return 0
 
@@ -371,11 +373,14 @@ def _check_single_image(parser, images: Sequence[str]) -> None:
 
 
 def _prediction_writers(formats: Sequence[str], out: Path, predictor, score_threshold):
-    from engine.predict import CocoResultsWriter, JsonlResultsWriter, OverlayWriter
+    from engine.predict import (CocoResultsWriter, JsonlResultsWriter, OverlayWriter,
+                                VideoResultsWriter)
     table = {"coco": lambda: CocoResultsWriter(out / "results.json", predictor.cat_ids),
              "overlays": lambda: OverlayWriter(out, predictor.class_names, score_threshold),
              "jsonl": lambda: JsonlResultsWriter(out / "results.jsonl")}
-    return [table[f]() for f in formats]
+    # input videos always give <out>/<stem>.mp4 annotated and <stem>.jsonl per frame
+    return [table[f]() for f in formats] + [
+        VideoResultsWriter(out, predictor.class_names, score_threshold)]
 
 
 def _output_folder(parser, option: str, path) -> Path:

@@ -60,6 +60,8 @@ from engine.checkpoint import load_checkpoint
 from engine.data import ImageError
 from engine.evaluate import detections_to_coco
 from engine.images import IMAGE_SUFFIXES, collect_inputs, decode_image_file, to_float
+from engine.video import VIDEO_SUFFIXES, JsonlWriter, VideoError, VideoReader, VideoWriter, \
+    draw_frame, is_video
 from maskrcnn import MaskRCNN
 from tools.paste import MaskWindow
 from tools.tracing import resized_size
@@ -67,7 +69,7 @@ from tools.visualize import draw_detections
 
 __all__ = ["Predictor", "load_model", "predict", "collect_images", "is_zoo_name",
            "MASK_FORMATS", "RUNTIMES", "SkippedImageWarning", "CocoResultsWriter",
-           "OverlayWriter", "JsonlResultsWriter", "result_to_json", "window_to_rle", "IMAGE_SUFFIXES"]
+           "OverlayWriter", "JsonlResultsWriter", "VideoResultsWriter", "result_to_json", "window_to_rle", "IMAGE_SUFFIXES"]
 
 MASK_FORMATS = ("rle", "crop", "dense")
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -368,22 +370,27 @@ class Predictor:
 
     def run(self, source, writers: Iterable = (), progress: bool = False
             ) -> Iterator[dict]:
-        """Results for every image a source names (a file, folder, glob or list of
-        them), in input order, each with image_id (1-based input position) and
-        file_name. Unreadable images are skipped with a SkippedImageWarning (see
-        self.failures). `writers` (e.g. CocoResultsWriter, OverlayWriter) get every
-        result with its image in a background thread and are closed at the end.
+        """Results for every image and video frame a source names (a file, folder, glob
+        or list of them; videos by suffix, engine.video), in input order, each with
+        image_id (1-based position in that order), file_name, and frame (the index in its
+        video) for video frames. Unreadable images and videos are skipped with a
+        SkippedImageWarning (see self.failures). `writers` (CocoResultsWriter,
+        OverlayWriter, JsonlResultsWriter, VideoResultsWriter) get every result with its
+        image in a background thread and are closed at the end.
         """
-        files = collect_inputs(source)
+        files = collect_inputs(source, VIDEO_SUFFIXES)
         self.failures, self.count = [], 0
-        bar = _progress_bar(len(files)) if progress else None
+        bar = _progress_bar(_frame_count(files)) if progress else None
         sink = _WriterThread(list(writers))
         try:
             for batch in self._decoded_batches(files, bar):
-                images = [img for _, _, img in batch]
-                for (image_id, path, image), det in zip(batch, self._detect_images(images)):
+                images = [item[-1] for item in batch]
+                for (image_id, path, frame, image), det in zip(batch,
+                                                               self._detect_images(images)):
                     result = self._result(det, _size(image))
                     result.update(image_id=image_id, file_name=str(path))
+                    if frame is not None:
+                        result["frame"] = frame
                     sink.put(result, image)
                     self.count += 1
                     yield result
@@ -395,14 +402,14 @@ class Predictor:
             sink.close()
 
     def _decoded_batches(self, files: list[Path], bar) -> Iterator[list]:
-        """Batches of (image_id, path, image) with decoding `workers` threads ahead."""
+        """Batches of (image_id, path, frame, image), decoded ahead of the model."""
         batch = []
-        for image_id, path, image in self._decoded(files):
-            if image is None:
+        for item in self._decoded(files):
+            if item[-1] is None:
                 if bar is not None:
                     bar.update(1)
                 continue
-            batch.append((image_id, path, image))
+            batch.append(item)
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
@@ -410,31 +417,53 @@ class Predictor:
             yield batch
 
     def _decoded(self, files: list[Path]) -> Iterator[tuple]:
-        if self.workers == 0:
-            for image_id, path in enumerate(files, start=1):
-                yield image_id, path, self._decode(path)
-            return
+        """(image_id, path, frame index or None, image or None when unreadable), in
+        input order: images decoded by `workers` threads up to a few batches ahead,
+        video frames as the video decodes them."""
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode") \
+            if self.workers else None
         ahead = max(2 * self.batch_size, self.workers)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            pending: deque = deque()
-            todo = iter(enumerate(files, start=1))
-            for image_id, path in todo:
-                pending.append((image_id, path, pool.submit(self._decode, path)))
+        pending: deque = deque()
+        image_id = 0
+        try:
+            for path in files:
+                if is_video(path):
+                    while pending:                      # images before it come first
+                        yield _resolved(pending.popleft())
+                    for frame, image in self._frames(path):
+                        image_id += 1
+                        yield image_id, path, frame, image
+                    continue
+                image_id += 1
+                job = pool.submit(self._decode, path) if pool else self._decode(path)
+                pending.append((image_id, path, None, job))
                 if len(pending) >= ahead:
-                    image_id, path, future = pending.popleft()
-                    yield image_id, path, future.result()
+                    yield _resolved(pending.popleft())
             while pending:
-                image_id, path, future = pending.popleft()
-                yield image_id, path, future.result()
+                yield _resolved(pending.popleft())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _frames(self, path: Path) -> Iterator[tuple[int, Tensor]]:
+        """A video's (frame index, Tensor[3, H, W] uint8); a video that cannot be read
+        (or stops decoding) is a failure like an unreadable image."""
+        try:
+            with VideoReader(path) as reader:
+                yield from reader
+        except VideoError as err:
+            self._skip(path, str(err).split(": ", 1)[-1])
 
     def _decode(self, path: Path) -> Optional[Tensor]:
         try:
             return decode_image_file(path)
         except ImageError as err:
-            reason = str(err).split(": ", 1)[-1]
-            self.failures.append((str(path), reason))
-            warnings.warn(f"skipped {path}: {reason}", SkippedImageWarning, stacklevel=2)
+            self._skip(path, str(err).split(": ", 1)[-1])
             return None
+
+    def _skip(self, path: Path, reason: str) -> None:
+        self.failures.append((str(path), reason))
+        warnings.warn(f"skipped {path}: {reason}", SkippedImageWarning, stacklevel=3)
 
     def summary(self) -> str:
         """One line on the last run: images predicted, and the skipped ones with why."""
@@ -443,6 +472,29 @@ class Predictor:
             skipped = "; ".join(f"{p} ({why})" for p, why in self.failures)
             line += f"; skipped {len(self.failures)} unreadable: {skipped}"
         return line
+
+
+def _resolved(item: tuple) -> tuple:
+    """A pending (image_id, path, frame, Future or image) with its image."""
+    *head, job = item
+    return (*head, job.result() if hasattr(job, "result") else job)
+
+
+def _frame_count(files: list[Path]) -> Optional[int]:
+    """Images plus the frames the videos state (None when a video states none)."""
+    total = 0
+    for path in files:
+        if not is_video(path):
+            total += 1
+            continue
+        try:
+            with VideoReader(path) as reader:
+                if reader.frames is None:
+                    return None
+                total += reader.frames
+        except (VideoError, ImportError):
+            total += 1
+    return total
 
 
 def _check_choice(name: str, value, choices: Sequence[str]) -> None:
@@ -601,20 +653,63 @@ class CocoResultsWriter:
 
 
 class JsonlResultsWriter:
-    """One JSON line per image (or video frame), flushed as it is written, so a stream
-    can be followed with `tail -f` and a crash keeps every line written: result_to_json
-    of each result."""
+    """One JSON line per image or video frame (result_to_json), flushed as written: a
+    stream can be followed with `tail -f`, and a crash keeps every line written."""
 
     def __init__(self, path: Union[str, Path]):
-        self.path = Path(path)
-        self.file = open(self.path, "w")
+        self.lines = JsonlWriter(path)
+        self.path = self.lines.path
 
     def write(self, result: dict, image: Tensor) -> None:
-        self.file.write(json.dumps(result_to_json(result)) + "\n")
-        self.file.flush()
+        self.lines.write(result_to_json(result))
 
     def close(self) -> None:
-        self.file.close()
+        self.lines.close()
+
+
+class VideoResultsWriter:
+    """For each input video: <folder>/<video stem>.mp4, its frames with the detections
+    scoring >= score_threshold drawn, and <folder>/<video stem>.jsonl, one line per frame
+    (result_to_json). Results of still images are left to the other writers.
+    (<stem>_annotated.* when the output would replace the input video.)"""
+
+    def __init__(self, folder: Union[str, Path], class_names: Sequence[str],
+                 score_threshold: float = 0.5):
+        self.folder, self.class_names = Path(folder), list(class_names)
+        self.score_threshold = float(score_threshold)
+        self.source: Optional[str] = None
+        self.video = self.lines = None
+        self.written: list[Path] = []
+
+    def write(self, result: dict, image: Tensor) -> None:
+        if "frame" not in result:
+            return
+        if result["file_name"] != self.source:
+            self._finish()
+            self._start(Path(result["file_name"]), image)
+        self.video.write(draw_frame(image, result, self.class_names, self.score_threshold))
+        self.lines.write(result_to_json(result))
+
+    def _start(self, source: Path, image: Tensor) -> None:
+        stem = source.stem
+        if (self.folder / f"{stem}.mp4").resolve() == source.resolve():
+            stem += "_annotated"
+        with VideoReader(source) as reader:
+            fps = reader.fps
+        self.source = str(source)
+        self.video = VideoWriter(self.folder / f"{stem}.mp4", fps, image.shape[-1],
+                                 image.shape[-2])
+        self.lines = JsonlWriter(self.folder / f"{stem}.jsonl")
+        self.written += [self.video.path, self.lines.path]
+
+    def _finish(self) -> None:
+        if self.video is not None:
+            self.video.close()
+            self.lines.close()
+            self.video = self.lines = None
+
+    def close(self) -> None:
+        self._finish()
 
 
 def result_to_json(result: dict) -> dict:
@@ -649,6 +744,8 @@ class OverlayWriter:
         self.stems: dict[str, int] = {}
 
     def write(self, result: dict, image: Tensor) -> None:
+        if "frame" in result:                 # video frames: VideoResultsWriter
+            return
         stem = Path(result["file_name"]).stem
         n = self.stems.get(stem, 0)
         self.stems[stem] = n + 1

@@ -31,8 +31,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from tools.visualize import draw_detections
-
 PathLike = Union[str, os.PathLike]
 
 # File name suffixes treated as videos (lower case); the rest are images.
@@ -354,35 +352,23 @@ def _jsonable(value):
 
 def draw_frame(image: Tensor, result: dict, class_names: Sequence[str],
                score_threshold: float = 0.5) -> Tensor:
-    """tools.visualize.draw_detections on a video frame and a prediction result.
+    """A video frame with a prediction result drawn (engine.predict.overlay_image).
 
     Args:
         image: Tensor[3, H, W] uint8 RGB.
         result: boxes [D, 4] (x1, y1, x2, y2), labels [D], scores [D] (tensors or
-            lists), and optionally masks: D COCO RLE dicts ({"size": [H, W], "counts":
-            str / bytes / list}), Tensor[D, (1,) H, W], or absent / None (boxes only).
+            lists), and optionally masks in any of the Predictor's forms (COCO RLE
+            dicts, MaskWindow crops, Tensor[D, H, W]), or absent (boxes only).
         class_names: name of label l is class_names[l - 1].
     Returns:
         Tensor[3, H, W] uint8, the frame with masks, boxes and labels drawn.
     """
+    from engine.predict import overlay_image
     detection = {"boxes": torch.as_tensor(result["boxes"], dtype=torch.float32).reshape(-1, 4),
                  "labels": torch.as_tensor(result["labels"], dtype=torch.int64),
-                 "scores": torch.as_tensor(result["scores"], dtype=torch.float32)}
-    masks = result.get("masks")
-    if masks is not None and len(masks):
-        detection["masks"] = (masks if isinstance(masks, Tensor)
-                              else _decode_rles(masks, image.shape[-2:]))
-    drawn = draw_detections(image.float() / 255, detection, class_names, score_threshold)
-    return torch.from_numpy(np.asarray(drawn)).permute(2, 0, 1).contiguous()
-
-
-def _decode_rles(rles: Sequence[dict], size) -> Tensor:
-    """COCO RLE dicts -> Tensor[D, H, W] float (0 / 1)."""
-    from pycocotools import mask as mask_utils
-    height, width = int(size[0]), int(size[1])
-    decoded = []
-    for rle in rles:
-        if isinstance(rle.get("counts"), list):           # uncompressed RLE
-            rle = mask_utils.frPyObjects(rle, height, width)
-        decoded.append(mask_utils.decode(rle))            # [H, W] uint8
-    return torch.from_numpy(np.stack(decoded)).float()
+                 "scores": torch.as_tensor(result["scores"], dtype=torch.float32),
+                 "image_size": tuple(image.shape[-2:])}
+    if result.get("masks") is not None:
+        detection["masks"] = result["masks"]
+    drawn = overlay_image(image.float() / 255, detection, class_names, score_threshold)
+    return torch.from_numpy(np.array(drawn)).permute(2, 0, 1).contiguous()
