@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model from a config file",
-                       description="Train on the COCO-format data set named in the config "
-                                   "([data] section); checkpoints, log.jsonl and loss.png go "
+                       description="Train on the data set named in the config (COCO JSON, "
+                                   "labelme, Pascal VOC or YOLO-seg: [data] format); "
+                                   "checkpoints, log.jsonl and loss.png go "
                                    "to [solver] output_dir. Run under torchrun for DDP.")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="config file (any subset of config.ini's keys)")

@@ -56,10 +56,11 @@ def _data_source(d: EasyDict, split: str, classes):
     hint = " (set val_json = none to train without evaluation)" if split == "val" else ""
     if not Path(source).exists():
         raise FileNotFoundError(f"[data] {split}_json = {source}: not found{hint}")
-    if fmt == "coco" or not _is_disabled(images):
-        if _is_disabled(images) or not Path(images).exists():
-            extra = "" if fmt == "coco" else f" (with format = {fmt}, none is allowed)"
-            raise FileNotFoundError(f"[data] {split}_images = {images}: not found{extra}{hint}")
+    # coco needs the image folder; the other formats find their images (none allowed)
+    given = not _is_disabled(images)
+    if (given or fmt == "coco") and not (given and Path(images).exists()):
+        extra = "" if fmt == "coco" else f" (with format = {fmt}, none is allowed)"
+        raise FileNotFoundError(f"[data] {split}_images = {images}: not found{extra}{hint}")
     if fmt == "coco":
         return source, images
     try:

@@ -5,11 +5,14 @@ Source: the data.yaml (or a folder holding one). Its keys:
   directory; absent: the yaml's folder) - the image root of the COCO dict;
 - `train` / `val`: the split's images under the root: a folder (searched recursively for
   .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp), a .txt list of image paths (relative to the
-  list's folder), or a list of those; `split` picks the key;
+  list's folder), or a list of those; `split` picks the key. An entry starting with ../
+  that does not exist is also tried without it, as Ultralytics does for Roboflow's
+  exports (data.yaml beside train/ and valid/, entries `../train/images`);
 - `names`: the class names, a list or a {index: name} dict.
 Labels follow the YOLO convention: the image's path with its last `images` folder
-replaced by `labels` and the suffix by .txt (images/train/a.jpg -> labels/train/a.txt);
-an image without a label file has no instance (a background image).
+replaced by `labels` and the suffix by .txt (images/train/a.jpg -> labels/train/a.txt;
+a path without an `images` folder: the .txt beside the image); an image without a label
+file has no instance (a background image).
 
 Each label line is `class x1 y1 x2 y2 ...`: a polygon normalised by the image size,
 scaled back by width (x) and height (y) into the COCO polygon in pixel coordinates that
@@ -42,7 +45,7 @@ def read_yolo(source: Path, image_dir: Optional[Path] = None, split: str = "trai
         if split not in spec:
             raise FormatError(f"yolo: {yaml_path} has no {split!r} key (the {split} images)")
         entries = spec[split] if isinstance(spec[split], list) else [spec[split]]
-        files = [f for e in entries for f in _images_of(root / str(e), yaml_path)]
+        files = [f for e in entries for f in _images_of(_entry(root, str(e)), yaml_path)]
     builder = CocoBuilder("yolo", yaml_path)
     for file in tqdm(files, desc="reading YOLO", unit="image", disable=None, leave=False):
         width, height = image_size(file)
@@ -84,6 +87,15 @@ def _root(spec: dict, yaml_path: Path) -> Path:
         return root
     beside = yaml_path.parent / root
     return beside if beside.is_dir() or not root.is_dir() else root
+
+
+def _entry(root: Path, entry: str) -> Path:
+    """The path of a split entry: root / entry, or without a leading ../ when only that
+    exists (Roboflow's data.yaml)."""
+    path = root / entry
+    if not path.exists() and entry.startswith("../") and (root / entry[3:]).exists():
+        return root / entry[3:]
+    return path
 
 
 def _names(spec: dict, yaml_path: Path) -> list[str]:

@@ -339,9 +339,13 @@ def test_yolo_reads_what_was_written(source, tmp_path):
     train_stems = [image["stem"] for image in source[:-2]]
     _assert_same(_read(coco), {s: expected[s] for s in train_stems})
     assert (root / coco["images"][0]["file_name"]).is_file()
-    val, _ = to_coco("yolo", tmp_path / "yolo", split="val")
-    _assert_same(_read(val), {image["stem"]: expected[image["stem"]]
-                              for image in source[-2:]})
+    # Roboflow's quirks: names as a list, no `path`, entries relative to a folder above
+    (tmp_path / "yolo/roboflow.yaml").write_text(
+        "train: ../images/train\nval: ../images/val\nnames: [circle, square, triangle]\n")
+    for yaml_path in (tmp_path / "yolo", tmp_path / "yolo/roboflow.yaml"):
+        val, _ = to_coco("yolo", yaml_path, split="val")
+        _assert_same(_read(val), {image["stem"]: expected[image["stem"]]
+                                  for image in source[-2:]})
 
 
 def test_yolo_bad_class_names_the_line(source, tmp_path):
