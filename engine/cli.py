@@ -9,6 +9,7 @@
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
+    maskrcnn convert-data --from labelme data/labelme --out train.json   # or voc / yolo
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model from a config file",
-                       description="Train on the COCO-format data set named in the config "
-                                   "([data] section); checkpoints, log.jsonl and loss.png go "
+                       description="Train on the data set named in the config (COCO JSON, "
+                                   "labelme, Pascal VOC or YOLO-seg: [data] format); "
+                                   "checkpoints, log.jsonl and loss.png go "
                                    "to [solver] output_dir. Run under torchrun for DDP.")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="config file (any subset of config.ini's keys)")
@@ -214,7 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-zoo", action="store_true",
                    help="re-hash the cached zoo files against their sha256 (seconds per file)")
     p.set_defaults(func=cmd_doctor, command_parser=p)
+    _add_convert_data(sub)
     return parser
+
+
+def _add_convert_data(sub) -> None:
+    p = sub.add_parser("convert-data", help="labelme / VOC / YOLO-seg annotations -> COCO JSON",
+                       description="Write a COCO instances JSON (polygons or RLE) of a "
+                                   "labelme folder, a Pascal VOC root or list, or a YOLO "
+                                   "data.yaml; the rules per format are in README "
+                                   "'Train on your data'. Training reads these formats "
+                                   "directly too ([data] format).")
+    p.add_argument("--from", dest="fmt", required=True, choices=("labelme", "voc", "yolo"),
+                   help="the source's format")
+    p.add_argument("source", metavar="SRC",
+                   help="labelme: folder of JSONs; voc: VOC root or ImageSets list file; "
+                        "yolo: data.yaml")
+    p.add_argument("--split", default="train", choices=("train", "val"),
+                   help="voc root / yolo: which split's list or entry (default train)")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="labelme: folder to find images by name in (and to decode embedded "
+                        "imageData to); voc: image folder (default <root>/JPEGImages); "
+                        "yolo: the split's image folder instead of data.yaml's")
+    p.add_argument("--classes", default=None, metavar="FILE|NAMES",
+                   help="class names in category-id order: a file with one per line "
+                        "(labelme's labels.txt) or 'a, b, c' (default: the format's order)")
+    p.add_argument("--out", required=True, metavar="JSON", help="the COCO JSON to write")
+    p.set_defaults(func=cmd_convert_data, command_parser=p)
 
 
 def _parse_sets(parser, sets: Sequence[Sequence[str]]) -> dict:
@@ -491,6 +519,23 @@ def cmd_zoo(args, parser) -> int:
 def cmd_doctor(args, parser) -> int:
     from engine import doctor
     return doctor.main(json_output=args.json, verify_zoo=args.verify_zoo)
+
+
+def cmd_convert_data(args, parser) -> int:
+    from engine.formats import FormatError, summary, to_coco, write_coco
+    if not Path(args.source).exists():
+        parser.error(f"SRC {args.source}: not found")
+    try:
+        coco, image_root = to_coco(args.fmt, args.source, args.images, split=args.split,
+                                   classes=args.classes)
+        path = write_coco(coco, args.out)
+    except FormatError as err:
+        parser.error(str(err))
+    except OSError as err:
+        parser.error(f"--out {args.out}: {err}")
+    print(f"wrote {path}: {summary(coco)}; images relative to {image_root} "
+          f"(maskrcnn eval --images / [data] train_images)")
+    return 0
 
 
 def cmd_demo(args, parser) -> int:

@@ -131,10 +131,12 @@ def _to_rgb_array(img: Image.Image, path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- dataset
 
 class CocoInstances(Dataset):
-    """A COCO instances JSON plus its image directory.
+    """A COCO instances JSON (or the same content as an in-memory dict, e.g. from
+    `engine.formats.to_coco`) plus its image directory.
 
     Args:
-        json_path: COCO instances annotation file.
+        json_path: COCO instances annotation file, or its content as a dict (images,
+            annotations, categories; messages then name its info["source"]).
         image_dir: directory the images' `file_name`s are relative to.
         train: training set: skip_empty and flip_prob apply.
         skip_empty: with train=True, drop images without a usable (non-crowd, non-empty
@@ -158,7 +160,8 @@ class CocoInstances(Dataset):
     num_classes (K).
     """
 
-    def __init__(self, json_path: PathLike, image_dir: PathLike, train: bool = False,
+    def __init__(self, json_path: Union[PathLike, dict], image_dir: PathLike,
+                 train: bool = False,
                  skip_empty: bool = True, flip_prob: float = 0.0, on_error: str = "raise",
                  min_mask_box_iou: float = 0.5, lsj: bool = False,
                  lsj_scale: Sequence[float] = (0.1, 2.0), lsj_size: int = 1024):
@@ -172,7 +175,8 @@ class CocoInstances(Dataset):
                              f"0 < min <= max, e.g. (0.1, 2.0)")
         if int(lsj_size) < 1:
             raise ValueError(f"CocoInstances: lsj_size={lsj_size} must be >= 1")
-        self.json_path = Path(json_path)
+        self.json_path = Path(_source_name(json_path) if isinstance(json_path, dict)
+                              else json_path)
         self.image_dir = Path(image_dir)
         self.train = train
         self.skip_empty = skip_empty
@@ -184,7 +188,8 @@ class CocoInstances(Dataset):
             raise FileNotFoundError(f"CocoInstances: image directory {self.image_dir} does "
                                     f"not exist (for {self.json_path})")
 
-        self.coco = _load_coco(self.json_path)
+        self.coco = (_coco_from_dict(json_path, self.json_path)
+                     if isinstance(json_path, dict) else _load_coco(self.json_path))
         self.cat_ids: list[int] = sorted(self.coco.cats)
         self.class_names: list[str] = [str(self.coco.cats[c].get("name", c))
                                        for c in self.cat_ids]
@@ -348,6 +353,18 @@ def _load_coco(json_path: Path) -> COCO:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"CocoInstances: {json_path} is not valid JSON: {exc}") from exc
+    return _coco_from_dict(data, json_path)
+
+
+def _source_name(data: dict) -> str:
+    """What messages call an in-memory COCO dict: its info["source"] (the file or folder
+    a reader of engine.formats made it from), else "<in-memory COCO dict>"."""
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return str(info.get("source") or "<in-memory COCO dict>")
+
+
+def _coco_from_dict(data: dict, json_path: Path) -> COCO:
+    """A pycocotools COCO indexing `data` (not copied)."""
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise ValueError(f"CocoInstances: {json_path} lacks {missing}; a COCO instances "
