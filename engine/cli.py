@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: train, eval, predict, demo, doctor.
+"""The `maskrcnn` command: train, eval, predict, demo, check-data, doctor.
 
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
@@ -9,6 +9,8 @@
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
+    maskrcnn check-data --data train.json --images train/ [--val-data val.json --val-images val/]
+    maskrcnn check-data --config my.ini [--fast] [--json]   # the sets of [data]; exit 1 on errors
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
@@ -181,6 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_demo, command_parser=p)
 
+    p = sub.add_parser("check-data", help="a data set's problems, before training on it",
+                       description="Check a COCO-format data set (and its val set) for the "
+                                   "mistakes that train quietly to AP 0: ids, files, sizes "
+                                   "(EXIF orientation), crowd, boxes (convention, outside), "
+                                   "masks, categories. A table per set, then each finding "
+                                   "with its fix. Exit status 1 when there are errors, 0 "
+                                   "with warnings only.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="JSON",
+                        help="annotations (a COCO JSON; the source of --format otherwise)")
+    source.add_argument("--config", metavar="FILE",
+                        help="take the train and val sets from this config's [data]")
+    p.add_argument("--images", metavar="DIR", help="image directory of --data")
+    p.add_argument("--val-data", metavar="JSON", help="validation annotations")
+    p.add_argument("--val-images", metavar="DIR", help="image directory of --val-data")
+    p.add_argument("--format", default="coco", metavar="FMT",
+                   help="annotation format of --data / --val-data (default coco)")
+    p.add_argument("--min-instances", type=int, default=None, metavar="N",
+                   help="report categories with fewer non-crowd instances (default 10)")
+    p.add_argument("--fast", action="store_true",
+                   help="read image headers only (as `maskrcnn train` does), not every "
+                        "image's pixels (truncated files go unnoticed)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON on stdout")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar over the images")
+    _add_set(p, "applied over --config")
+    p.set_defaults(func=cmd_check_data, command_parser=p)
+
     p = sub.add_parser("doctor", help="what this installation has (for you or a bug report)",
                        description="Versions, the kernel libraries (loaded or why not), the "
                                    "CUDA architectures against each visible GPU, CPU "
@@ -239,14 +269,21 @@ def cmd_train(args, parser) -> int:
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
+    from engine.check import DataCheckError
+    from engine.distributed import is_main_process
     try:
         summary = train(cfg, resume=args.resume, progress=args.progress)
+    except DataCheckError as err:
+        if is_main_process():
+            print(err.report(), file=sys.stderr)
+            print(f"error: {err}\n(training stopped before it started; [data] check_data = "
+                  f"false skips the check)", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, MissingPackageError) as err:
         parser.error(str(err))
-    from engine.distributed import is_main_process
     if is_main_process():
         _print_summary(summary)
     return 0
@@ -390,6 +427,55 @@ def cmd_zoo(args, parser) -> int:
     coco = ", ".join(f"{b}: {n}" for b, n in COCO_FOR_BACKBONE.items())
     print(f"\npretrained='coco' by backbone: {coco}\ncache: {cache_dir()}")
     return 0
+
+
+def cmd_check_data(args, parser) -> int:
+    from engine import check
+    min_instances = check.MIN_INSTANCES if args.min_instances is None else args.min_instances
+    if min_instances < 0:
+        parser.error(f"--min-instances {args.min_instances}: must be >= 0")
+    try:
+        sets = _check_data_sets(args, parser)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.error(str(err))
+    checked = check.check_sets(sets, min_instances, fast=args.fast, progress=args.progress)
+    print(check.report_json(checked) if args.json else check.format_report(checked))
+    return 1 if check.has_errors(checked) else 0
+
+
+def _check_data_sets(args, parser) -> list:
+    """[(name, source, coco dict, image root)] of `maskrcnn check-data`'s arguments."""
+    if args.config is not None:
+        _need_file(parser, "--config", args.config)
+        d = _config(parser, args.config, args.sets).data
+        fmt = getattr(d, "format", "coco")
+        pairs = [("train", d.train_json, d.train_images)]
+        if str(d.val_json).strip().lower() not in ("", "none"):
+            pairs.append(("val", d.val_json, d.val_images))
+    else:
+        if args.images is None:
+            parser.error("--data needs --images (the image directory)")
+        if (args.val_data is None) != (args.val_images is None):
+            parser.error("--val-data and --val-images go together")
+        fmt = args.format
+        pairs = [("train", args.data, args.images)]
+        if args.val_data is not None:
+            pairs.append(("val", args.val_data, args.val_images))
+    return [(name, source, *_read_annotations(fmt, source, images))
+            for name, source, images in pairs]
+
+
+def _read_annotations(fmt: str, source, image_dir) -> tuple:
+    """(COCO dict, image root) of a data set in format `fmt`."""
+    from engine.data import read_coco_json
+    if fmt == "coco":
+        return read_coco_json(source), image_dir
+    try:
+        from engine.formats import to_coco
+    except ImportError as err:
+        raise ImportError(f"format {fmt!r} needs engine.formats, which this installation "
+                          f"lacks ({err}); convert the data to COCO JSON") from err
+    return to_coco(fmt, source, image_dir)
 
 
 def cmd_doctor(args, parser) -> int:

@@ -37,8 +37,6 @@ def build_datasets(cfg: EasyDict):
     train_set = CocoInstances(d.train_json, d.train_images, train=True,
                               skip_empty=d.skip_empty, flip_prob=d.flip_prob, lsj=d.lsj,
                               lsj_scale=d.lsj_scale, lsj_size=d.lsj_size)
-    if len(train_set) == 0:
-        raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
     val_set = None
     if not _is_disabled(d.val_json):
         for key in ("val_json", "val_images"):
@@ -46,7 +44,29 @@ def build_datasets(cfg: EasyDict):
                 raise FileNotFoundError(f"[data] {key} = {d[key]}: not found (set "
                                         f"val_json = none to train without evaluation)")
         val_set = CocoInstances(d.val_json, d.val_images, train=False)
+    if d.check_data:     # before the emptiness test: the report says why it is empty
+        check_before_training(train_set, val_set, d)
+    if len(train_set) == 0:
+        raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
     return train_set, val_set
+
+
+def check_before_training(train_set, val_set, d: EasyDict) -> None:
+    """[data] check_data: engine.check's fast checks (image headers, not pixels) of the
+    data sets as loaded. Raises engine.check.DataCheckError (its report() is the table)
+    on errors; prints the warnings' table to stderr (rank 0)."""
+    from engine.check import DataCheckError, check_sets, format_report, has_errors
+    from engine.distributed import is_main_process
+    sets = [("train", d.train_json, train_set.coco.dataset, train_set.image_dir)]
+    if val_set is not None:
+        sets.append(("val", d.val_json, val_set.coco.dataset, val_set.image_dir))
+    checked = check_sets(sets, fast=True, progress=is_main_process())
+    if has_errors(checked):
+        raise DataCheckError(checked, "[data] check_data")
+    if is_main_process() and any(c.findings for c in checked):
+        print(format_report(checked, details=False, stats=False) + "\n(maskrcnn check-data "
+              "--config FILE prints the details; [data] check_data = false skips the "
+              "check)", file=sys.stderr)
 
 
 def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:
