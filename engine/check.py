@@ -10,14 +10,29 @@ on it: the mistakes that train quietly to AP 0, found in seconds and named.
 ([data] check_data) and stops on errors before the model is built.
 
 Each `Finding` names where the problem is (image file, image id, annotation id or
-category), what is wrong and the fix. Severities:
-- error: training on the set fails later or learns the wrong thing (duplicate or missing
-  ids, missing / unreadable files, image sizes that differ from the JSON, all instances
-  crowd, boxes written as [x1, y1, x2, y2], normalised or mostly outside their images,
-  masks of the wrong size, train and val categories that differ).
-- warning: it trains, but look (category id 0 or gaps, few instances of a category,
-  box-only instances, empty or tiny masks, a box far from its mask's, a box outside its
-  image, an EXIF orientation tag, the box convention suspected without masks to tell).
+category), what is wrong and the fix. Errors: training on the set fails later or learns
+the wrong thing (`maskrcnn train` stops); warnings: it trains, but look.
+
+Codes (E error, W warning):
+- E missing-section, missing-id, image-fields, unknown-image, unknown-category, bad-bbox:
+  JSON the loader cannot interpret (CocoInstances raises the first).
+- E duplicate-image-id / -annotation-id / -category-id: pycocotools silently keeps the
+  last entry of an id. W duplicate-file: two image entries for one file.
+- E no-categories, no-annotations, all-crowd, background-category: nothing (or a class
+  without objects) to learn.
+- W category-id-zero, category-gaps: fine here (labels follow the sorted ids), not in
+  tools that take the id as the label. W few-instances: fewer than min_instances
+  non-crowd instances.
+- E missing-image-dir, missing-file, unreadable-file (not an image, float pixels;
+  truncated: full check only). E size-mismatch: the file's size is not the JSON's (the
+  message says whether EXIF orientation explains it). W exif-orientation: the sizes
+  agree, but viewers (and annotation tools) show the image turned.
+- E rle-size, bad-segmentation: masks the loader cannot use. W no-mask, empty-mask
+  (dropped by the loader), tiny-mask (< TINY_MASK_PIXELS), box-mask-disagree (IoU <
+  MIN_MASK_BOX_IOU), empty-box (dropped), box-outside (clipped).
+- E boxes-outside, normalised-boxes: the boxes as a whole do not fit the pixels.
+  box-convention: [x1, y1, x2, y2] boxes, E shown by the masks, W guessed without.
+- E split-mismatch: train and val categories differ (check_split_pair).
 
 fast=True reads only the image headers (size, mode, EXIF: milliseconds per image); the
 full check also decodes every image to find truncated files. Masks are measured as RLE
@@ -26,6 +41,7 @@ by pycocotools (area, tight box) without drawing them, in both.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,7 +211,6 @@ def _is_id(value) -> bool:
 
 
 def _valid_bbox(bbox) -> bool:
-    import math
     return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                     for v in bbox))
@@ -778,7 +793,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], right: Sequence[int]
 
 def _summary(checked: CheckedSet) -> list[str]:
     s = checked.stats
-    lines = [f"== {checked.name}: {checked.source}"
+    lines = [f"== {checked.name} set: {checked.source}"
              + (f" (images in {checked.image_root})" if checked.image_root else "")]
     if not s:     # a loader's error: the JSON was not read through
         return lines

@@ -24,6 +24,10 @@ annotation with the image file and the annotation id):
   `mask_valid` False. A box-only detector (mask_on = false) trains on such data as it is;
   a Mask R-CNN trains its RPN and box head on every instance and its mask head only on
   the instances with `mask_valid` True.
+- JSON content the loader cannot interpret (entries without an id, images without
+  file_name / width / height, annotations of unlisted images or categories, malformed
+  bboxes) raises engine.check.DataCheckError (a ValueError) at construction, naming the
+  first problem; `maskrcnn check-data` reports them all, with the other checks.
 - Image-level problems (missing or unreadable file, an RLE or a file whose size differs
   from the JSON's width/height) raise an error naming the file with on_error="raise"
   (default). With on_error="skip" they are logged and the sample is replaced by the next

@@ -28,7 +28,8 @@ def _is_disabled(path: Any) -> bool:
 
 
 def build_datasets(cfg: EasyDict):
-    """(train CocoInstances, val CocoInstances or None) from cfg.data."""
+    """(train CocoInstances, val CocoInstances or None) from cfg.data; with [data]
+    check_data, both checked (check_before_training) before the model is built."""
     from engine.data import CocoInstances
     d = cfg.data
     for key in ("train_json", "train_images"):

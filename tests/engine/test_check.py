@@ -302,7 +302,7 @@ def test_cli_config_checks_train_and_val(clean, planted, tiny_cfg, write_ini, tm
     config = write_ini(tiny_cfg(val_json=args[1], val_images=args[3]), tmp_path / "c.ini")
     assert main(["check-data", "--config", str(config), "--min-instances", "1"]) == 1
     out = capsys.readouterr().out
-    assert "== train:" in out and "== val:" in out and "split-mismatch" in out
+    assert "== train set:" in out and "== val set:" in out and "split-mismatch" in out
 
 
 # ----------------------------------------------------------------- training
