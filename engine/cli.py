@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: train, eval, predict, demo, doctor.
+"""The `maskrcnn` command: train, eval, predict, demo, check-data, doctor.
 
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
@@ -10,6 +10,8 @@
     maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
     maskrcnn convert-data --from labelme data/labelme --out train.json   # or voc / yolo
+    maskrcnn check-data --data train.json --images train/ [--val-data val.json --val-images val/]
+    maskrcnn check-data --config my.ini [--fast] [--json]   # the sets of [data]; exit 1 on errors
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
@@ -206,6 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_demo, command_parser=p)
 
+    p = sub.add_parser("check-data", help="a data set's problems, before training on it",
+                       description="Check a COCO-format data set (and its val set) for the "
+                                   "mistakes that train quietly to AP 0: ids, files, sizes "
+                                   "(EXIF orientation), crowd, boxes (convention, outside), "
+                                   "masks, categories. A table per set, then each finding "
+                                   "with its fix. Exit status 1 when there are errors, 0 "
+                                   "with warnings only.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="JSON",
+                        help="annotations (a COCO JSON; the source of --format otherwise)")
+    source.add_argument("--config", metavar="FILE",
+                        help="take the train and val sets from this config's [data]")
+    p.add_argument("--images", metavar="DIR", help="image directory of --data")
+    p.add_argument("--val-data", metavar="JSON", help="validation annotations")
+    p.add_argument("--val-images", metavar="DIR", help="image directory of --val-data")
+    p.add_argument("--format", default="coco", choices=("coco", "labelme", "voc", "yolo"),
+                   help="annotation format of --data / --val-data (default coco; "
+                        "--images may then be left out where the format finds its images)")
+    p.add_argument("--min-instances", type=int, default=None, metavar="N",
+                   help="report categories with fewer non-crowd instances (default 10)")
+    p.add_argument("--fast", action="store_true",
+                   help="read image headers only (as `maskrcnn train` does), not every "
+                        "image's pixels (truncated files go unnoticed)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON on stdout")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar over the images")
+    _add_set(p, "applied over --config")
+    p.set_defaults(func=cmd_check_data, command_parser=p)
+
     p = sub.add_parser("doctor", help="what this installation has (for you or a bug report)",
                        description="Versions, the kernel libraries (loaded or why not), the "
                                    "CUDA architectures against each visible GPU, CPU "
@@ -290,14 +321,21 @@ def cmd_train(args, parser) -> int:
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
+    from engine.check import DataCheckError
+    from engine.distributed import is_main_process
     try:
         summary = train(cfg, resume=args.resume, progress=args.progress)
+    except DataCheckError as err:
+        if is_main_process():
+            print(err.report(), file=sys.stderr)
+            print(f"error: {err}\n(training stopped before it started; [data] check_data = "
+                  f"false skips the check)", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, MissingPackageError) as err:
         parser.error(str(err))
-    from engine.distributed import is_main_process
     if is_main_process():
         _print_summary(summary)
     return 0
@@ -514,6 +552,50 @@ def cmd_zoo(args, parser) -> int:
     coco = ", ".join(f"{b}: {n}" for b, n in COCO_FOR_BACKBONE.items())
     print(f"\npretrained='coco' by backbone: {coco}\ncache: {cache_dir()}")
     return 0
+
+
+def cmd_check_data(args, parser) -> int:
+    from engine import check
+    min_instances = check.MIN_INSTANCES if args.min_instances is None else args.min_instances
+    if min_instances < 0:
+        parser.error(f"--min-instances {args.min_instances}: must be >= 0")
+    try:
+        sets = _check_data_sets(args, parser)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.error(str(err))
+    checked = check.check_sets(sets, min_instances, fast=args.fast, progress=args.progress)
+    print(check.report_json(checked) if args.json else check.format_report(checked))
+    return 1 if check.has_errors(checked) else 0
+
+
+def _check_data_sets(args, parser) -> list:
+    """[(name, source, coco dict, image root)] of `maskrcnn check-data`'s arguments: a
+    config's [data] sets read as training reads them (any [data] format), or --data /
+    --images (and --val-data / --val-images) in --format."""
+    from engine.data import read_coco_json
+    from engine.formats import to_coco
+    if args.config is not None:
+        from engine.initialise import _is_disabled, data_source
+        _need_file(parser, "--config", args.config)
+        d = _config(parser, args.config, args.sets).data
+        splits = ["train"] + ([] if _is_disabled(d.val_json) else ["val"])
+        sets, classes = [], d.classes
+        for split in splits:
+            source, root = data_source(d, split, classes)
+            coco = source if isinstance(source, dict) else read_coco_json(source)
+            classes = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+            sets.append((split, d[f"{split}_json"], coco, root))
+        return sets
+    if args.images is None and args.format == "coco":
+        parser.error("--data needs --images (the image directory)")
+    if (args.val_data is None) != (args.val_images is None) and args.format == "coco":
+        parser.error("--val-data and --val-images go together")
+    pairs = [("train", args.data, args.images)]
+    if args.val_data is not None:
+        pairs.append(("val", args.val_data, args.val_images))
+    return [(name, source, read_coco_json(source), images) if args.format == "coco"
+            else (name, source, *to_coco(args.format, source, images, split=name))
+            for name, source, images in pairs]
 
 
 def cmd_doctor(args, parser) -> int:

@@ -24,6 +24,10 @@ annotation with the image file and the annotation id):
   `mask_valid` False. A box-only detector (mask_on = false) trains on such data as it is;
   a Mask R-CNN trains its RPN and box head on every instance and its mask head only on
   the instances with `mask_valid` True.
+- JSON content the loader cannot interpret (entries without an id, images without
+  file_name / width / height, annotations of unlisted images or categories, malformed
+  bboxes) raises engine.check.DataCheckError (a ValueError) at construction, naming the
+  first problem; `maskrcnn check-data` reports them all, with the other checks.
 - Image-level problems (missing or unreadable file, an RLE or a file whose size differs
   from the JSON's width/height) raise an error naming the file with on_error="raise"
   (default). With on_error="skip" they are logged and the sample is replaced by the next
@@ -60,6 +64,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from engine.check import (MIN_MASK_BOX_IOU, DataCheckError, box_iou, json_errors,
+                          missing_sections, segmentation_rle, xywh_to_clipped_xyxy)
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +170,7 @@ class CocoInstances(Dataset):
     def __init__(self, json_path: Union[PathLike, dict], image_dir: PathLike,
                  train: bool = False,
                  skip_empty: bool = True, flip_prob: float = 0.0, on_error: str = "raise",
-                 min_mask_box_iou: float = 0.5, lsj: bool = False,
+                 min_mask_box_iou: float = MIN_MASK_BOX_IOU, lsj: bool = False,
                  lsj_scale: Sequence[float] = (0.1, 2.0), lsj_size: int = 1024):
         if on_error not in _ON_ERROR:
             raise ValueError(f"CocoInstances: on_error={on_error!r}; use one of {_ON_ERROR}")
@@ -195,7 +202,6 @@ class CocoInstances(Dataset):
                                        for c in self.cat_ids]
         self.num_classes = len(self.cat_ids)
         self._label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        _validate(self.coco, self.json_path)
         box_only = sum(1 for a in self.coco.anns.values()
                        if not a.get("iscrowd", 0) and not a.get("segmentation"))
         if box_only:
@@ -257,7 +263,7 @@ class CocoInstances(Dataset):
         if ann.get("iscrowd", 0):
             return False
         info = self.coco.imgs[ann["image_id"]]
-        box = _xywh_to_clipped_xyxy(ann["bbox"], info["width"], info["height"])
+        box = xywh_to_clipped_xyxy(ann["bbox"], info["width"], info["height"])
         return box[2] > box[0] and box[3] > box[1]
 
     def _load(self, image_id: int) -> tuple[Tensor, dict]:
@@ -299,7 +305,7 @@ class CocoInstances(Dataset):
                   ) -> Optional[tuple[list[float], Optional[np.ndarray]]]:
         """(box [x1, y1, x2, y2], mask uint8[H, W] or None when the annotation has no
         segmentation) of one non-crowd annotation, or None when it is dropped (logged)."""
-        box = _xywh_to_clipped_xyxy(ann["bbox"], width, height)
+        box = xywh_to_clipped_xyxy(ann["bbox"], width, height)
         if not (box[2] > box[0] and box[3] > box[1]):
             self._note(ann, path, f"box {ann['bbox']} (x, y, w, h) is empty after clipping "
                                   f"to the {width}x{height} image; instance dropped")
@@ -312,7 +318,7 @@ class CocoInstances(Dataset):
             self._note(ann, path, "mask is empty for a non-empty box; instance dropped")
             return None
         mask_box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-        if _iou(box, mask_box) < self.min_mask_box_iou:
+        if box_iou(box, mask_box) < self.min_mask_box_iou:
             self._note(ann, path, f"box {[round(v, 1) for v in box]} disagrees with its "
                                   f"mask's box {mask_box} (IoU < {self.min_mask_box_iou}); "
                                   f"using the mask's box")
@@ -329,13 +335,9 @@ class CocoInstances(Dataset):
                 raise ImageError(f"annotation {ann.get('id')} of image file {path} has an RLE "
                                  f"of size {size} (height, width) but the image is "
                                  f"[{height}, {width}] in {self.json_path}")
-            rle = (mask_utils.frPyObjects(segm, height, width)
-                   if isinstance(segm["counts"], list) else segm)
-        else:
-            polygons = [p for p in segm if len(p) >= 6]   # < 3 points cannot be drawn
-            if not polygons:
-                return np.zeros((height, width), dtype=np.uint8)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        rle = segmentation_rle(segm, height, width)
+        if rle is None:
+            return np.zeros((height, width), dtype=np.uint8)
         return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
     def _note(self, ann: dict, path: Path, message: str) -> None:
@@ -345,7 +347,9 @@ class CocoInstances(Dataset):
             logger.warning("%s, annotation %s: %s", path, ann.get("id"), message)
 
 
-def _load_coco(json_path: Path) -> COCO:
+def read_coco_json(json_path: PathLike) -> dict:
+    """The parsed COCO JSON file; FileNotFoundError / ValueError naming the file."""
+    json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"CocoInstances: annotation file {json_path} does not exist")
     try:
@@ -353,7 +357,14 @@ def _load_coco(json_path: Path) -> COCO:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"CocoInstances: {json_path} is not valid JSON: {exc}") from exc
-    return _coco_from_dict(data, json_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"CocoInstances: {json_path} holds a {type(data).__name__}, not a "
+                         f"COCO object with images, annotations and categories")
+    return data
+
+
+def _load_coco(json_path: Path) -> COCO:
+    return _coco_from_dict(read_coco_json(json_path), json_path)
 
 
 def _source_name(data: dict) -> str:
@@ -363,54 +374,18 @@ def _source_name(data: dict) -> str:
     return str(info.get("source") or "<in-memory COCO dict>")
 
 
-def _coco_from_dict(data: dict, json_path: Path) -> COCO:
-    """A pycocotools COCO indexing `data` (not copied)."""
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise ValueError(f"CocoInstances: {json_path} lacks {missing}; a COCO instances "
-                         f"file has images, annotations and categories")
+def _coco_from_dict(data: dict, json_path) -> COCO:
+    """A pycocotools COCO indexing `data` (not copied), after the JSON checks of
+    engine.check (before pycocotools indexes it: a missing id would be a bare KeyError
+    there)."""
+    errors = missing_sections(data) or json_errors(data)
+    if errors:
+        raise DataCheckError.of(errors, str(json_path), "CocoInstances")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
         coco.createIndex()
     return coco
-
-
-def _validate(coco: COCO, json_path: Path) -> None:
-    """Clear errors for JSON content the loader cannot interpret."""
-    for image_id, info in coco.imgs.items():
-        for key in ("file_name", "width", "height"):
-            if key not in info:
-                raise ValueError(f"CocoInstances: image {image_id} in {json_path} has no "
-                                 f"{key!r}")
-    for ann in coco.anns.values():
-        where = f"annotation {ann.get('id')} in {json_path}"
-        if ann.get("image_id") not in coco.imgs:
-            raise ValueError(f"CocoInstances: {where} refers to image {ann.get('image_id')}, "
-                             f"which is not in 'images'")
-        if ann.get("category_id") not in coco.cats:
-            raise ValueError(f"CocoInstances: {where} has category_id "
-                             f"{ann.get('category_id')}, not in 'categories' "
-                             f"{sorted(coco.cats)}")
-        bbox = ann.get("bbox")
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-            raise ValueError(f"CocoInstances: {where} has bbox {bbox!r}; expected "
-                             f"[x, y, width, height] of 4 finite numbers")
-
-
-def _xywh_to_clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> list[float]:
-    x, y, w, h = (float(v) for v in bbox)
-    return [min(max(x, 0.0), width), min(max(y, 0.0), height),
-            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _uniforms(seed: Optional[int]) -> Callable[[], float]:

@@ -198,7 +198,7 @@ def test_help_documents_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo", "export-weights",
-                                "export", "doctor", "convert-data"}
+                                "export", "doctor", "convert-data", "check-data"}
     for name, subparser in sub.choices.items():
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
