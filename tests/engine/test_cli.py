@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,24 @@ def test_eval_outputs_that_cannot_be_created_are_one_line_errors(trained, shapes
     assert "missing.json" in _usage_error(capsys, ["eval", "--weights", str(vj), "--data",
                                                    str(tmp_path / "missing.json"),
                                                    "--images", str(vi)])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root may write into a read-only folder")
+def test_eval_output_in_a_read_only_folder_is_a_one_line_error(trained, shapes_data,
+                                                                tmp_path, capsys):
+    vj, vi = shapes_data["val"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["eval", "--weights", str(latest_checkpoint(trained[1])), "--data",
+                     str(vj), "--images", str(vi), "--metrics",
+                     str(locked / "sub" / "m.json")]) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"no permission to write in {locked}" in err and len(err.splitlines()) == 1
 
 
 def test_predict_command(trained, shapes_data, tmp_path, capsys):
