@@ -23,11 +23,13 @@ code 1 after printing the iteration and the loss values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -119,13 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval, command_parser=p)
 
     p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
-                       description="Run a checkpoint on image files and/or folders; writes "
-                                   "<out>/<image>.png overlays and <out>/results.json.")
-    p.add_argument("--weights", required=True, metavar="FILE",
-                   help="training checkpoint, 'coco' or a zoo name (see `maskrcnn zoo`)")
+                       description="Run a model on image files, folders and globs (an "
+                                   "engine.Predictor): <out>/results.json (COCO results with "
+                                   "file_name, masks as RLE), <out>/<image>.png overlays and/"
+                                   "or <out>/results.jsonl (one line per image). Unreadable "
+                                   "images are skipped, named in a warning and the summary.")
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="training checkpoint, exported weights, 'coco', a zoo name (see "
+                        "`maskrcnn zoo`) or an exported .onnx (--runtime onnxruntime or "
+                        "openvino)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files or folders (their images, non-recursive)")
+                   help="image files, folders (their images, non-recursive) or globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--format", default="coco,overlays", metavar="LIST",
+                   help=f"what to write, comma-separated from {', '.join(OUTPUT_FORMATS)} "
+                        f"(default coco,overlays)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="images per model call (results do not depend on it; default 1)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="threads decoding images ahead of the model (default 2; 0: none)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                   help="torch (default), or the model exported to ONNX and run in ONNX "
+                        "Runtime / OpenVINO")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="run images larger than PX x PX as overlapping tiles (large aerial, "
+                        "microscopy or document images; memory follows the tile)")
+    p.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
+                   help="fraction of a tile shared with its neighbours (default 0.2)")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="detections drawn in overlays score at least this (default 0.5)")
     p.add_argument("--mask-threshold", type=float, default=0.5,
@@ -381,21 +403,94 @@ def _report_eval(metrics: dict, args, plots: Optional[str], total: int) -> None:
             raise CliError(f"--metrics {args.metrics}: {err.strerror or err}") from None
 
 
+OUTPUT_FORMATS = ("coco", "overlays", "jsonl")
+
+
 def cmd_predict(args, parser) -> int:
-    from engine.predict import collect_images, is_zoo_name, load_model, predict
-    if not is_zoo_name(args.weights):
-        _need_file(parser, "--weights", args.weights)
+    from engine.predict import Predictor
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in OUTPUT_FORMATS]
+    if bad or not formats:
+        parser.error(f"--format {args.format}: choose from {', '.join(OUTPUT_FORMATS)}")
     overrides = _inference_overrides(parser, args.sets)
     device = _device(parser, args.device)
+    out = _output_folder(parser, "--out", args.out)
     try:
-        collect_images(args.images)
-        model, meta = load_model(args.weights, device, overrides)
-    except (FileNotFoundError, ValueError) as err:
+        predictor = Predictor(args.weights, batch_size=args.batch_size, device=device,
+                              runtime=args.runtime, tile=args.tile,
+                              tile_overlap=args.tile_overlap,
+                              mask_threshold=args.mask_threshold, workers=args.workers,
+                              overrides=overrides)
+        _check_single_image(parser, args.images)
+        writers = _prediction_writers(formats, out, predictor, args.score_threshold)
+        with _warnings_as_lines():
+            for _ in predictor.run(args.images, writers, progress=args.progress):
+                pass
+    except (FileNotFoundError, ValueError, ImportError) as err:
         parser.error(str(err))
-    path = predict(model, args.images, args.out, meta["class_names"], meta["cat_ids"],
-                   args.score_threshold, args.mask_threshold, device, args.progress)
-    print(f"wrote overlays and {path}")
+    print(predictor.summary())
+    if predictor.count == 0 and predictor.failures:
+        print("maskrcnn predict: error: no image could be read", file=sys.stderr)
+        return 1
+    files = [str(w.path) for w in writers if hasattr(w, "path")] + \
+        [str(p) for w in writers for p in getattr(w, "written", [])]
+    print(f"wrote {', '.join(files)}"
+          f"{' and overlays in ' + str(out) if 'overlays' in formats else ''}")
     return 0
+
+
+def _check_single_image(parser, images: Sequence[str]) -> None:
+    """One image named on its own is read first: if it cannot be, that is the error
+    (in a folder, a bad image is skipped with a warning instead)."""
+    from engine.data import ImageError
+    from engine.images import decode_image_file
+    if len(images) == 1 and Path(images[0]).is_file():
+        try:
+            decode_image_file(images[0])
+        except ImageError as err:
+            parser.error(str(err))
+
+
+def _prediction_writers(formats: Sequence[str], out: Path, predictor, score_threshold):
+    from engine.predict import (CocoResultsWriter, JsonlResultsWriter, OverlayWriter,
+                                VideoResultsWriter)
+    table = {"coco": lambda: CocoResultsWriter(out / "results.json", predictor.cat_ids),
+             "overlays": lambda: OverlayWriter(out, predictor.class_names, score_threshold),
+             "jsonl": lambda: JsonlResultsWriter(out / "results.jsonl")}
+    # input videos always give <out>/<stem>.mp4 annotated and <stem>.jsonl per frame
+    return [table[f]() for f in formats] + [
+        VideoResultsWriter(out, predictor.class_names, score_threshold)]
+
+
+def _output_folder(parser, option: str, path) -> Path:
+    """The folder `path`, created; a usage error naming it when it cannot be."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".maskrcnn-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        parser.error(f"{option} {path}: cannot write there ({err.strerror or err})")
+    return folder
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Skipped-input warnings printed as one 'warning: ...' line each (no source line),
+    above any progress bar; other warnings as usual."""
+    from engine.predict import SkippedImageWarning
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, SkippedImageWarning):
+            return default(message, category, filename, lineno, file, line)
+        from tqdm import tqdm
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SkippedImageWarning)
+        warnings.showwarning = show
+        yield
 
 
 def cmd_export_weights(args, parser) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -63,7 +64,8 @@ def detections_to_coco(detection: dict, image_id: int, cat_ids: Sequence[int],
 
     Args:
         detection: dict(boxes Tensor[D, 4] (x1, y1, x2, y2), labels Tensor[D] in 1..K,
-            scores Tensor[D], optional masks Tensor[D, 1, H, W] probabilities).
+            scores Tensor[D], optional masks: Tensor[D, 1, H, W] probabilities, or a list
+            of D COCO RLE dicts (engine.Predictor's), used as they are).
         cat_ids: COCO category ids; label l is cat_ids[l - 1].
     Returns:
         [dict(image_id, category_id, bbox [x, y, w, h], score, segmentation RLE?)].
@@ -72,7 +74,7 @@ def detections_to_coco(detection: dict, image_id: int, cat_ids: Sequence[int],
     labels = detection["labels"].detach().cpu().tolist()
     scores = detection["scores"].detach().float().cpu().tolist()
     masks = detection.get("masks")
-    if masks is not None:
+    if isinstance(masks, Tensor):
         masks = (masks.detach()[:, 0] >= mask_threshold).to(torch.uint8).cpu().numpy()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     results = []
@@ -83,7 +85,8 @@ def detections_to_coco(detection: dict, image_id: int, cat_ids: Sequence[int],
         result = {"image_id": int(image_id), "category_id": int(cat_ids[label - 1]),
                   "bbox": [round(v, 3) for v in xywh[i]], "score": round(float(score), 5)}
         if masks is not None:
-            result["segmentation"] = encode_mask(masks[i])
+            result["segmentation"] = (dict(masks[i]) if isinstance(masks[i], dict)
+                                      else encode_mask(masks[i]))
         results.append(result)
     return results
 
