@@ -36,10 +36,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from engine import distributed as dist_utils
