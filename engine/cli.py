@@ -16,8 +16,12 @@
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
 Bad arguments (unknown config key, wrong type, missing file) end with an argparse usage
-error (exit code 2) that names the problem. A training run stopped by a NaN/inf loss
-exits with code 1 after printing the iteration and the loss values.
+error (exit code 2) that names the problem. An output that cannot be created (under a
+regular file, in a read-only folder) is one line `maskrcnn <command>: error: ...` naming
+it, exit code 2, found before any work; a failure while running (an unreadable image with
+`eval --on-error raise`) is such a line with exit code 1: a command raises `CliError` and
+main() prints it, never a traceback. A training run stopped by a NaN/inf loss exits with
+code 1 after printing the iteration and the loss values.
 """
 from __future__ import annotations
 
@@ -103,7 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", metavar="FILE", default=None,
                    help="write the detections here in the COCO results format")
     p.add_argument("--metrics", metavar="FILE", default=None,
-                   help="write the metrics (with per-category AP) here as JSON")
+                   help="write the metrics (with per-category AP and the skipped images) "
+                        "here as JSON")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write precision-recall curves here: pr_<bbox|segm>.png (overall, "
+                        "IoU 0.50:0.95, 0.50, 0.75) and pr_<bbox|segm>_per_category.png "
+                        "(default: beside --metrics when given, else none)")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="an unreadable image (missing, truncated, not an image, wrong "
+                        "size): skip it with a warning and score the other images "
+                        "(default), or stop with an error naming it")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="image reading processes (default: the checkpoint's num_workers)")
     p.add_argument("--loss", action="store_true",
                    help="also report the validation loss (model.eval() with targets)")
     _add_inference_options(p, "model inference keys, e.g. box_score_thresh=0.01")
@@ -276,6 +291,38 @@ def _add_convert_data(sub) -> None:
     p.set_defaults(func=cmd_convert_data, command_parser=p)
 
 
+class CliError(Exception):
+    """A command's one-line failure: main() prints `maskrcnn <command>: error: <message>`
+    on stderr (no traceback) and exits with `code` (2: a bad argument found before any
+    work, as argparse; 1: a failure while running)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(" ".join(str(message).split("\n")))
+        self.code = code
+
+
+def _output_path(option: str, path, folder: bool = False) -> Path:
+    """path checked before any work: a file output must not be a folder (a folder
+    output not a file), and the nearest existing folder above it must be writable, so the
+    output can be created there. Raises CliError (code 2) naming the option and path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CliError(f"{option} {path}: is a file; name a folder", 2)
+    if not folder and path.is_dir():
+        raise CliError(f"{option} {path}: is a folder; name the file to write", 2)
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{option} {path}: cannot be created: {existing} is a file, not a "
+                       f"folder", 2)
+    target = path if path.exists() else existing
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise CliError(f"{option} {path}: cannot be created: no permission to write in "
+                       f"{target}", 2)
+    return path
+
+
 def _parse_sets(parser, sets: Sequence[Sequence[str]]) -> dict:
     overrides = {}
     for item in (s for group in sets for s in group):
@@ -352,42 +399,74 @@ def _inference_overrides(parser, sets) -> dict:
 
 def cmd_eval(args, parser) -> int:
     from engine import distributed as dist_utils
-    from engine.data import CocoInstances
-    from engine.evaluate import evaluate, format_table
+    from engine.data import CocoInstances, ImageError
+    from engine.evaluate import evaluate
     from engine.predict import is_zoo_name, load_model
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     _need_file(parser, "--data", args.data)
     _need_file(parser, "--images", args.images, folder=True)
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"--num-workers {args.num_workers}: must be >= 0")
+    plots = args.plots or (str(Path(args.metrics).parent) if args.metrics else None)
+    for option, path, folder in (("--results", args.results, False),
+                                 ("--metrics", args.metrics, False),
+                                 ("--plots", plots, True)):
+        if path:
+            _output_path(option, path, folder)
     overrides = _inference_overrides(parser, args.sets)
     dist_utils.init_distributed()
     device = (dist_utils.device_for_rank() if args.device is None
               else _device(parser, args.device))
     try:
         model, meta = load_model(args.weights, device, overrides)
+    except ValueError as err:
+        parser.error(f"--weights {err}")
+    try:
         dataset = CocoInstances(args.data, args.images, train=False)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"--data {err}")
     if [int(c) for c in dataset.cat_ids] != [int(c) for c in meta["cat_ids"]]:
         parser.error(f"--data {args.data}: category ids {dataset.cat_ids} differ from the "
                      f"checkpoint's {meta['cat_ids']} (the model's classes)")
     cfg = meta["config"]
-    metrics = evaluate(
-        model, dataset,
-        batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
-        mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
-                        else args.mask_threshold),
-        progress=args.progress, table=False, compute_loss=args.loss, details=True,
-        results_path=args.results)
+    workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    try:
+        metrics = evaluate(
+            model, dataset,
+            batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
+            mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
+                            else args.mask_threshold),
+            progress=args.progress, table=False, compute_loss=args.loss, details=True,
+            results_path=args.results, on_error=args.on_error, num_workers=workers,
+            plots_dir=plots)
+    except ImageError as err:
+        hint = "; --on-error skip scores the other images" if args.on_error == "raise" else ""
+        raise CliError(f"{err}{hint}") from None
+    except OSError as err:      # an output that could not be written after all (disk full)
+        raise CliError(str(err)) from None
     if dist_utils.is_main_process():
-        print(format_table(metrics, metrics["per_category"]))
-        if "loss" in metrics:
-            print("validation loss: " + ", ".join(f"{k}={v:.4f}"
-                                                  for k, v in metrics["loss"].items()))
-        if args.metrics:
+        _report_eval(metrics, args, plots, len(dataset))
+    return 0
+
+
+def _report_eval(metrics: dict, args, plots: Optional[str], total: int) -> None:
+    """The AP tables, the validation loss, the skipped images; the metrics JSON."""
+    from engine.evaluate import format_skipped, format_table
+    print(format_table(metrics, metrics["per_category"]))
+    if "loss" in metrics:
+        print("validation loss: " + ", ".join(f"{k}={v:.4f}"
+                                              for k, v in metrics["loss"].items()))
+    if metrics["skipped"]:
+        print(format_skipped(metrics["skipped"], total))
+    if plots:
+        print(f"precision-recall curves: {plots}/pr_*.png")
+    if args.metrics:
+        try:
             Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
             Path(args.metrics).write_text(json.dumps(metrics, indent=2))
-    return 0
+        except OSError as err:
+            raise CliError(f"--metrics {args.metrics}: {err.strerror or err}") from None
 
 
 OUTPUT_FORMATS = ("coco", "overlays", "jsonl")
@@ -401,24 +480,26 @@ def cmd_predict(args, parser) -> int:
         parser.error(f"--format {args.format}: choose from {', '.join(OUTPUT_FORMATS)}")
     overrides = _inference_overrides(parser, args.sets)
     device = _device(parser, args.device)
-    out = _output_folder(parser, "--out", args.out)
+    out = _output_path("--out", args.out, folder=True)
     try:
         predictor = Predictor(args.weights, batch_size=args.batch_size, device=device,
                               runtime=args.runtime, tile=args.tile,
                               tile_overlap=args.tile_overlap,
                               mask_threshold=args.mask_threshold, workers=args.workers,
                               overrides=overrides)
-        _check_single_image(parser, args.images)
+        _check_single_image(args.images)
+        out.mkdir(parents=True, exist_ok=True)
         writers = _prediction_writers(formats, out, predictor, args.score_threshold)
         with _warnings_as_lines():
             for _ in predictor.run(args.images, writers, progress=args.progress):
                 pass
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        parser.error(str(err))
+    except FileNotFoundError as err:
+        raise CliError(str(err), 2) from None
+    except (ValueError, ImportError) as err:
+        raise CliError(str(err), 1) from None
     print(predictor.summary())
     if predictor.count == 0 and predictor.failures:
-        print("maskrcnn predict: error: no image could be read", file=sys.stderr)
-        return 1
+        raise CliError("no image could be read", 1)
     files = [str(w.path) for w in writers if hasattr(w, "path")] + \
         [str(p) for w in writers for p in getattr(w, "written", [])]
     print(f"wrote {', '.join(files)}"
@@ -426,16 +507,17 @@ def cmd_predict(args, parser) -> int:
     return 0
 
 
-def _check_single_image(parser, images: Sequence[str]) -> None:
+def _check_single_image(images: Sequence[str]) -> None:
     """One image named on its own is read first: if it cannot be, that is the error
     (in a folder, a bad image is skipped with a warning instead)."""
     from engine.data import ImageError
     from engine.images import decode_image_file
-    if len(images) == 1 and Path(images[0]).is_file():
+    from engine.video import is_video
+    if len(images) == 1 and Path(images[0]).is_file() and not is_video(images[0]):
         try:
             decode_image_file(images[0])
         except ImageError as err:
-            parser.error(str(err))
+            raise CliError(str(err), 1) from None
 
 
 def _prediction_writers(formats: Sequence[str], out: Path, predictor, score_threshold):
@@ -447,19 +529,6 @@ def _prediction_writers(formats: Sequence[str], out: Path, predictor, score_thre
     # input videos always give <out>/<stem>.mp4 annotated and <stem>.jsonl per frame
     return [table[f]() for f in formats] + [
         VideoResultsWriter(out, predictor.class_names, score_threshold)]
-
-
-def _output_folder(parser, option: str, path) -> Path:
-    """The folder `path`, created; a usage error naming it when it cannot be."""
-    folder = Path(path)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".maskrcnn-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        parser.error(f"{option} {path}: cannot write there ({err.strerror or err})")
-    return folder
 
 
 @contextlib.contextmanager
@@ -763,6 +832,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # errors found after parsing are usage errors of the subcommand's parser
         return args.func(args, args.command_parser)
+    except CliError as err:
+        print(f"maskrcnn {args.command}: error: {err}", file=sys.stderr)
+        return err.code
     finally:
         from engine.distributed import cleanup
         cleanup()

@@ -79,7 +79,27 @@ _ON_ERROR = ("raise", "skip")
 
 
 class ImageError(ValueError):
-    """A sample's image cannot be used (missing, unreadable, or of the wrong size)."""
+    """A sample's image cannot be used (missing, unreadable, or of the wrong size).
+
+    Attributes: path (the image file, or None), reason (a few words for a summary line:
+    "missing", "empty file", "not an image", "truncated", "unreadable", "float pixels",
+    "640x480, JSON says 480x640"...).
+    """
+
+    def __init__(self, message: str, path: Optional[PathLike] = None,
+                 reason: str = "unreadable"):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """The short reason a file Pillow failed on cannot be read."""
+    with contextlib.suppress(OSError):       # gone meanwhile: the other reasons apply
+        if path.stat().st_size == 0:
+            return "empty file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    return "truncated" if "truncated" in str(exc).lower() else "unreadable"
 
 
 # ----------------------------------------------------------------------------- images
@@ -93,7 +113,7 @@ def load_rgb(path: PathLike) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file {path} does not exist (check the image directory and "
-                         f"the JSON's file_name)")
+                         f"the JSON's file_name)", path, "missing")
     try:
         with Image.open(path) as img:
             if _is_16bit_color_png(img):
@@ -101,7 +121,8 @@ def load_rgb(path: PathLike) -> Tensor:
             img.load()
             array = _to_rgb_array(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, RuntimeError) as exc:
-        raise ImageError(f"image file {path} cannot be read: {exc}") from exc
+        raise ImageError(f"image file {path} cannot be read: {exc}", path,
+                         _read_failure(path, exc)) from exc
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -129,7 +150,7 @@ def _to_rgb_array(img: Image.Image, path: Path) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         raise ImageError(f"image file {path} has 32-bit float pixels (mode F) whose range "
-                         f"is unknown; convert it to 8- or 16-bit")
+                         f"is unknown; convert it to 8- or 16-bit", path, "float pixels")
     if img.mode != "RGB":
         img = img.convert("RGB")    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1
     return np.asarray(img, dtype=np.float32) / 255.0
@@ -274,7 +295,8 @@ class CocoInstances(Dataset):
         if tuple(image.shape[1:]) != (height, width):
             raise ImageError(f"image file {path} is {image.shape[2]}x{image.shape[1]} "
                              f"(width x height) but {self.json_path} says {width}x{height} "
-                             f"for image id {image_id}")
+                             f"for image id {image_id}", path,
+                             f"{image.shape[2]}x{image.shape[1]}, JSON says {width}x{height}")
         boxes, labels, masks = [], [], []     # masks: uint8[H, W], or None (box only)
         for ann in self._anns(image_id):
             if ann.get("iscrowd", 0):
@@ -334,7 +356,8 @@ class CocoInstances(Dataset):
             if size != [height, width]:
                 raise ImageError(f"annotation {ann.get('id')} of image file {path} has an RLE "
                                  f"of size {size} (height, width) but the image is "
-                                 f"[{height}, {width}] in {self.json_path}")
+                                 f"[{height}, {width}] in {self.json_path}", path,
+                                 f"RLE size of annotation {ann.get('id')}")
         rle = segmentation_rle(segm, height, width)
         if rle is None:
             return np.zeros((height, width), dtype=np.uint8)

@@ -78,9 +78,11 @@ def decode_image_file(path: PathLike) -> Tensor:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ImageError(f"{path}: cannot be read ({err.strerror or err})") from None
+        reason = "missing" if isinstance(err, FileNotFoundError) else "unreadable"
+        raise ImageError(f"{path}: cannot be read ({err.strerror or err})", path,
+                         reason) from None
     if not data:
-        raise ImageError(f"{path}: empty file (0 bytes)")
+        raise ImageError(f"{path}: empty file (0 bytes)", path, "empty file")
     if not data.startswith(_MAGIC) and not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return load_rgb(path)                 # Pillow: BMP, TIFF, PPM, or not an image
     from torchvision.io import ImageReadMode, decode_image
@@ -89,8 +91,9 @@ def decode_image_file(path: PathLike) -> Tensor:
                              mode=ImageReadMode.RGB)
     except RuntimeError as err:
         # torchvision's messages start with the C++ source location: keep the reason
-        reason = str(err).split(", ")[-1].split(". ")[0]
-        raise ImageError(f"{path}: cannot be decoded ({reason})") from None
+        why = str(err).split(", ")[-1].split(". ")[0]
+        short = "truncated" if "truncated" in why.lower() else "unreadable"
+        raise ImageError(f"{path}: cannot be decoded ({why})", path, short) from None
     if image.dtype != torch.uint8:            # 16-bit PNG: Pillow path keeps the depth
         return load_rgb(path)
     return image

@@ -452,18 +452,22 @@ class Predictor:
             with VideoReader(path) as reader:
                 yield from reader
         except VideoError as err:
-            self._skip(path, str(err).split(": ", 1)[-1])
+            self._skip(path, str(err).split(": ", 1)[-1], "unreadable video")
 
     def _decode(self, path: Path) -> Optional[Tensor]:
         try:
             return decode_image_file(path)
         except ImageError as err:
-            self._skip(path, str(err).split(": ", 1)[-1])
+            detail = str(err).split(": ", 1)[-1] if str(err).startswith(str(path)) \
+                else str(err)
+            self._skip(path, detail, err.reason)
             return None
 
-    def _skip(self, path: Path, reason: str) -> None:
+    def _skip(self, path: Path, detail: str, reason: str) -> None:
+        """A bad input: one warning with the detail, and (path, short reason) for the
+        summary."""
         self.failures.append((str(path), reason))
-        warnings.warn(f"skipped {path}: {reason}", SkippedImageWarning, stacklevel=3)
+        warnings.warn(f"skipped {path}: {detail}", SkippedImageWarning, stacklevel=3)
 
     def summary(self) -> str:
         """One line on the last run: images predicted, and the skipped ones with why."""
