@@ -473,7 +473,9 @@ OUTPUT_FORMATS = ("coco", "overlays", "jsonl")
 
 
 def cmd_predict(args, parser) -> int:
+    from engine.images import collect_inputs
     from engine.predict import Predictor
+    from engine.video import VIDEO_SUFFIXES
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in OUTPUT_FORMATS]
     if bad or not formats:
@@ -487,11 +489,12 @@ def cmd_predict(args, parser) -> int:
                               tile_overlap=args.tile_overlap,
                               mask_threshold=args.mask_threshold, workers=args.workers,
                               overrides=overrides)
+        files = collect_inputs(args.images, VIDEO_SUFFIXES)    # missing paths: before --out
         _check_single_image(args.images)
         out.mkdir(parents=True, exist_ok=True)
         writers = _prediction_writers(formats, out, predictor, args.score_threshold)
         with _warnings_as_lines():
-            for _ in predictor.run(args.images, writers, progress=args.progress):
+            for _ in predictor.run(files, writers, progress=args.progress):
                 pass
     except FileNotFoundError as err:
         raise CliError(str(err), 2) from None
