@@ -236,6 +236,7 @@ def _need_file(parser, option: str, path, folder: bool = False) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_train(args, parser) -> int:
+    from engine.initialise import RunConfigError
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
@@ -244,7 +245,7 @@ def cmd_train(args, parser) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, MissingPackageError) as err:
+    except (FileNotFoundError, MissingPackageError, RunConfigError) as err:
         parser.error(str(err))
     from engine.distributed import is_main_process
     if is_main_process():

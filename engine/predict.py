@@ -58,7 +58,7 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
         raise ValueError(f"{weights}: the weights do not fit the model its config "
                          f"describes: {str(err)[:300]}") from None
     model.to(device).eval()
-    k = cfg.model.num_classes
+    k = model.num_classes
     meta = dict(class_names=list(state.get("class_names") or [str(i) for i in range(1, k + 1)]),
                 cat_ids=list(state.get("cat_ids") or range(1, k + 1)), config=cfg,
                 iteration=state.get("iteration"))
