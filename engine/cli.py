@@ -508,7 +508,9 @@ def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
 def _print_summary(summary: dict) -> None:
     from engine.evaluate import format_table
     it, secs = summary["iterations"], summary["elapsed_s"]
-    print(f"trained {it} iterations in {secs:.1f} s; last checkpoint {summary['checkpoint']}")
+    stopped = " (stopped early)" if summary.get("early_stop") else ""
+    print(f"trained {it} iterations{stopped} in {secs:.1f} s; last checkpoint "
+          f"{summary['checkpoint']}")
     if summary.get("metrics"):
         print(format_table(summary["metrics"]))
 
