@@ -365,6 +365,7 @@ def _need_file(parser, option: str, path, folder: bool = False) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_train(args, parser) -> int:
+    from engine.initialise import RunConfigError
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
@@ -381,7 +382,7 @@ def cmd_train(args, parser) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, MissingPackageError) as err:
+    except (FileNotFoundError, MissingPackageError, RunConfigError) as err:
         parser.error(str(err))
     if is_main_process():
         _print_summary(summary)
@@ -802,7 +803,9 @@ def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
 def _print_summary(summary: dict) -> None:
     from engine.evaluate import format_table
     it, secs = summary["iterations"], summary["elapsed_s"]
-    print(f"trained {it} iterations in {secs:.1f} s; last checkpoint {summary['checkpoint']}")
+    stopped = " (stopped early)" if summary.get("early_stop") else ""
+    print(f"trained {it} iterations{stopped} in {secs:.1f} s; last checkpoint "
+          f"{summary['checkpoint']}")
     if summary.get("metrics"):
         print(format_table(summary["metrics"]))
 
