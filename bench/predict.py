@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deploy  # noqa: E402
+from bench.export import count, timed, torchvision_model  # noqa: E402
 from maskrcnn import MaskRCNN  # noqa: E402
 
 SIZE = (800, 1066)
@@ -52,22 +51,6 @@ VARIANTS = {
 
 
 # ----------------------------------------------------------------------------- shared
-
-def timed(fn, runs: int) -> tuple[float, dict]:
-    """(median seconds over runs after one warm-up, the last output)."""
-    out = fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def count(out) -> int:
-    """Detections in an eager output (a list of dicts) or a predictor's dict."""
-    return int((out[0] if isinstance(out, list) else out)["boxes"].shape[0])
-
 
 def shapes_images(folder: Path, split: str, n: int, seed: int, num_classes: int = 3) -> list:
     """n generated 128 px shapes images (engine.shapes) as Tensor[3, 128, 128]."""
@@ -103,7 +86,6 @@ def export_pair(model, folder: Path, name: str, calibration: list, **variant) ->
 
 def r50_setup(folder: Path, image: torch.Tensor) -> tuple:
     """(eager model, float .onnx, INT8 .onnx) of the calibrated random R50-FPN."""
-    from bench.export import torchvision_model
     ours = MaskRCNN.from_torchvision(torchvision_model(image)).eval()
     g = torch.Generator().manual_seed(1)
     calibration = [torch.rand(3, *SIZE, generator=g) for _ in range(4)]

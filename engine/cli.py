@@ -605,7 +605,7 @@ def _calibration_images(parser, folder: str, count: int) -> list:
     """`count` images of `folder` (evenly spread over its sorted listing, so a folder
     sorted by class or scene is sampled across) as RGB [0, 1] Tensor[3, H, W]."""
     from engine.data import ImageError, load_rgb
-    from engine.predict import IMAGE_SUFFIXES
+    from engine.images import IMAGE_SUFFIXES
     _need_file(parser, "--calibration", folder, folder=True)
     files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
