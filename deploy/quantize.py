@@ -53,12 +53,14 @@ KEEP_FLOAT = ("/model/rpn/head/cls_logits", "/model/rpn/head/bbox_pred",
 PathLike = Union[str, os.PathLike]
 
 
-def float_nodes(model, op_types: Sequence[str] = QUANTIZED_OP_TYPES,
+def float_nodes(model, op_types: Optional[Sequence[str]] = QUANTIZED_OP_TYPES,
                 keep_float: Sequence[str] = KEEP_FLOAT) -> list[str]:
-    """Names of the nodes of `model` (an onnx.ModelProto) of `op_types` whose name starts
-    with one of the `keep_float` prefixes: the nodes quantize_onnx leaves in float."""
+    """Names of the nodes of `model` (an onnx.ModelProto) of `op_types` (None: any type)
+    whose name starts with one of the `keep_float` prefixes: the nodes quantize_onnx
+    leaves in float."""
     return [n.name for n in model.graph.node
-            if n.op_type in op_types and n.name.startswith(tuple(keep_float))]
+            if (op_types is None or n.op_type in op_types)
+            and n.name.startswith(tuple(keep_float))]
 
 
 def inline_shared_initializers(model) -> int:
@@ -160,7 +162,7 @@ def quantize_onnx(float_path: PathLike, out_path: PathLike, calibration_images:
     images = _check_images(calibration_images)
     model = onnx.load(str(float_path))
     inline_shared_initializers(model)
-    excluded = float_nodes(model, op_types or (), keep_float)
+    excluded = float_nodes(model, op_types, keep_float)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     quiet = logging.getLogger()
     level = quiet.level
