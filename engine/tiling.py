@@ -1,7 +1,9 @@
 """Detection on images of any size, one overlapping tile at a time.
 
-    crops_of = lambda out: dict(out, crops=dense_to_crops(out.pop("masks")))
-    detect = lambda tiles: [crops_of(o) for o in model(tiles)]
+    def detect(tiles):                      # float tiles -> detections in tile pixels
+        return [dict(boxes=o["boxes"], labels=o["labels"], scores=o["scores"],
+                     crops=dense_to_crops(o["masks"], 0.5)) for o in model(tiles)]
+
     result = predict_tiled(detect, image_uint8, tile=1024, overlap=0.2, batch_size=4)
     rles = [crop_to_rle(c, *image_uint8.shape[-2:]) for c in result["crops"]]
 
@@ -32,7 +34,7 @@ least the size of the largest object.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
