@@ -34,9 +34,20 @@ def tv_model():
     return MaskRCNN.from_torchvision(tv).eval()
 
 
+# Other folders import the `trained` fixture (tests/engine/test_tiling.py); pytest then
+# holds one fixture per importing module, so the training is cached here, once a process.
+_TRAINED: dict = {}
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(checkpoint path, held-out shapes images): the demo recipe after 150 iterations."""
+    if "result" not in _TRAINED:
+        _TRAINED["result"] = _train_demo_recipe(tmp_path_factory)
+    return _TRAINED["result"]
+
+
+def _train_demo_recipe(tmp_path_factory):
     from engine.data import CocoInstances
     from engine.shapes import make_shapes
     from engine.train import train
