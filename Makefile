@@ -33,11 +33,11 @@ install: $(VENV)/.installed
 libs: $(VENV)/.installed
 	$(PY) libs/build_libs.py $(ARCH)
 
-# The export and openvino extras (onnx, onnxruntime, openvino): the deploy tests skip
-# without them, CI runs them. (the same requirements as pyproject.toml's extras, without
-# reinstalling the package)
+# The export, openvino and video extras (onnx, onnxruntime, openvino, av): the deploy
+# and video tests skip without them, CI runs them. (the same requirements as
+# pyproject.toml's extras, without reinstalling the package)
 $(VENV)/.export: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18" "openvino>=2024.0"
+	$(PY) -m pip install -q "onnx>=1.16" "onnxruntime>=1.18" "openvino>=2024.0" "av>=12"
 	touch $@
 
 # Two pytest-xdist workers, one per core, each a whole test file at a time (a file's

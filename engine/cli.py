@@ -1,4 +1,4 @@
-"""The `maskrcnn` command: train, eval, predict, demo, doctor.
+"""The `maskrcnn` command: train, eval, predict, demo, check-data, doctor.
 
     maskrcnn train --config my.ini --set solver.lr=0.01 --set solver.max_iter=1000 [--resume]
     maskrcnn eval --weights outputs/model_0001000.pth --data val.json --images val/
@@ -9,20 +9,30 @@
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
     maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
+    maskrcnn convert-data --from labelme data/labelme --out train.json   # or voc / yolo
+    maskrcnn check-data --data train.json --images train/ [--val-data val.json --val-images val/]
+    maskrcnn check-data --config my.ini [--fast] [--json]   # the sets of [data]; exit 1 on errors
 
     torchrun --nproc-per-node 4 -m engine.cli train --config my.ini     # DDP, one GPU each
 
 Bad arguments (unknown config key, wrong type, missing file) end with an argparse usage
-error (exit code 2) that names the problem. A training run stopped by a NaN/inf loss
-exits with code 1 after printing the iteration and the loss values.
+error (exit code 2) that names the problem. An output that cannot be created (under a
+regular file, in a read-only folder) is one line `maskrcnn <command>: error: ...` naming
+it, exit code 2, found before any work; a failure while running (an unreadable image with
+`eval --on-error raise`) is such a line with exit code 1: a command raises `CliError` and
+main() prints it, never a traceback. A training run stopped by a NaN/inf loss exits with
+code 1 after printing the iteration and the loss values.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -69,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model from a config file",
-                       description="Train on the COCO-format data set named in the config "
-                                   "([data] section); checkpoints, log.jsonl and loss.png go "
+                       description="Train on the data set named in the config (COCO JSON, "
+                                   "labelme, Pascal VOC or YOLO-seg: [data] format); "
+                                   "checkpoints, log.jsonl and loss.png go "
                                    "to [solver] output_dir. Run under torchrun for DDP.")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="config file (any subset of config.ini's keys)")
@@ -96,20 +107,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", metavar="FILE", default=None,
                    help="write the detections here in the COCO results format")
     p.add_argument("--metrics", metavar="FILE", default=None,
-                   help="write the metrics (with per-category AP) here as JSON")
+                   help="write the metrics (with per-category AP and the skipped images) "
+                        "here as JSON")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write precision-recall curves here: pr_<bbox|segm>.png (overall, "
+                        "IoU 0.50:0.95, 0.50, 0.75) and pr_<bbox|segm>_per_category.png "
+                        "(default: beside --metrics when given, else none)")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="an unreadable image (missing, truncated, not an image, wrong "
+                        "size): skip it with a warning and score the other images "
+                        "(default), or stop with an error naming it")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="image reading processes (default: the checkpoint's num_workers)")
     p.add_argument("--loss", action="store_true",
                    help="also report the validation loss (model.eval() with targets)")
     _add_inference_options(p, "model inference keys, e.g. box_score_thresh=0.01")
     p.set_defaults(func=cmd_eval, command_parser=p)
 
     p = sub.add_parser("predict", help="overlays + COCO results JSON for image files",
-                       description="Run a checkpoint on image files and/or folders; writes "
-                                   "<out>/<image>.png overlays and <out>/results.json.")
-    p.add_argument("--weights", required=True, metavar="FILE",
-                   help="training checkpoint, 'coco' or a zoo name (see `maskrcnn zoo`)")
+                       description="Run a model on image files, folders and globs (an "
+                                   "engine.Predictor): <out>/results.json (COCO results with "
+                                   "file_name, masks as RLE), <out>/<image>.png overlays and/"
+                                   "or <out>/results.jsonl (one line per image). Unreadable "
+                                   "images are skipped, named in a warning and the summary.")
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="training checkpoint, exported weights, 'coco', a zoo name (see "
+                        "`maskrcnn zoo`) or an exported .onnx (--runtime onnxruntime or "
+                        "openvino)")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files or folders (their images, non-recursive)")
+                   help="image files, folders (their images, non-recursive) or globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--format", default="coco,overlays", metavar="LIST",
+                   help=f"what to write, comma-separated from {', '.join(OUTPUT_FORMATS)} "
+                        f"(default coco,overlays)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="images per model call (results do not depend on it; default 1)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="threads decoding images ahead of the model (default 2; 0: none)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                   help="torch (default), or the model exported to ONNX and run in ONNX "
+                        "Runtime / OpenVINO")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="run images larger than PX x PX as overlapping tiles (large aerial, "
+                        "microscopy or document images; memory follows the tile)")
+    p.add_argument("--tile-overlap", type=float, default=0.2, metavar="F",
+                   help="fraction of a tile shared with its neighbours (default 0.2)")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="detections drawn in overlays score at least this (default 0.5)")
     p.add_argument("--mask-threshold", type=float, default=0.5,
@@ -181,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for log files: SLURM, nohup, CI)")
     p.set_defaults(func=cmd_demo, command_parser=p)
 
+    p = sub.add_parser("check-data", help="a data set's problems, before training on it",
+                       description="Check a COCO-format data set (and its val set) for the "
+                                   "mistakes that train quietly to AP 0: ids, files, sizes "
+                                   "(EXIF orientation), crowd, boxes (convention, outside), "
+                                   "masks, categories. A table per set, then each finding "
+                                   "with its fix. Exit status 1 when there are errors, 0 "
+                                   "with warnings only.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="JSON",
+                        help="annotations (a COCO JSON; the source of --format otherwise)")
+    source.add_argument("--config", metavar="FILE",
+                        help="take the train and val sets from this config's [data]")
+    p.add_argument("--images", metavar="DIR", help="image directory of --data")
+    p.add_argument("--val-data", metavar="JSON", help="validation annotations")
+    p.add_argument("--val-images", metavar="DIR", help="image directory of --val-data")
+    p.add_argument("--format", default="coco", choices=("coco", "labelme", "voc", "yolo"),
+                   help="annotation format of --data / --val-data (default coco; "
+                        "--images may then be left out where the format finds its images)")
+    p.add_argument("--min-instances", type=int, default=None, metavar="N",
+                   help="report categories with fewer non-crowd instances (default 10)")
+    p.add_argument("--fast", action="store_true",
+                   help="read image headers only (as `maskrcnn train` does), not every "
+                        "image's pixels (truncated files go unnoticed)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON on stdout")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar over the images")
+    _add_set(p, "applied over --config")
+    p.set_defaults(func=cmd_check_data, command_parser=p)
+
     p = sub.add_parser("doctor", help="what this installation has (for you or a bug report)",
                        description="Versions, the kernel libraries (loaded or why not), the "
                                    "CUDA architectures against each visible GPU, CPU "
@@ -191,7 +262,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-zoo", action="store_true",
                    help="re-hash the cached zoo files against their sha256 (seconds per file)")
     p.set_defaults(func=cmd_doctor, command_parser=p)
+    _add_convert_data(sub)
     return parser
+
+
+def _add_convert_data(sub) -> None:
+    p = sub.add_parser("convert-data", help="labelme / VOC / YOLO-seg annotations -> COCO JSON",
+                       description="Write a COCO instances JSON (polygons or RLE) of a "
+                                   "labelme folder, a Pascal VOC root or list, or a YOLO "
+                                   "data.yaml; the rules per format are in README "
+                                   "'Train on your data'. Training reads these formats "
+                                   "directly too ([data] format).")
+    p.add_argument("--from", dest="fmt", required=True, choices=("labelme", "voc", "yolo"),
+                   help="the source's format")
+    p.add_argument("source", metavar="SRC",
+                   help="labelme: folder of JSONs; voc: VOC root or ImageSets list file; "
+                        "yolo: data.yaml")
+    p.add_argument("--split", default="train", choices=("train", "val"),
+                   help="voc root / yolo: which split's list or entry (default train)")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="labelme: folder to find images by name in (and to decode embedded "
+                        "imageData to); voc: image folder (default <root>/JPEGImages); "
+                        "yolo: the split's image folder instead of data.yaml's")
+    p.add_argument("--classes", default=None, metavar="FILE|NAMES",
+                   help="class names in category-id order: a file with one per line "
+                        "(labelme's labels.txt) or 'a, b, c' (default: the format's order)")
+    p.add_argument("--out", required=True, metavar="JSON", help="the COCO JSON to write")
+    p.set_defaults(func=cmd_convert_data, command_parser=p)
+
+
+class CliError(Exception):
+    """A command's one-line failure: main() prints `maskrcnn <command>: error: <message>`
+    on stderr (no traceback) and exits with `code` (2: a bad argument found before any
+    work, as argparse; 1: a failure while running)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(" ".join(str(message).split("\n")))
+        self.code = code
+
+
+def _output_path(option: str, path, folder: bool = False) -> Path:
+    """path checked before any work: a file output must not be a folder (a folder
+    output not a file), and the nearest existing folder above it must be writable, so the
+    output can be created there. Raises CliError (code 2) naming the option and path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CliError(f"{option} {path}: is a file; name a folder", 2)
+    if not folder and path.is_dir():
+        raise CliError(f"{option} {path}: is a folder; name the file to write", 2)
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{option} {path}: cannot be created: {existing} is a file, not a "
+                       f"folder", 2)
+    target = path if path.exists() else existing
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise CliError(f"{option} {path}: cannot be created: no permission to write in "
+                       f"{target}", 2)
+    return path
 
 
 def _parse_sets(parser, sets: Sequence[Sequence[str]]) -> dict:
@@ -239,14 +368,21 @@ def cmd_train(args, parser) -> int:
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
+    from engine.check import DataCheckError
+    from engine.distributed import is_main_process
     try:
         summary = train(cfg, resume=args.resume, progress=args.progress)
+    except DataCheckError as err:
+        if is_main_process():
+            print(err.report(), file=sys.stderr)
+            print(f"error: {err}\n(training stopped before it started; [data] check_data = "
+                  f"false skips the check)", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, MissingPackageError) as err:
         parser.error(str(err))
-    from engine.distributed import is_main_process
     if is_main_process():
         _print_summary(summary)
     return 0
@@ -263,59 +399,154 @@ def _inference_overrides(parser, sets) -> dict:
 
 def cmd_eval(args, parser) -> int:
     from engine import distributed as dist_utils
-    from engine.data import CocoInstances
-    from engine.evaluate import evaluate, format_table
+    from engine.data import CocoInstances, ImageError
+    from engine.evaluate import evaluate
     from engine.predict import is_zoo_name, load_model
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     _need_file(parser, "--data", args.data)
     _need_file(parser, "--images", args.images, folder=True)
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error(f"--num-workers {args.num_workers}: must be >= 0")
+    plots = args.plots or (str(Path(args.metrics).parent) if args.metrics else None)
+    for option, path, folder in (("--results", args.results, False),
+                                 ("--metrics", args.metrics, False),
+                                 ("--plots", plots, True)):
+        if path:
+            _output_path(option, path, folder)
     overrides = _inference_overrides(parser, args.sets)
     dist_utils.init_distributed()
     device = (dist_utils.device_for_rank() if args.device is None
               else _device(parser, args.device))
     try:
         model, meta = load_model(args.weights, device, overrides)
+    except ValueError as err:
+        parser.error(f"--weights {err}")
+    try:
         dataset = CocoInstances(args.data, args.images, train=False)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"--data {err}")
     if [int(c) for c in dataset.cat_ids] != [int(c) for c in meta["cat_ids"]]:
         parser.error(f"--data {args.data}: category ids {dataset.cat_ids} differ from the "
                      f"checkpoint's {meta['cat_ids']} (the model's classes)")
     cfg = meta["config"]
-    metrics = evaluate(
-        model, dataset,
-        batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
-        mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
-                        else args.mask_threshold),
-        progress=args.progress, table=False, compute_loss=args.loss, details=True,
-        results_path=args.results)
+    workers = cfg.data.num_workers if args.num_workers is None else args.num_workers
+    try:
+        metrics = evaluate(
+            model, dataset,
+            batch_size=args.batch_size or cfg.eval.eval_batch_size, device=device,
+            mask_threshold=(cfg.eval.mask_threshold if args.mask_threshold is None
+                            else args.mask_threshold),
+            progress=args.progress, table=False, compute_loss=args.loss, details=True,
+            results_path=args.results, on_error=args.on_error, num_workers=workers,
+            plots_dir=plots)
+    except ImageError as err:
+        hint = "; --on-error skip scores the other images" if args.on_error == "raise" else ""
+        raise CliError(f"{err}{hint}") from None
+    except OSError as err:      # an output that could not be written after all (disk full)
+        raise CliError(str(err)) from None
     if dist_utils.is_main_process():
-        print(format_table(metrics, metrics["per_category"]))
-        if "loss" in metrics:
-            print("validation loss: " + ", ".join(f"{k}={v:.4f}"
-                                                  for k, v in metrics["loss"].items()))
-        if args.metrics:
+        _report_eval(metrics, args, plots, len(dataset))
+    return 0
+
+
+def _report_eval(metrics: dict, args, plots: Optional[str], total: int) -> None:
+    """The AP tables, the validation loss, the skipped images; the metrics JSON."""
+    from engine.evaluate import format_skipped, format_table
+    print(format_table(metrics, metrics["per_category"]))
+    if "loss" in metrics:
+        print("validation loss: " + ", ".join(f"{k}={v:.4f}"
+                                              for k, v in metrics["loss"].items()))
+    if metrics["skipped"]:
+        print(format_skipped(metrics["skipped"], total))
+    if plots:
+        print(f"precision-recall curves: {plots}/pr_*.png")
+    if args.metrics:
+        try:
             Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
             Path(args.metrics).write_text(json.dumps(metrics, indent=2))
-    return 0
+        except OSError as err:
+            raise CliError(f"--metrics {args.metrics}: {err.strerror or err}") from None
+
+
+OUTPUT_FORMATS = ("coco", "overlays", "jsonl")
 
 
 def cmd_predict(args, parser) -> int:
-    from engine.predict import collect_images, is_zoo_name, load_model, predict
-    if not is_zoo_name(args.weights):
-        _need_file(parser, "--weights", args.weights)
+    from engine.predict import Predictor
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in OUTPUT_FORMATS]
+    if bad or not formats:
+        parser.error(f"--format {args.format}: choose from {', '.join(OUTPUT_FORMATS)}")
     overrides = _inference_overrides(parser, args.sets)
     device = _device(parser, args.device)
+    out = _output_path("--out", args.out, folder=True)
     try:
-        collect_images(args.images)
-        model, meta = load_model(args.weights, device, overrides)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    path = predict(model, args.images, args.out, meta["class_names"], meta["cat_ids"],
-                   args.score_threshold, args.mask_threshold, device, args.progress)
-    print(f"wrote overlays and {path}")
+        predictor = Predictor(args.weights, batch_size=args.batch_size, device=device,
+                              runtime=args.runtime, tile=args.tile,
+                              tile_overlap=args.tile_overlap,
+                              mask_threshold=args.mask_threshold, workers=args.workers,
+                              overrides=overrides)
+        _check_single_image(args.images)
+        out.mkdir(parents=True, exist_ok=True)
+        writers = _prediction_writers(formats, out, predictor, args.score_threshold)
+        with _warnings_as_lines():
+            for _ in predictor.run(args.images, writers, progress=args.progress):
+                pass
+    except FileNotFoundError as err:
+        raise CliError(str(err), 2) from None
+    except (ValueError, ImportError) as err:
+        raise CliError(str(err), 1) from None
+    print(predictor.summary())
+    if predictor.count == 0 and predictor.failures:
+        raise CliError("no image could be read", 1)
+    files = [str(w.path) for w in writers if hasattr(w, "path")] + \
+        [str(p) for w in writers for p in getattr(w, "written", [])]
+    print(f"wrote {', '.join(files)}"
+          f"{' and overlays in ' + str(out) if 'overlays' in formats else ''}")
     return 0
+
+
+def _check_single_image(images: Sequence[str]) -> None:
+    """One image named on its own is read first: if it cannot be, that is the error
+    (in a folder, a bad image is skipped with a warning instead)."""
+    from engine.data import ImageError
+    from engine.images import decode_image_file
+    from engine.video import is_video
+    if len(images) == 1 and Path(images[0]).is_file() and not is_video(images[0]):
+        try:
+            decode_image_file(images[0])
+        except ImageError as err:
+            raise CliError(str(err), 1) from None
+
+
+def _prediction_writers(formats: Sequence[str], out: Path, predictor, score_threshold):
+    from engine.predict import (CocoResultsWriter, JsonlResultsWriter, OverlayWriter,
+                                VideoResultsWriter)
+    table = {"coco": lambda: CocoResultsWriter(out / "results.json", predictor.cat_ids),
+             "overlays": lambda: OverlayWriter(out, predictor.class_names, score_threshold),
+             "jsonl": lambda: JsonlResultsWriter(out / "results.jsonl")}
+    # input videos always give <out>/<stem>.mp4 annotated and <stem>.jsonl per frame
+    return [table[f]() for f in formats] + [
+        VideoResultsWriter(out, predictor.class_names, score_threshold)]
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Skipped-input warnings printed as one 'warning: ...' line each (no source line),
+    above any progress bar; other warnings as usual."""
+    from engine.predict import SkippedImageWarning
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, SkippedImageWarning):
+            return default(message, category, filename, lineno, file, line)
+        from tqdm import tqdm
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SkippedImageWarning)
+        warnings.showwarning = show
+        yield
 
 
 def cmd_export_weights(args, parser) -> int:
@@ -392,9 +623,70 @@ def cmd_zoo(args, parser) -> int:
     return 0
 
 
+def cmd_check_data(args, parser) -> int:
+    from engine import check
+    min_instances = check.MIN_INSTANCES if args.min_instances is None else args.min_instances
+    if min_instances < 0:
+        parser.error(f"--min-instances {args.min_instances}: must be >= 0")
+    try:
+        sets = _check_data_sets(args, parser)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.error(str(err))
+    checked = check.check_sets(sets, min_instances, fast=args.fast, progress=args.progress)
+    print(check.report_json(checked) if args.json else check.format_report(checked))
+    return 1 if check.has_errors(checked) else 0
+
+
+def _check_data_sets(args, parser) -> list:
+    """[(name, source, coco dict, image root)] of `maskrcnn check-data`'s arguments: a
+    config's [data] sets read as training reads them (any [data] format), or --data /
+    --images (and --val-data / --val-images) in --format."""
+    from engine.data import read_coco_json
+    from engine.formats import to_coco
+    if args.config is not None:
+        from engine.initialise import _is_disabled, data_source
+        _need_file(parser, "--config", args.config)
+        d = _config(parser, args.config, args.sets).data
+        splits = ["train"] + ([] if _is_disabled(d.val_json) else ["val"])
+        sets, classes = [], d.classes
+        for split in splits:
+            source, root = data_source(d, split, classes)
+            coco = source if isinstance(source, dict) else read_coco_json(source)
+            classes = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+            sets.append((split, d[f"{split}_json"], coco, root))
+        return sets
+    if args.images is None and args.format == "coco":
+        parser.error("--data needs --images (the image directory)")
+    if (args.val_data is None) != (args.val_images is None) and args.format == "coco":
+        parser.error("--val-data and --val-images go together")
+    pairs = [("train", args.data, args.images)]
+    if args.val_data is not None:
+        pairs.append(("val", args.val_data, args.val_images))
+    return [(name, source, read_coco_json(source), images) if args.format == "coco"
+            else (name, source, *to_coco(args.format, source, images, split=name))
+            for name, source, images in pairs]
+
+
 def cmd_doctor(args, parser) -> int:
     from engine import doctor
     return doctor.main(json_output=args.json, verify_zoo=args.verify_zoo)
+
+
+def cmd_convert_data(args, parser) -> int:
+    from engine.formats import FormatError, summary, to_coco, write_coco
+    if not Path(args.source).exists():
+        parser.error(f"SRC {args.source}: not found")
+    try:
+        coco, image_root = to_coco(args.fmt, args.source, args.images, split=args.split,
+                                   classes=args.classes)
+        path = write_coco(coco, args.out)
+    except FormatError as err:
+        parser.error(str(err))
+    except OSError as err:
+        parser.error(f"--out {args.out}: {err}")
+    print(f"wrote {path}: {summary(coco)}; images relative to {image_root} "
+          f"(maskrcnn eval --images / [data] train_images)")
+    return 0
 
 
 def cmd_demo(args, parser) -> int:
@@ -540,6 +832,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # errors found after parsing are usage errors of the subcommand's parser
         return args.func(args, args.command_parser)
+    except CliError as err:
+        print(f"maskrcnn {args.command}: error: {err}", file=sys.stderr)
+        return err.code
     finally:
         from engine.distributed import cleanup
         cleanup()

@@ -24,6 +24,10 @@ annotation with the image file and the annotation id):
   `mask_valid` False. A box-only detector (mask_on = false) trains on such data as it is;
   a Mask R-CNN trains its RPN and box head on every instance and its mask head only on
   the instances with `mask_valid` True.
+- JSON content the loader cannot interpret (entries without an id, images without
+  file_name / width / height, annotations of unlisted images or categories, malformed
+  bboxes) raises engine.check.DataCheckError (a ValueError) at construction, naming the
+  first problem; `maskrcnn check-data` reports them all, with the other checks.
 - Image-level problems (missing or unreadable file, an RLE or a file whose size differs
   from the JSON's width/height) raise an error naming the file with on_error="raise"
   (default). With on_error="skip" they are logged and the sample is replaced by the next
@@ -61,6 +65,9 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from engine.check import (MIN_MASK_BOX_IOU, DataCheckError, box_iou, json_errors,
+                          missing_sections, segmentation_rle, xywh_to_clipped_xyxy)
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -72,7 +79,27 @@ _ON_ERROR = ("raise", "skip")
 
 
 class ImageError(ValueError):
-    """A sample's image cannot be used (missing, unreadable, or of the wrong size)."""
+    """A sample's image cannot be used (missing, unreadable, or of the wrong size).
+
+    Attributes: path (the image file, or None), reason (a few words for a summary line:
+    "missing", "empty file", "not an image", "truncated", "unreadable", "float pixels",
+    "640x480, JSON says 480x640"...).
+    """
+
+    def __init__(self, message: str, path: Optional[PathLike] = None,
+                 reason: str = "unreadable"):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """The short reason a file Pillow failed on cannot be read."""
+    with contextlib.suppress(OSError):       # gone meanwhile: the other reasons apply
+        if path.stat().st_size == 0:
+            return "empty file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    return "truncated" if "truncated" in str(exc).lower() else "unreadable"
 
 
 # ----------------------------------------------------------------------------- images
@@ -86,7 +113,7 @@ def load_rgb(path: PathLike) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file {path} does not exist (check the image directory and "
-                         f"the JSON's file_name)")
+                         f"the JSON's file_name)", path, "missing")
     try:
         with Image.open(path) as img:
             if _is_16bit_color_png(img):
@@ -94,7 +121,8 @@ def load_rgb(path: PathLike) -> Tensor:
             img.load()
             array = _to_rgb_array(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, RuntimeError) as exc:
-        raise ImageError(f"image file {path} cannot be read: {exc}") from exc
+        raise ImageError(f"image file {path} cannot be read: {exc}", path,
+                         _read_failure(path, exc)) from exc
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -122,7 +150,7 @@ def _to_rgb_array(img: Image.Image, path: Path) -> np.ndarray:
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         raise ImageError(f"image file {path} has 32-bit float pixels (mode F) whose range "
-                         f"is unknown; convert it to 8- or 16-bit")
+                         f"is unknown; convert it to 8- or 16-bit", path, "float pixels")
     if img.mode != "RGB":
         img = img.convert("RGB")    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1
     return np.asarray(img, dtype=np.float32) / 255.0
@@ -131,10 +159,12 @@ def _to_rgb_array(img: Image.Image, path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- dataset
 
 class CocoInstances(Dataset):
-    """A COCO instances JSON plus its image directory.
+    """A COCO instances JSON (or the same content as an in-memory dict, e.g. from
+    `engine.formats.to_coco`) plus its image directory.
 
     Args:
-        json_path: COCO instances annotation file.
+        json_path: COCO instances annotation file, or its content as a dict (images,
+            annotations, categories; messages then name its info["source"]).
         image_dir: directory the images' `file_name`s are relative to.
         train: training set: skip_empty and flip_prob apply.
         skip_empty: with train=True, drop images without a usable (non-crowd, non-empty
@@ -158,9 +188,10 @@ class CocoInstances(Dataset):
     num_classes (K).
     """
 
-    def __init__(self, json_path: PathLike, image_dir: PathLike, train: bool = False,
+    def __init__(self, json_path: Union[PathLike, dict], image_dir: PathLike,
+                 train: bool = False,
                  skip_empty: bool = True, flip_prob: float = 0.0, on_error: str = "raise",
-                 min_mask_box_iou: float = 0.5, lsj: bool = False,
+                 min_mask_box_iou: float = MIN_MASK_BOX_IOU, lsj: bool = False,
                  lsj_scale: Sequence[float] = (0.1, 2.0), lsj_size: int = 1024):
         if on_error not in _ON_ERROR:
             raise ValueError(f"CocoInstances: on_error={on_error!r}; use one of {_ON_ERROR}")
@@ -172,7 +203,8 @@ class CocoInstances(Dataset):
                              f"0 < min <= max, e.g. (0.1, 2.0)")
         if int(lsj_size) < 1:
             raise ValueError(f"CocoInstances: lsj_size={lsj_size} must be >= 1")
-        self.json_path = Path(json_path)
+        self.json_path = Path(_source_name(json_path) if isinstance(json_path, dict)
+                              else json_path)
         self.image_dir = Path(image_dir)
         self.train = train
         self.skip_empty = skip_empty
@@ -184,13 +216,13 @@ class CocoInstances(Dataset):
             raise FileNotFoundError(f"CocoInstances: image directory {self.image_dir} does "
                                     f"not exist (for {self.json_path})")
 
-        self.coco = _load_coco(self.json_path)
+        self.coco = (_coco_from_dict(json_path, self.json_path)
+                     if isinstance(json_path, dict) else _load_coco(self.json_path))
         self.cat_ids: list[int] = sorted(self.coco.cats)
         self.class_names: list[str] = [str(self.coco.cats[c].get("name", c))
                                        for c in self.cat_ids]
         self.num_classes = len(self.cat_ids)
         self._label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        _validate(self.coco, self.json_path)
         box_only = sum(1 for a in self.coco.anns.values()
                        if not a.get("iscrowd", 0) and not a.get("segmentation"))
         if box_only:
@@ -252,7 +284,7 @@ class CocoInstances(Dataset):
         if ann.get("iscrowd", 0):
             return False
         info = self.coco.imgs[ann["image_id"]]
-        box = _xywh_to_clipped_xyxy(ann["bbox"], info["width"], info["height"])
+        box = xywh_to_clipped_xyxy(ann["bbox"], info["width"], info["height"])
         return box[2] > box[0] and box[3] > box[1]
 
     def _load(self, image_id: int) -> tuple[Tensor, dict]:
@@ -263,7 +295,8 @@ class CocoInstances(Dataset):
         if tuple(image.shape[1:]) != (height, width):
             raise ImageError(f"image file {path} is {image.shape[2]}x{image.shape[1]} "
                              f"(width x height) but {self.json_path} says {width}x{height} "
-                             f"for image id {image_id}")
+                             f"for image id {image_id}", path,
+                             f"{image.shape[2]}x{image.shape[1]}, JSON says {width}x{height}")
         boxes, labels, masks = [], [], []     # masks: uint8[H, W], or None (box only)
         for ann in self._anns(image_id):
             if ann.get("iscrowd", 0):
@@ -294,7 +327,7 @@ class CocoInstances(Dataset):
                   ) -> Optional[tuple[list[float], Optional[np.ndarray]]]:
         """(box [x1, y1, x2, y2], mask uint8[H, W] or None when the annotation has no
         segmentation) of one non-crowd annotation, or None when it is dropped (logged)."""
-        box = _xywh_to_clipped_xyxy(ann["bbox"], width, height)
+        box = xywh_to_clipped_xyxy(ann["bbox"], width, height)
         if not (box[2] > box[0] and box[3] > box[1]):
             self._note(ann, path, f"box {ann['bbox']} (x, y, w, h) is empty after clipping "
                                   f"to the {width}x{height} image; instance dropped")
@@ -307,7 +340,7 @@ class CocoInstances(Dataset):
             self._note(ann, path, "mask is empty for a non-empty box; instance dropped")
             return None
         mask_box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-        if _iou(box, mask_box) < self.min_mask_box_iou:
+        if box_iou(box, mask_box) < self.min_mask_box_iou:
             self._note(ann, path, f"box {[round(v, 1) for v in box]} disagrees with its "
                                   f"mask's box {mask_box} (IoU < {self.min_mask_box_iou}); "
                                   f"using the mask's box")
@@ -323,14 +356,11 @@ class CocoInstances(Dataset):
             if size != [height, width]:
                 raise ImageError(f"annotation {ann.get('id')} of image file {path} has an RLE "
                                  f"of size {size} (height, width) but the image is "
-                                 f"[{height}, {width}] in {self.json_path}")
-            rle = (mask_utils.frPyObjects(segm, height, width)
-                   if isinstance(segm["counts"], list) else segm)
-        else:
-            polygons = [p for p in segm if len(p) >= 6]   # < 3 points cannot be drawn
-            if not polygons:
-                return np.zeros((height, width), dtype=np.uint8)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+                                 f"[{height}, {width}] in {self.json_path}", path,
+                                 f"RLE size of annotation {ann.get('id')}")
+        rle = segmentation_rle(segm, height, width)
+        if rle is None:
+            return np.zeros((height, width), dtype=np.uint8)
         return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
     def _note(self, ann: dict, path: Path, message: str) -> None:
@@ -340,7 +370,9 @@ class CocoInstances(Dataset):
             logger.warning("%s, annotation %s: %s", path, ann.get("id"), message)
 
 
-def _load_coco(json_path: Path) -> COCO:
+def read_coco_json(json_path: PathLike) -> dict:
+    """The parsed COCO JSON file; FileNotFoundError / ValueError naming the file."""
+    json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"CocoInstances: annotation file {json_path} does not exist")
     try:
@@ -348,52 +380,35 @@ def _load_coco(json_path: Path) -> COCO:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"CocoInstances: {json_path} is not valid JSON: {exc}") from exc
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise ValueError(f"CocoInstances: {json_path} lacks {missing}; a COCO instances "
-                         f"file has images, annotations and categories")
+    if not isinstance(data, dict):
+        raise ValueError(f"CocoInstances: {json_path} holds a {type(data).__name__}, not a "
+                         f"COCO object with images, annotations and categories")
+    return data
+
+
+def _load_coco(json_path: Path) -> COCO:
+    return _coco_from_dict(read_coco_json(json_path), json_path)
+
+
+def _source_name(data: dict) -> str:
+    """What messages call an in-memory COCO dict: its info["source"] (the file or folder
+    a reader of engine.formats made it from), else "<in-memory COCO dict>"."""
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return str(info.get("source") or "<in-memory COCO dict>")
+
+
+def _coco_from_dict(data: dict, json_path) -> COCO:
+    """A pycocotools COCO indexing `data` (not copied), after the JSON checks of
+    engine.check (before pycocotools indexes it: a missing id would be a bare KeyError
+    there)."""
+    errors = missing_sections(data) or json_errors(data)
+    if errors:
+        raise DataCheckError.of(errors, str(json_path), "CocoInstances")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints progress
         coco.createIndex()
     return coco
-
-
-def _validate(coco: COCO, json_path: Path) -> None:
-    """Clear errors for JSON content the loader cannot interpret."""
-    for image_id, info in coco.imgs.items():
-        for key in ("file_name", "width", "height"):
-            if key not in info:
-                raise ValueError(f"CocoInstances: image {image_id} in {json_path} has no "
-                                 f"{key!r}")
-    for ann in coco.anns.values():
-        where = f"annotation {ann.get('id')} in {json_path}"
-        if ann.get("image_id") not in coco.imgs:
-            raise ValueError(f"CocoInstances: {where} refers to image {ann.get('image_id')}, "
-                             f"which is not in 'images'")
-        if ann.get("category_id") not in coco.cats:
-            raise ValueError(f"CocoInstances: {where} has category_id "
-                             f"{ann.get('category_id')}, not in 'categories' "
-                             f"{sorted(coco.cats)}")
-        bbox = ann.get("bbox")
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-            raise ValueError(f"CocoInstances: {where} has bbox {bbox!r}; expected "
-                             f"[x, y, width, height] of 4 finite numbers")
-
-
-def _xywh_to_clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> list[float]:
-    x, y, w, h = (float(v) for v in bbox)
-    return [min(max(x, 0.0), width), min(max(y, 0.0), height),
-            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _uniforms(seed: Optional[int]) -> Callable[[], float]:

@@ -23,7 +23,7 @@ from typing import Optional
 
 # Optional packages a feature needs: distribution names (the first one installed counts).
 EXTRAS = {"onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-          "openvino": ("openvino",), "tensorboard": ("tensorboard",),
+          "openvino": ("openvino",), "av": ("av",), "tensorboard": ("tensorboard",),
           "detectron2": ("detectron2",)}
 # The environment variables that set thread counts, shown when set.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

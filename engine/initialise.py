@@ -28,25 +28,67 @@ def _is_disabled(path: Any) -> bool:
 
 
 def build_datasets(cfg: EasyDict):
-    """(train CocoInstances, val CocoInstances or None) from cfg.data."""
+    """(train CocoInstances, val CocoInstances or None) from cfg.data: COCO JSONs as they
+    are, the other formats ([data] format) through engine.formats.to_coco; the validation
+    set gets the training set's classes. With [data] check_data, both are checked
+    (check_before_training) before the model is built."""
     from engine.data import CocoInstances
     d = cfg.data
-    for key in ("train_json", "train_images"):
-        if not Path(d[key]).exists():
-            raise FileNotFoundError(f"[data] {key} = {d[key]}: not found")
-    train_set = CocoInstances(d.train_json, d.train_images, train=True,
+    train_source, train_root = data_source(d, "train", d.classes)
+    train_set = CocoInstances(train_source, train_root, train=True,
                               skip_empty=d.skip_empty, flip_prob=d.flip_prob, lsj=d.lsj,
                               lsj_scale=d.lsj_scale, lsj_size=d.lsj_size)
-    if len(train_set) == 0:
-        raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
     val_set = None
     if not _is_disabled(d.val_json):
-        for key in ("val_json", "val_images"):
-            if not Path(d[key]).exists():
-                raise FileNotFoundError(f"[data] {key} = {d[key]}: not found (set "
-                                        f"val_json = none to train without evaluation)")
-        val_set = CocoInstances(d.val_json, d.val_images, train=False)
+        val_source, val_root = data_source(d, "val", train_set.class_names)
+        val_set = CocoInstances(val_source, val_root, train=False)
+    if d.check_data:     # before the emptiness test: the report says why it is empty
+        check_before_training(train_set, val_set, d)
+    if len(train_set) == 0:
+        raise ValueError(f"[data] train_json = {d.train_json}: no usable training images")
     return train_set, val_set
+
+
+def data_source(d: EasyDict, split: str, classes):
+    """(COCO JSON path or dict, image folder) of [data] {split}_json / {split}_images."""
+    from engine.formats import FORMATS, FormatError, to_coco
+    fmt = str(d.format).strip().lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"[data] format = {d.format}: use one of {', '.join(FORMATS)}")
+    source, images = d[f"{split}_json"], d[f"{split}_images"]
+    hint = " (set val_json = none to train without evaluation)" if split == "val" else ""
+    if not Path(source).exists():
+        raise FileNotFoundError(f"[data] {split}_json = {source}: not found{hint}")
+    # coco needs the image folder; the other formats find their images (none allowed)
+    given = not _is_disabled(images)
+    if (given or fmt == "coco") and not (given and Path(images).exists()):
+        extra = "" if fmt == "coco" else f" (with format = {fmt}, none is allowed)"
+        raise FileNotFoundError(f"[data] {split}_images = {images}: not found{extra}{hint}")
+    if fmt == "coco":
+        return source, images
+    try:
+        return to_coco(fmt, source, None if _is_disabled(images) else images, split=split,
+                       classes=classes)
+    except FormatError as err:
+        raise ValueError(f"[data] format = {fmt}, {split}_json = {source}: {err}") from err
+
+
+def check_before_training(train_set, val_set, d: EasyDict) -> None:
+    """[data] check_data: engine.check's fast checks (image headers, not pixels) of the
+    data sets as loaded. Raises engine.check.DataCheckError (its report() is the table)
+    on errors; prints the warnings' table to stderr (rank 0)."""
+    from engine.check import DataCheckError, check_sets, format_report, has_errors
+    from engine.distributed import is_main_process
+    sets = [("train", d.train_json, train_set.coco.dataset, train_set.image_dir)]
+    if val_set is not None:
+        sets.append(("val", d.val_json, val_set.coco.dataset, val_set.image_dir))
+    checked = check_sets(sets, fast=True, progress=is_main_process())
+    if has_errors(checked):
+        raise DataCheckError(checked, "[data] check_data")
+    if is_main_process() and any(c.findings for c in checked):
+        print(format_report(checked, details=False, stats=False) + "\n(maskrcnn check-data "
+              "--config FILE prints the details; [data] check_data = false skips the "
+              "check)", file=sys.stderr)
 
 
 def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:

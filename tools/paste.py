@@ -3,6 +3,14 @@ full image. A leaf utility (the image transform's postprocess calls it).
 
     PASTE_MASKS[name](masks Tensor[D, 1, S, S], boxes Tensor[D, 4], (H, W), padding)
         -> Tensor[D, 1, H, W]
+    PASTE_MASKS[name](masks, boxes, (H, W), padding, crops=True)
+        -> [MaskWindow(x0, y0, Tensor[h, w])] * D
+
+With crops=True (eager only) each detection's pasted probabilities come back as the
+window of the image the rule writes (top-left pixel (x0, y0); everything outside it is 0
+in the dense canvas), so a caller can keep 100 masks of a 6000 x 4000 photo in box-sized
+pieces instead of 9.6 GB. The dense canvas is filled from the same windows: the two forms
+are equal pixel for pixel.
 
 Table (config key mask_head.mask_paste): "torchvision" (paste_masks_in_image) and
 "detectron2" (paste_masks_grid_sample). A new rule is one function of that signature and
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +36,26 @@ from torch import Tensor
 from .tracing import is_tracing
 
 __all__ = ["PASTE_MASKS", "paste_masks_in_image", "paste_masks_grid_sample",
-           "image_masks_zeros"]
+           "image_masks_zeros", "MaskWindow"]
+
+
+class MaskWindow(NamedTuple):
+    """A detection's pasted mask as the image window it covers: pixels
+    [y0, y0 + h) x [x0, x0 + w) of the full image hold `mask` (Tensor[h, w]); the rest of
+    the image is 0. h or w is 0 when the box lies outside the image."""
+    x0: int
+    y0: int
+    mask: Tensor
+
+
+def _fill(windows: list[MaskWindow], height: int, width: int, dtype: torch.dtype,
+          device) -> Tensor:
+    """The dense Tensor[D, 1, height, width] holding each window at its place."""
+    out = image_masks_zeros(len(windows), height, width, dtype, device)
+    for d, (x0, y0, mask) in enumerate(windows):
+        if mask.numel():
+            out[d, 0, y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]] = mask
+    return out
 
 
 def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
@@ -82,7 +110,7 @@ def image_masks_zeros(count: int, height: int, width: int, dtype: torch.dtype,
 
 
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int],
-                         padding: int = 1) -> Tensor:
+                         padding: int = 1, crops: bool = False):
     """Paste S x S mask probabilities into an H x W image, as torchvision does.
 
     The masks are padded by `padding` pixels and the boxes scaled by (S + 2p) / S so the
@@ -92,8 +120,9 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
 
     Args:
         masks: Tensor[D, 1, S, S]; boxes: Tensor[D, 4] in image pixels; img_shape: (H, W).
+        crops: return each detection's MaskWindow instead of the canvas (eager only).
     Returns:
-        Tensor[D, 1, H, W].
+        Tensor[D, 1, H, W], or [MaskWindow] * D with crops=True.
     """
     size = masks.shape[-1]
     padded = F.pad(masks[:, 0], (padding,) * 4).to(torch.float32)
@@ -112,22 +141,22 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int
         wx = _bilinear_weights(-ibox[:, 0], x0, x_end, box_w, in_size, im_w)
         return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))[:, None]
     im_h, im_w = int(img_shape[0]), int(img_shape[1])
-    out = image_masks_zeros(masks.shape[0], im_h, im_w, masks.dtype, masks.device)
-    if masks.shape[0] == 0:
-        return out
-    x1, y1 = x_end.clamp(max=im_w), y_end.clamp(max=im_h)
-    vis_w, vis_h = (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)
-    span_w, span_h = max(int(vis_w.max()), 1), max(int(vis_h.max()), 1)
-    zero = torch.zeros_like(vis_h)
-    wy = _bilinear_weights(y0 - ibox[:, 1], zero, vis_h, box_h, in_size, span_h)
-    wx = _bilinear_weights(x0 - ibox[:, 0], zero, vis_w, box_w, in_size, span_w)
-    rows = torch.bmm(wy, padded)                      # [D, span_h, S + 2p]
-    # One product per box at its own size: a batched product would compute every box at
-    # the largest box's span (100 detections, one of them image-sized: 30x the work).
-    for d, (ya, yb, xa, xb) in enumerate(torch.stack((y0, y1, x0, x1), 1).tolist()):
-        if yb > ya and xb > xa:
-            out[d, 0, ya:yb, xa:xb] = torch.mm(rows[d, :yb - ya], wx[d, :xb - xa].t())
-    return out
+    windows = []
+    if masks.shape[0]:
+        x1, y1 = x_end.clamp(max=im_w), y_end.clamp(max=im_h)
+        vis_w, vis_h = (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)
+        span_w, span_h = max(int(vis_w.max()), 1), max(int(vis_h.max()), 1)
+        zero = torch.zeros_like(vis_h)
+        wy = _bilinear_weights(y0 - ibox[:, 1], zero, vis_h, box_h, in_size, span_h)
+        wx = _bilinear_weights(x0 - ibox[:, 0], zero, vis_w, box_w, in_size, span_w)
+        rows = torch.bmm(wy, padded)                      # [D, span_h, S + 2p]
+        # One product per box at its own size: a batched product would compute every box
+        # at the largest box's span (100 detections, one image-sized: 30x the work).
+        for d, (ya, yb, xa, xb) in enumerate(torch.stack((y0, y1, x0, x1), 1).tolist()):
+            h, w = max(yb - ya, 0), max(xb - xa, 0)
+            windows.append(MaskWindow(min(xa, im_w), min(ya, im_h),
+                                      torch.mm(rows[d, :h], wx[d, :w].t())))
+    return windows if crops else _fill(windows, im_h, im_w, masks.dtype, masks.device)
 
 
 def _grid_sample_axis(lo: Tensor, hi: Tensor, size: int, image_side) -> Tensor:
@@ -150,7 +179,7 @@ def _grid_sample_axis(lo: Tensor, hi: Tensor, size: int, image_side) -> Tensor:
 
 
 def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, img_shape: tuple[int, int],
-                            padding: int = 0) -> Tensor:
+                            padding: int = 0, crops: bool = False):
     """Paste S x S mask probabilities into an H x W image as detectron2 does: bilinear
     `grid_sample` (zero outside the mask) of each mask over its box, at pixel centres,
     within the box's integer bounds widened by one pixel (outside them: 0). Traced, the
@@ -159,8 +188,10 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, img_shape: tuple[int, 
     Args:
         masks: Tensor[D, 1, S, S]; boxes: Tensor[D, 4] in image pixels; img_shape: (H, W).
         padding: unused (torchvision pasting's border; the signature is shared).
+        crops: return each detection's MaskWindow instead of the canvas (eager only).
     Returns:
-        Tensor[D, 1, H, W] probabilities (detectron2 thresholds them at 0.5).
+        Tensor[D, 1, H, W] probabilities (detectron2 thresholds them at 0.5), or
+        [MaskWindow] * D with crops=True.
     """
     if is_tracing():
         size, boxes = masks.shape[-1], boxes.to(torch.float32)
@@ -169,25 +200,29 @@ def paste_masks_grid_sample(masks: Tensor, boxes: Tensor, img_shape: tuple[int, 
         return torch.bmm(torch.bmm(wy, masks[:, 0].to(torch.float32)),
                          wx.transpose(1, 2))[:, None]
     im_h, im_w = int(img_shape[0]), int(img_shape[1])
-    out = image_masks_zeros(masks.shape[0], im_h, im_w, torch.float32, masks.device)
-    for d in range(masks.shape[0]):
-        box = boxes[d:d + 1].to(torch.float32)
-        xa = max(int(box[0, 0].floor()) - 1, 0)
-        ya = max(int(box[0, 1].floor()) - 1, 0)
-        xb = min(int(box[0, 2].ceil()) + 1, im_w)
-        yb = min(int(box[0, 3].ceil()) + 1, im_h)
-        if xb <= xa or yb <= ya:
-            continue
-        x0, y0, x1, y1 = box.split(1, dim=1)
-        gy = (torch.arange(ya, yb, dtype=torch.float32, device=box.device) + 0.5 - y0) \
-            / (y1 - y0) * 2 - 1
-        gx = (torch.arange(xa, xb, dtype=torch.float32, device=box.device) + 0.5 - x0) \
-            / (x1 - x0) * 2 - 1
-        grid = torch.stack([gx[:, None, :].expand(1, len(gy[0]), len(gx[0])),
-                            gy[:, :, None].expand(1, len(gy[0]), len(gx[0]))], dim=3)
-        out[d, 0, ya:yb, xa:xb] = F.grid_sample(masks[d:d + 1].float(), grid,
-                                                align_corners=False)[0, 0]
-    return out
+    windows = [_grid_sample_window(masks[d:d + 1], boxes[d:d + 1].to(torch.float32),
+                                   im_h, im_w) for d in range(masks.shape[0])]
+    return windows if crops else _fill(windows, im_h, im_w, torch.float32, masks.device)
+
+
+def _grid_sample_window(mask: Tensor, box: Tensor, im_h: int, im_w: int) -> MaskWindow:
+    """One detection of paste_masks_grid_sample: mask Tensor[1, 1, S, S], box
+    Tensor[1, 4] float32."""
+    xa = min(max(int(box[0, 0].floor()) - 1, 0), im_w)
+    ya = min(max(int(box[0, 1].floor()) - 1, 0), im_h)
+    xb = min(int(box[0, 2].ceil()) + 1, im_w)
+    yb = min(int(box[0, 3].ceil()) + 1, im_h)
+    if xb <= xa or yb <= ya:
+        return MaskWindow(xa, ya, mask.new_zeros((max(yb - ya, 0), max(xb - xa, 0)),
+                                                 dtype=torch.float32))
+    x0, y0, x1, y1 = box.split(1, dim=1)
+    gy = (torch.arange(ya, yb, dtype=torch.float32, device=box.device) + 0.5 - y0) \
+        / (y1 - y0) * 2 - 1
+    gx = (torch.arange(xa, xb, dtype=torch.float32, device=box.device) + 0.5 - x0) \
+        / (x1 - x0) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(1, len(gy[0]), len(gx[0])),
+                        gy[:, :, None].expand(1, len(gy[0]), len(gx[0]))], dim=3)
+    return MaskWindow(xa, ya, F.grid_sample(mask.float(), grid, align_corners=False)[0, 0])
 
 
 # Mask pasting, by the config key mask_head.mask_paste.

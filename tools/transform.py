@@ -67,6 +67,9 @@ class ImageTransform(nn.Module):
         self.image_std = tuple(float(v) for v in image_std)
         self.size_divisible = int(size_divisible)
         self.mask_paste_padding = int(mask_paste_padding)
+        # False: postprocess returns each detection's MaskWindow (tools.paste) instead of
+        # the [D, 1, H, W] canvas (engine.Predictor: memory bounded by the boxes).
+        self.paste_into_image = True
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None
                 ) -> tuple[ImageList, Optional[list[dict]]]:
@@ -145,14 +148,16 @@ class ImageTransform(nn.Module):
         return batch
 
     def postprocess(self, detections: list[dict], image_sizes, original_sizes) -> list[dict]:
-        """Boxes back to original pixels; masks [D, 1, S, S] pasted to [D, 1, H, W]."""
+        """Boxes back to original pixels; masks [D, 1, S, S] pasted to [D, 1, H, W] (or
+        to [MaskWindow] * D when paste_into_image is False)."""
         out = []
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det = dict(det)
             det["boxes"] = resize_boxes(det["boxes"], size, original)
             if "masks" in det:
-                det["masks"] = PASTE_MASKS[self.mask_paste](det["masks"], det["boxes"],
-                                                            original, self.mask_paste_padding)
+                det["masks"] = PASTE_MASKS[self.mask_paste](
+                    det["masks"], det["boxes"], original, self.mask_paste_padding,
+                    crops=not self.paste_into_image)
             out.append(det)
         return out
 

@@ -1,8 +1,10 @@
-"""Pictures: detection overlays (masks, boxes, class names, scores) and training curves.
+"""Pictures: detection overlays (masks, boxes, class names, scores), training curves and
+precision-recall curves.
 
     overlay = draw_detections(image, detection, class_names, score_threshold=0.5)
     overlay.save("out.png")
     plot_training("outputs/log.jsonl", "outputs/loss.png")
+    plot_pr_curves(recall, {"circle": precision}, "pr.png")   # arrays in, PNG out
 """
 from __future__ import annotations
 
@@ -168,3 +170,48 @@ def plot_training(log_path, out_path, title: Optional[str] = None) -> Optional[P
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def plot_pr_curves(recall, curves: dict, out_path, title: Optional[str] = None) -> dict:
+    """PNG of precision-recall curves on one axes, each labelled with its mean precision
+    (the AP, for pycocotools' 101-point curves).
+
+    Args:
+        recall: float[R] recall values (the x of every curve).
+        curves: {label: precision float[R]}.
+    Returns:
+        {label: (x float[R], y float[R])}: the data of the lines as drawn (read back from
+        the figure).
+    """
+    import numpy as np
+    from matplotlib.figure import Figure     # no pyplot: no global state, faster import
+
+    # many curves (COCO's 80 categories): the legend in columns right of the axes
+    columns = 0 if len(curves) <= 10 else -(-len(curves) // 30)
+    width = 6 + 1.7 * columns
+    fig = Figure(figsize=(width, 4.5))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.6 / width, right=1 - (0.15 + 1.7 * columns) / width,
+                        bottom=0.11, top=0.93)
+    for i, (label, precision) in enumerate(curves.items()):
+        # the 10 colours repeat: each round of them in another line style
+        ax.plot(recall, precision, lw=1.5, ls=("-", "--", ":", "-.")[i // 10 % 4],
+                label=f"{label} (AP {100 * float(np.mean(precision)):.1f})")
+    drawn = {label: (np.asarray(line.get_xdata(), dtype=np.float64),
+                     np.asarray(line.get_ydata(), dtype=np.float64))
+             for label, line in zip(curves, ax.get_lines())}
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if columns:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=columns)
+    elif curves:
+        ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    return drawn

@@ -27,6 +27,34 @@ def shapes_data(tmp_path_factory):
             "val": make_shapes(root, "val", 4, 64, 3, seed=1000)}
 
 
+@pytest.fixture(scope="session")
+def bad_images_data(shapes_data, tmp_path_factory):
+    """The 8 training shapes images with four of them spoiled: (json, image dir, {file
+    name: reason} of the spoiled ones). 1.jpg is a truncated JPEG (the JSON names it),
+    2.png a text file, 3.png empty (zero bytes), 4.png missing; 5..8.png are intact."""
+    import json
+    import shutil
+
+    from PIL import Image
+    tj, ti = shapes_data["train"]
+    root = tmp_path_factory.mktemp("bad_images")
+    folder = root / "images"
+    shutil.copytree(ti, folder)
+    data = json.loads(tj.read_text())
+    first = next(im for im in data["images"] if im["file_name"] == "1.png")
+    first["file_name"] = "1.jpg"
+    Image.open(folder / "1.png").convert("RGB").save(folder / "1.jpg", quality=90)
+    jpeg = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (folder / "2.png").write_text("not an image\n")
+    (folder / "3.png").write_bytes(b"")
+    (folder / "4.png").unlink()
+    (root / "data.json").write_text(json.dumps(data))
+    bad = {"1.jpg": "truncated", "2.png": "not an image", "3.png": "empty file",
+           "4.png": "missing"}
+    return root / "data.json", folder, bad
+
+
 @pytest.fixture
 def tiny_cfg(shapes_data, tmp_path):
     """make(**overrides) -> a full config training the tiny model on shapes_data in

@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,7 @@ def test_eval_matches_pycocotools_on_its_results_file(trained, shapes_data, tmp_
     assert code == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results and set(metrics["per_category"]["segm"]) == {"circle", "square",
-                                                                 "triangle"}
+    assert results and set(metrics["per_category"]) == {"circle", "square", "triangle"}
     assert len(metrics["loss"]) == 5
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(vj))
@@ -77,6 +77,74 @@ def test_eval_matches_pycocotools_on_its_results_file(trained, shapes_data, tmp_
             ev.summarize()
             assert metrics[iou_type]["AP"] == pytest.approx(ev.stats[0], abs=1e-9)
             assert metrics[iou_type]["AP50"] == pytest.approx(ev.stats[1], abs=1e-9)
+
+
+def test_eval_skips_unreadable_images_and_reports_per_category(trained, bad_images_data,
+                                                               tmp_path, capsys):
+    json_path, image_dir, bad = bad_images_data
+    argv = ["eval", "--weights", str(latest_checkpoint(trained[1])), "--data",
+            str(json_path), "--images", str(image_dir), "--no-progress", "--batch-size", "3"]
+    capsys.readouterr()
+    assert main(argv + ["--metrics", str(tmp_path / "m.json"),
+                        "--set", "box_score_thresh=0.0", "box_detections_per_img=5"]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if "warning" in line and "1.jpg" in line]
+    assert ("skipped 4 of 8 images: 1.jpg (truncated), 2.png (not an image), 3.png (empty "
+            "file), 4.png (missing); AP covers the other 4") in out
+    assert "bbox AP" in out and "segm AP" in out and "instances" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert {s["file"]: s["reason"] for s in metrics["skipped"]} == bad
+    assert set(metrics["per_category"]) == {"circle", "square", "triangle"}
+    assert all(set(row) == {"bbox", "segm", "instances"}
+               for row in metrics["per_category"].values())
+    for name in ("pr_bbox", "pr_segm", "pr_bbox_per_category", "pr_segm_per_category"):
+        assert (tmp_path / f"{name}.png").is_file(), name      # beside --metrics
+    # --on-error raise: one line naming the first bad file, exit code 1
+    assert main(argv + ["--on-error", "raise"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("maskrcnn eval: error: image file ") and "1.jpg" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_eval_outputs_that_cannot_be_created_are_one_line_errors(trained, shapes_data,
+                                                                  tmp_path, capsys):
+    vj, vi = shapes_data["val"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["eval", "--weights", str(latest_checkpoint(trained[1])), "--data", str(vj),
+            "--images", str(vi), "--no-progress"]
+    capsys.readouterr()
+    for option, path in (("--metrics", blocker / "m.json"), ("--plots", blocker / "plots"),
+                         ("--results", blocker / "sub" / "r.json"), ("--plots", blocker),
+                         ("--metrics", tmp_path)):
+        assert main(argv + [option, str(path)]) == 2, option
+        err = capsys.readouterr().err
+        assert err.startswith(f"maskrcnn eval: error: {option} {path}: "), err
+        assert len(err.strip().splitlines()) == 1
+    err = _usage_error(capsys, ["eval", "--weights", str(vj), "--data", str(vj),
+                                "--images", str(vi)])
+    assert f"--weights {vj}" in err and "not a checkpoint" in err
+    assert "missing.json" in _usage_error(capsys, ["eval", "--weights", str(vj), "--data",
+                                                   str(tmp_path / "missing.json"),
+                                                   "--images", str(vi)])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root may write into a read-only folder")
+def test_eval_output_in_a_read_only_folder_is_a_one_line_error(trained, shapes_data,
+                                                                tmp_path, capsys):
+    vj, vi = shapes_data["val"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["eval", "--weights", str(latest_checkpoint(trained[1])), "--data",
+                     str(vj), "--images", str(vi), "--metrics",
+                     str(locked / "sub" / "m.json")]) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"no permission to write in {locked}" in err and len(err.splitlines()) == 1
 
 
 def test_predict_command(trained, shapes_data, tmp_path, capsys):
@@ -198,7 +266,7 @@ def test_help_documents_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"train", "eval", "predict", "demo", "zoo", "export-weights",
-                                "export", "doctor"}
+                                "export", "doctor", "convert-data", "check-data"}
     for name, subparser in sub.choices.items():
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])

@@ -1,15 +1,18 @@
 """COCO evaluation against pycocotools run directly, and the validation loss."""
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.data import CocoInstances
-from engine.evaluate import detections_to_coco, evaluate, format_table
+from engine.data import CocoInstances, ImageError
+from engine.evaluate import (detections_to_coco, evaluate, format_skipped, format_table,
+                             write_pr_plots)
 from maskrcnn import build_model
 
 
@@ -53,27 +56,39 @@ def test_ground_truth_as_predictions_scores_one(val_set):
         assert metrics[iou_type]["AP75"] == pytest.approx(1.0)
         present = {val_set.coco.cats[a["category_id"]]["name"]
                    for a in val_set.coco.anns.values()}
-        for name, ap in metrics["per_category"][iou_type].items():
-            assert ap == pytest.approx(1.0 if name in present else -1.0), name
+        for name, row in metrics["per_category"].items():
+            assert row[iou_type] == pytest.approx(1.0 if name in present else -1.0), name
     table = format_table(metrics, metrics["per_category"])
     assert "segm" in table and "circle" in table and "100.0" in table
 
 
-def _direct_cocoeval(coco_gt, results, iou_type):
-    """pycocotools by hand: loadRes, COCOeval, stats[:6]."""
+def _direct_eval(coco_gt, results, iou_type):
+    """pycocotools by hand: loadRes, COCOeval (default imgIds: every image of coco_gt),
+    evaluate, accumulate, summarize."""
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return ev.stats[:6]
+    return ev
 
 
-def test_perturbed_predictions_score_what_pycocotools_says(val_set):
-    rng = np.random.default_rng(0)
+def _direct_cocoeval(coco_gt, results, iou_type):
+    """stats[:6] (AP, AP50, AP75, APs, APm, APl) of pycocotools by hand."""
+    return _direct_eval(coco_gt, results, iou_type).stats[:6]
+
+
+def _perturbed(dataset, seed=0):
+    """Detections that score between 0 and 1 for the dataset's readable images: every
+    other GT instance, shifted, one with a wrong class; random scores. Returns
+    ({image key: detection}, the same as COCO results written by hand)."""
+    rng = np.random.default_rng(seed)
     detections, results = {}, []
-    for i in range(len(val_set)):
-        image, target = val_set[i]
+    for i in range(len(dataset)):
+        try:
+            image, target = dataset[i]
+        except ImageError:
+            continue
         m = len(target["labels"])
         keep = torch.arange(m)[::2]                              # drop every other one
         boxes = target["boxes"][keep] + torch.tensor([3.0, -2.0, 3.0, 1.0])   # shifted
@@ -87,15 +102,113 @@ def test_perturbed_predictions_score_what_pycocotools_says(val_set):
         for b, lab, s, mk in zip(boxes.tolist(), labels.tolist(), scores.tolist(), masks):
             rle = mask_utils.encode(np.asfortranarray(mk.numpy().astype(np.uint8)))
             results.append({"image_id": target["image_id"],
-                            "category_id": val_set.cat_ids[lab - 1],
+                            "category_id": dataset.cat_ids[lab - 1],
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                             "score": s, "segmentation": rle})
+    return detections, results
+
+
+def test_perturbed_predictions_score_what_pycocotools_says(val_set):
+    detections, results = _perturbed(val_set)
     metrics = evaluate(Oracle(detections), val_set, progress=False)
     for iou_type in ("bbox", "segm"):
         expected = _direct_cocoeval(val_set.coco, results, iou_type)
         got = [metrics[iou_type][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
         assert got == pytest.approx(expected.tolist(), abs=1e-4), iou_type
         assert 0.05 < metrics[iou_type]["AP50"] < 0.95                   # not trivial
+
+
+def _valid_mean(p, axis):
+    """Mean over axis of the entries > -1 (pycocotools' summarize rule), by hand."""
+    out = []
+    for row in np.moveaxis(p, axis, -1).reshape(-1, p.shape[axis]):
+        kept = row[row > -1]
+        out.append(kept.mean() if kept.size else 0.0)
+    return np.array(out).reshape(np.delete(p.shape, axis))
+
+
+def test_per_category_ap_and_pr_curves_come_from_pycocotools_precision(shapes_data, tmp_path):
+    # the 8 training images: every class has GT, and the perturbation scores them apart
+    dataset = CocoInstances(*shapes_data["train"], train=False)
+    detections, results = _perturbed(dataset, seed=1)
+    metrics = evaluate(Oracle(detections), dataset, batch_size=3, progress=False,
+                       details=True)
+    per_category = metrics["per_category"]
+    names = {c["id"]: c["name"] for c in dataset.coco.dataset["categories"]}
+    anns = dataset.coco.dataset["annotations"]
+    for iou_type in ("bbox", "segm"):
+        ev = _direct_eval(dataset.coco, results, iou_type)
+        precision = ev.eval["precision"]                      # [T, R, K, A, M]
+        aps = []
+        for k, cat_id in enumerate(ev.params.catIds):
+            p = precision[:, :, k, 0, 2]                      # all areas, 100 detections
+            expected = p[p > -1].mean()
+            assert per_category[names[cat_id]][iou_type] == pytest.approx(expected, abs=1e-12)
+            aps.append(expected)
+        assert 0 < min(aps) < max(aps) < 0.95               # not trivial: distinct, not 0
+        # what was drawn: the precision array's curves, each averaging to its AP
+        drawn = write_pr_plots({iou_type: ev}, dataset.coco, tmp_path)
+        assert sorted(drawn) == [tmp_path / f"pr_{iou_type}.png",
+                                 tmp_path / f"pr_{iou_type}_per_category.png"]
+        assert all(path.stat().st_size > 1000 for path in drawn)
+        overall = drawn[tmp_path / f"pr_{iou_type}.png"]
+        recall = np.linspace(0, 1, 101)
+        p = precision[:, :, :, 0, 2]                                       # [T, R, K]
+        expected = {"IoU=0.50": _valid_mean(p[0], 1), "IoU=0.75": _valid_mean(p[5], 1),
+                    "IoU=0.50:0.95": _valid_mean(p.transpose(1, 0, 2).reshape(101, -1), 1)}
+        assert overall.keys() == expected.keys()
+        for label, curve in expected.items():
+            assert np.allclose(overall[label][0], recall)
+            assert np.allclose(overall[label][1], curve, atol=1e-12), label
+        assert overall["IoU=0.50:0.95"][1].mean() == pytest.approx(ev.stats[0], abs=1e-12)
+        assert overall["IoU=0.50"][1].mean() == pytest.approx(ev.stats[1], abs=1e-12)
+        per_cat = drawn[tmp_path / f"pr_{iou_type}_per_category.png"]
+        for k, cat_id in enumerate(ev.params.catIds):
+            assert np.allclose(per_cat[names[cat_id]][1], _valid_mean(p[:, :, k], 0))
+    for cat_id, name in names.items():
+        assert per_category[name]["instances"] == sum(
+            1 for a in anns if a["category_id"] == cat_id and not a.get("iscrowd"))
+    table = format_table(metrics, per_category)
+    row = next(line for line in table.splitlines() if line.startswith("circle"))
+    assert row.split() == ["circle", f"{100 * per_category['circle']['bbox']:.1f}",
+                           f"{100 * per_category['circle']['segm']:.1f}",
+                           str(per_category["circle"]["instances"])]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_images_are_skipped_and_ap_covers_the_rest(bad_images_data, tmp_path,
+                                                              capsys, num_workers):
+    json_path, image_dir, bad = bad_images_data
+    dataset = CocoInstances(json_path, image_dir, train=False)
+    detections, results = _perturbed(dataset)
+    metrics = evaluate(Oracle(detections), dataset, batch_size=3, progress=False,
+                       on_error="skip", num_workers=num_workers)
+    assert {s["file"]: s["reason"] for s in metrics["skipped"]} == bad
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 4 and all(sum(f in w for f in bad) == 1 for w in warnings)
+    assert format_skipped(metrics["skipped"], len(dataset)) == (
+        "skipped 4 of 8 images: 1.jpg (truncated), 2.png (not an image), 3.png (empty "
+        "file), 4.png (missing); AP covers the other 4")
+    # pycocotools on a JSON without the bad images (and their annotations)
+    data = json.loads(json_path.read_text())
+    kept = {im["id"] for im in data["images"] if im["file_name"] not in bad}
+    data["images"] = [im for im in data["images"] if im["id"] in kept]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    (tmp_path / "reduced.json").write_text(json.dumps(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        reduced = COCO(str(tmp_path / "reduced.json"))
+    for iou_type in ("bbox", "segm"):
+        expected = _direct_cocoeval(reduced, results, iou_type)
+        got = [metrics[iou_type][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        assert got == pytest.approx(expected.tolist(), abs=1e-12), iou_type
+        assert 0.05 < metrics[iou_type]["AP"] < 0.95
+
+
+def test_unreadable_image_raises_by_default(bad_images_data):
+    dataset = CocoInstances(*bad_images_data[:2], train=False)
+    with pytest.raises(ImageError, match="1.jpg") as info:
+        evaluate(Oracle({}), dataset, progress=False)
+    assert info.value.reason == "truncated"
 
 
 def test_results_format_and_mask_threshold():
