@@ -34,14 +34,16 @@ least the size of the largest object.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch import Tensor
 
+from engine.images import to_float
+from engine.predict import dense_to_windows, window_to_rle
 from tools.boxes import box_area
+from tools.paste import MaskWindow
 
 __all__ = ["MaskCrop", "crop_to_rle", "shift_crop", "dense_to_crops", "tile_windows",
            "predict_tiled", "merge_tiles", "EDGE_TOLERANCE"]
@@ -53,18 +55,15 @@ EDGE_TOLERANCE = 0.02
 
 Window = tuple[int, int, int, int]          # (y0, x0, y1, x1), pixels, end exclusive
 
+# Where a detection holds its MaskCrops: "crops", or "windows" as engine.Predictor's
+# detections do; the merged result keeps the key it was given.
+MASK_KEYS = ("crops", "windows")
 
-class MaskCrop(NamedTuple):
-    """A binary mask stored as the window that holds its pixels.
 
-    Pixel (y, x) of the full mask is mask[y - y0, x - x0] inside the window and
-    background outside it. The window may reach past the image border (crop_to_rle clips).
-
-    x0, y0: int, the window's top-left pixel. mask: Tensor[h, w] bool.
-    """
-    x0: int
-    y0: int
-    mask: Tensor
+# The Predictor's mask window (tools.paste): pixel (y, x) of the full mask is
+# mask[y - y0, x - x0] inside the window, background outside; x0, y0: int, mask:
+# Tensor[h, w] bool. Here a window may reach past the image border (crop_to_rle clips).
+MaskCrop = MaskWindow
 
 
 def shift_crop(crop: MaskCrop, dx: int, dy: int) -> MaskCrop:
@@ -83,35 +82,13 @@ def _clip_crop(crop: MaskCrop, height: int, width: int) -> MaskCrop:
 
 
 def crop_to_rle(crop: MaskCrop, height: int, width: int) -> dict:
-    """COCO RLE of the full height x width mask that `crop` describes.
-
-    The column-major run lengths are computed from the crop alone (memory: the crop's
-    size), then compressed by pycocotools: the result equals
-    `pycocotools.mask.encode(np.asfortranarray(dense_mask))` ({"size": [height, width],
-    "counts": bytes}). Parts of the crop outside the image are dropped.
-    """
+    """COCO RLE {"size": [height, width], "counts": str} of the full mask that `crop`
+    describes: pycocotools' encode of the dense mask (counts decoded to str), computed
+    from the crop alone (engine.predict.window_to_rle); parts outside the image dropped."""
     if crop.mask.dim() != 2:
         raise ValueError(f"crop_to_rle: crop.mask must be Tensor[h, w], got shape "
                          f"{tuple(crop.mask.shape)}")
-    x0, y0, mask = _clip_crop(crop, height, width)
-    column_major = mask.detach().cpu().numpy().astype(np.int8).T          # [w, h]
-    # A 0 above and below each column: +1 where a run starts, -1 after it ends.
-    edges = np.diff(np.pad(column_major, ((0, 0), (1, 1))), axis=1)        # [w, h + 1]
-    cols, rows = np.nonzero(edges)              # row-major order: increasing positions
-    changes = (x0 + cols).astype(np.int64) * height + y0 + rows
-    # A run ending at the bottom of a column and one starting at the top of the next are
-    # one run in column-major order: drop both change points.
-    same = np.zeros(changes.size, dtype=bool)
-    if changes.size > 1:
-        tied = changes[1:] == changes[:-1]
-        same[1:] |= tied
-        same[:-1] |= tied
-    bounds = np.concatenate([[0], changes[~same], [height * width]])
-    counts = np.diff(bounds)
-    if counts.size > 1 and counts[-1] == 0:     # pycocotools ends on the last run
-        counts = counts[:-1]
-    return mask_utils.frPyObjects({"counts": counts.tolist(), "size": [height, width]},
-                                  height, width)
+    return window_to_rle(_clip_crop(crop, height, width), height, width)
 
 
 def dense_to_crops(masks: Tensor, threshold: float = 0.5) -> list[MaskCrop]:
@@ -121,24 +98,14 @@ def dense_to_crops(masks: Tensor, threshold: float = 0.5) -> list[MaskCrop]:
     Args:
         masks: Tensor[D, 1, H, W] or Tensor[D, H, W], probabilities (or bool).
     Returns:
-        D MaskCrop; an empty mask gives MaskCrop(0, 0, Tensor[0, 0]).
+        D MaskCrop with bool masks; an empty mask gives MaskCrop(0, 0, Tensor[0, 0]).
     """
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    if masks.dim() != 3:
+    if masks.dim() == 3:
+        masks = masks[:, None]
+    if masks.dim() != 4 or masks.shape[1] != 1:
         raise ValueError(f"dense_to_crops: masks must be Tensor[D, 1, H, W] or [D, H, W], "
                          f"got shape {tuple(masks.shape)}")
-    binary = masks if masks.dtype == torch.bool else masks >= threshold
-    rows, cols = binary.any(2).cpu(), binary.any(1).cpu()          # [D, H], [D, W]
-    crops = []
-    for d in range(binary.shape[0]):
-        ys, xs = torch.nonzero(rows[d])[:, 0], torch.nonzero(cols[d])[:, 0]
-        if ys.numel() == 0:
-            crops.append(MaskCrop(0, 0, binary.new_zeros((0, 0))))
-            continue
-        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-        crops.append(MaskCrop(x0, y0, binary[d, y0:y1, x0:x1].clone()))
-    return crops
+    return dense_to_windows(masks if masks.dtype == torch.bool else masks >= threshold)
 
 
 # ------------------------------------------------------------------------------ tiles
@@ -200,10 +167,7 @@ def _check_image(image) -> None:
 def _tile_input(image: Tensor, window: Window) -> Tensor:
     """The float32 Tensor[3, h, w] in [0, 1] of one window (a copy of the tile only)."""
     y0, x0, y1, x1 = window
-    view = image[:, y0:y1, x0:x1]
-    if view.dtype == torch.uint8:
-        return view.float().div_(255)
-    return view.to(torch.float32).contiguous()
+    return to_float(image[:, y0:y1, x0:x1]).to(torch.float32).contiguous()
 
 
 def _to_image(detection: dict, window: Window, index: int) -> dict:
@@ -212,9 +176,13 @@ def _to_image(detection: dict, window: Window, index: int) -> dict:
     if missing:
         raise ValueError(f"predict_tiled: detect's result for tile {index} {window} lacks "
                          f"{missing} (expected dict(boxes, labels, scores, crops))")
-    if "masks" in detection and "crops" not in detection:
+    mask_keys = [k for k in MASK_KEYS if k in detection]
+    if "masks" in detection and not mask_keys:
         raise ValueError("predict_tiled: detect returned dense 'masks' without 'crops'; "
                          "convert them with engine.tiling.dense_to_crops(masks)")
+    if len(mask_keys) > 1:
+        raise ValueError(f"predict_tiled: detect's result for tile {index} has both "
+                         f"{mask_keys}; give the masks under one of them")
     y0, x0 = window[0], window[1]
     boxes = detection["boxes"]
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -222,11 +190,11 @@ def _to_image(detection: dict, window: Window, index: int) -> dict:
                          f"be Tensor[D, 4], got shape {tuple(boxes.shape)}")
     out = {"boxes": boxes + boxes.new_tensor([x0, y0, x0, y0]),
            "labels": detection["labels"], "scores": detection["scores"]}
-    if "crops" in detection:
-        if len(detection["crops"]) != boxes.shape[0]:
+    for key in mask_keys:
+        if len(detection[key]) != boxes.shape[0]:
             raise ValueError(f"predict_tiled: tile {index} has {boxes.shape[0]} boxes but "
-                             f"{len(detection['crops'])} crops")
-        out["crops"] = [shift_crop(c, x0, y0) for c in detection["crops"]]
+                             f"{len(detection[key])} {key}")
+        out[key] = [shift_crop(c, x0, y0) for c in detection[key]]
     return out
 
 
@@ -239,7 +207,7 @@ def predict_tiled(detect: Callable[[list[Tensor]], list[dict]], image: Tensor, t
     Args:
         detect: list of float32 Tensor[3, h, w] in [0, 1] -> one detection per tile,
             dict(boxes Tensor[D, 4] (x1, y1, x2, y2) tile pixels, labels Tensor[D] int64,
-            scores Tensor[D], optional crops: D MaskCrop in tile pixels).
+            scores Tensor[D], optional crops (or windows): D MaskCrop in tile pixels).
         image: Tensor[3, H, W], uint8 (0..255; a tile becomes `tile.float() / 255`) or
             float in [0, 1].
         tile, overlap: the windows (tile_windows).
@@ -247,8 +215,8 @@ def predict_tiled(detect: Callable[[list[Tensor]], list[dict]], image: Tensor, t
         iou_threshold: duplicates across tiles (merge_tiles).
         progress: a tqdm bar over the tiles.
     Returns:
-        dict(boxes Tensor[K, 4] image pixels, labels, scores, crops (if detect gives
-        them): K MaskCrop in image pixels), by descending score.
+        dict(boxes Tensor[K, 4] image pixels, labels, scores, crops (or windows, if
+        detect gives them): K MaskCrop in image pixels), by descending score.
     """
     _check_image(image)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -378,11 +346,13 @@ def _gather(parts: Sequence[dict], kept: list[int]) -> dict:
     index = torch.tensor(kept, dtype=torch.int64)
     out = {k: torch.cat([p[k] for p in parts])[index.to(parts[0][k].device)]
            for k in ("boxes", "labels", "scores")}
-    if any("crops" in p for p in parts):
-        crops = [c for p in parts for c in p.get("crops", [None] * p["boxes"].shape[0])]
+    for key in MASK_KEYS:
+        if not any(key in p for p in parts):
+            continue
+        crops = [c for p in parts for c in p.get(key, [None] * p["boxes"].shape[0])]
         if any(crops[k] is None for k in kept):
-            raise ValueError("predict_tiled: some tiles' detections have crops and "
-                             "others have none; detect must give crops for every tile "
-                             "or for none")
-        out["crops"] = [crops[k] for k in kept]
+            raise ValueError(f"predict_tiled: some tiles' detections have {key} and "
+                             f"others have none; detect must give {key} for every tile "
+                             f"or for none")
+        out[key] = [crops[k] for k in kept]
     return out

@@ -13,7 +13,6 @@ from pycocotools import mask as mask_utils
 
 from engine.tiling import (MaskCrop, crop_to_rle, dense_to_crops, merge_tiles,
                            predict_tiled, shift_crop, tile_windows)
-from tests.deploy.conftest import trained  # noqa: F401  (the shared session fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +58,12 @@ def test_window_arguments_are_checked(kwargs, words):
 
 # ------------------------------------------------------------------------------ crops
 
+def _encode(dense):
+    """The oracle: pycocotools' RLE of a dense uint8 mask, counts as str."""
+    rle = mask_utils.encode(np.asfortranarray(dense))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
 def _dense(crop, height, width):
     """The full mask a crop stands for, by plain indexing (the oracle's input)."""
     full = np.zeros((height + 2 * 64, width + 2 * 64), dtype=np.uint8)   # room outside
@@ -82,7 +87,7 @@ def test_crop_rle_equals_pycocotools(x0, y0, h, w):
     for density in (0.0, 0.5, 1.0):
         crop = MaskCrop(x0, y0, torch.rand(h, w, generator=g) < density)
         dense = _dense(crop, height, width)
-        expected = mask_utils.encode(np.asfortranarray(dense))
+        expected = _encode(dense)
         assert crop_to_rle(crop, height, width) == expected, (density, expected)
 
 
@@ -90,7 +95,7 @@ def test_crop_rle_corner_pixels():
     for y, x in ((0, 0), (47, 63), (47, 0), (0, 63)):
         crop = MaskCrop(x, y, torch.ones(1, 1, dtype=torch.bool))
         dense = _dense(crop, 48, 64)
-        assert crop_to_rle(crop, 48, 64) == mask_utils.encode(np.asfortranarray(dense))
+        assert crop_to_rle(crop, 48, 64) == _encode(dense)
 
 
 def test_dense_to_crops_and_shift():
@@ -197,7 +202,7 @@ def _margin(box, window, size=(192, 192)):
 
 
 @pytest.fixture(scope="module")
-def composed(trained):  # noqa: F811
+def composed(trained):
     """A 192 x 192 uint8 image of four held-out 128 px scenes (one whole, three cut, 2 x 2)
     run in 4 tiles of 128 px; each detect call is recorded: with batch_size=1, its output
     is that tile run alone. alone: [(window, detection in image pixels: boxes, labels,
@@ -224,7 +229,7 @@ def composed(trained):  # noqa: F811
         alone.append(((y0, x0, y1, x1), {
             "boxes": d["boxes"] + torch.tensor([x0, y0, x0, y0]), "labels": d["labels"],
             "scores": d["scores"], "crops": [shift_crop(c, x0, y0) for c in d["crops"]]}))
-    return dict(alone=alone, tiled=tiled)
+    return dict(alone=alone, tiled=tiled, image=image, checkpoint=path)
 
 
 def _rows(d):
@@ -286,6 +291,18 @@ def test_object_across_tile_edges_is_reported_once(composed):
     assert fragments_before >= 1
 
 
+def test_predictor_tiles_through_predict_tiled(composed):
+    """engine.Predictor(tile=...) gives its detections under "windows": the same merged
+    detections, and its RLEs are those of our crops."""
+    from engine.predict import Predictor
+    predictor = Predictor(composed["checkpoint"], tile=TILE, tile_overlap=OVERLAP)
+    result, = predictor([composed["image"]])
+    ours = composed["tiled"]
+    assert torch.equal(result["boxes"], ours["boxes"])
+    assert torch.equal(result["scores"], ours["scores"])
+    assert result["masks"] == [crop_to_rle(c, 192, 192) for c in ours["crops"]]
+
+
 def test_perfect_detector_reports_each_object_once_whole():
     """A detector that sees exactly the part of each square inside its tile, scoring cut
     parts higher than whole squares: the merge keeps each square once, whole, in any
@@ -326,37 +343,30 @@ def test_perfect_detector_reports_each_object_once_whole():
         for box, crop in zip(out["boxes"].int().tolist(), out["crops"]):
             dense = np.zeros((200, 300), dtype=np.uint8)
             dense[box[1]:box[3], box[0]:box[2]] = 1
-            assert crop_to_rle(crop, 200, 300) == mask_utils.encode(np.asfortranarray(dense))
+            assert crop_to_rle(crop, 200, 300) == _encode(dense)
 
 
-# A child process, so that its peak RSS is this run's alone: a 6000 x 8000 uint8 image of
-# repeated held-out scenes, tiled at 1024 px (80 tiles; the model resizes each to 128 px
-# and pastes its masks at 1024 px: at most 10 detections a tile keeps that cheap).
+# A child process, so that its peak RSS is this run's alone: engine.Predictor on a
+# 6000 x 8000 uint8 image of repeated held-out scenes, tiled at 1024 px (80 tiles; the
+# model resizes each to 128 px), masks as RLE.
 RSS_CHILD = r"""
 import json, resource, sys
 import torch
 torch.set_num_threads(1)
-from engine.predict import load_model
-from engine.tiling import crop_to_rle, dense_to_crops, predict_tiled, tile_windows
+from engine.predict import Predictor
 checkpoint, scene_file = sys.argv[1:3]
-model, _ = load_model(checkpoint, overrides={"box_detections_per_img": 10})
+predictor = Predictor(checkpoint, tile=1024, tile_overlap=0.2, mask_format="rle")
 scene = torch.load(scene_file)                          # uint8 [3, 128, 128]
 image = scene.repeat(1, 47, 63)[:, :6000, :8000]        # 144 MB
 before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-@torch.no_grad()
-def detect(tiles):
-    return [{"boxes": o["boxes"], "labels": o["labels"], "scores": o["scores"],
-             "crops": dense_to_crops(o["masks"], 0.5)} for o in model(tiles)]
-out = predict_tiled(detect, image, 1024, 0.2, batch_size=1)
-rles = [crop_to_rle(c, 6000, 8000) for c in out["crops"]]
+result, = predictor([image])
 print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "before_mb": before_mb,
-                  "detections": len(rles), "tiles": len(tile_windows(6000, 8000, 1024, 0.2))}))
+                  "before_mb": before_mb, "detections": len(result["masks"])}))
 """
 
 
 @pytest.mark.slow
-def test_8000x6000_image_peak_rss_under_3gb(trained, tmp_path):  # noqa: F811
+def test_8000x6000_image_peak_rss_under_3gb(trained, tmp_path):
     path, scenes = trained
     scene_file = tmp_path / "scene.pt"
     torch.save((scenes[0] * 255).round().to(torch.uint8), scene_file)
