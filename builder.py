@@ -30,6 +30,7 @@ A variant is one class (or function) plus one entry in its table, e.g.
 """
 from __future__ import annotations
 
+import copy
 import re
 from typing import Callable, Mapping, Optional
 
@@ -46,6 +47,10 @@ from proposal import RPN, RPN_HEADS, AnchorGenerator
 from proposal.anchors import CELL_ANCHORS
 from proposal.rpn import PROPOSAL_FILTERS
 from tools.transform import ImageTransform
+
+# What [model] num_classes = auto builds when nothing resolved it (training takes the
+# data's categories, MaskRCNN the pretrained weights' classes): COCO's 80 object classes.
+COCO_NUM_CLASSES = 80
 
 
 def lookup(table: Mapping[str, Callable], name: str, section: str, key: str,
@@ -154,6 +159,7 @@ def build_roi_heads(cfg: EasyDict) -> RoIHeads:
     box_roi_pool / mask_roi_pool (ROI_POOLERS), box_head (BOX_HEADS), box_predictor
     (BOX_PREDICTORS), mask_head (MASK_HEADS), mask_predictor (MASK_PREDICTORS)."""
     m, h, bh, mh = cfg.model, cfg.roi_heads, cfg.box_head, cfg.mask_head
+    num_classes = concrete_num_classes(cfg)
     channels = cfg.backbone.fpn_channels
     fast_path = build_fast_path(cfg)
     # Built in the order of the code before the tables (box head, mask pooler, head,
@@ -175,12 +181,12 @@ def build_roi_heads(cfg: EasyDict) -> RoIHeads:
             lookup(MASK_PREDICTORS, mh.mask_predictor, "mask_head", "mask_predictor",
                    "mask predictor")(
                 in_channels=mh.mask_layers[-1], dim_reduced=mh.mask_dim_reduced,
-                num_classes=m.num_classes + 1, fast_path=fast_path))
+                num_classes=num_classes + 1, fast_path=fast_path))
     box_roi_pool = build_roi_pool(cfg, bh.box_roi_pool, "box_roi_pool", bh.box_pool_size,
                                   bh.box_sampling_ratio)
     box_predictor = lookup(BOX_PREDICTORS, bh.box_predictor, "box_head", "box_predictor",
                            "box predictor")(in_channels=bh.representation_size,
-                                            num_classes=m.num_classes + 1)
+                                            num_classes=num_classes + 1)
     return RoIHeads(
         box_roi_pool, box_head, box_predictor, *mask_parts,
         box_fg_iou_thresh=h.box_fg_iou_thresh, box_bg_iou_thresh=h.box_bg_iou_thresh,
@@ -204,6 +210,12 @@ def build_transform(cfg: EasyDict) -> ImageTransform:
         mask_paste=cfg.mask_head.mask_paste)
 
 
+def concrete_num_classes(cfg: EasyDict) -> int:
+    """K of cfg's [model] num_classes: the number, or COCO_NUM_CLASSES for "auto"."""
+    k = cfg.model.num_classes
+    return COCO_NUM_CLASSES if k == "auto" else k
+
+
 def build_parts(cfg: EasyDict, pretrained_backbone: Optional[str] = None
                 ) -> tuple[nn.Module, RPN, RoIHeads, ImageTransform]:
     """(backbone, rpn, roi_heads, transform) as the model sections of `cfg` describe them,
@@ -222,6 +234,10 @@ def build_model(cfg: EasyDict, pretrained_backbone: Optional[str] = None
     resolves pretrained weights and the defaults of a model trained without them.
 
     Args:
-        cfg: a config from configs.load_config (optionally with apply_overrides).
+        cfg: a config from configs.load_config (optionally with apply_overrides);
+            num_classes = auto builds COCO_NUM_CLASSES (the model's cfg says so).
     """
+    if cfg.model.num_classes == "auto":
+        cfg = EasyDict(copy.deepcopy(cfg))
+        cfg.model.num_classes = COCO_NUM_CLASSES
     return GeneralizedRCNN(*build_parts(cfg, pretrained_backbone), cfg=cfg)

@@ -17,10 +17,10 @@ from typing import Optional, Union
 
 from torch import nn
 
-from builder import build_model, build_parts
+from builder import COCO_NUM_CLASSES, build_model, build_parts
 from configs import DEFAULT_CONFIG, apply_overrides, load_config, resolve_config
-from configs.loader import (configured_backbone, explicit_keys, known_keys, overlay_config,
-                            trainable_without_weights)
+from configs.loader import (AUTO, configured_backbone, explicit_keys, known_keys,
+                            overlay_config, trainable_without_weights, with_num_classes)
 from convert import pretrained as pretrained_weights
 from convert import zoo
 from convert.torchvision import load_torchvision_weights, torchvision_hyperparameters
@@ -40,10 +40,11 @@ class MaskRCNN(GeneralizedRCNN):
     """Mask R-CNN: transform -> backbone (ResNet-FPN) -> RPN -> RoI heads -> postprocess.
 
     Args:
-        num_classes: K object classes (background excluded); None takes the config's
-            model.num_classes (80 in the shipped config.ini), or with a zoo model its
-            checkpoint's. Another K than the checkpoint's loads everything but the
-            class-specific predictors, which are re-initialised (one-line notice).
+        num_classes: K object classes (background excluded); None (or "auto") takes the
+            config's model.num_classes, whose "auto" (the shipped default) means the
+            pretrained weights' classes, or 80 (COCO) without weights. Another K than the
+            checkpoint's loads everything but the class-specific predictors, which are
+            re-initialised (one-line notice naming them).
         pretrained: None (the config's model.pretrained, "none" by default); "coco"
             (the zoo's model for the configured backbone: convert.zoo.COCO_FOR_BACKBONE);
             a zoo name ("detectron2/mask_rcnn_R_101_FPN_3x", see convert.zoo.ZOO); a
@@ -74,7 +75,7 @@ class MaskRCNN(GeneralizedRCNN):
             pretrained = value if pretrained is None else pretrained
         if pretrained is not None and str(pretrained).lower() == "none":
             pretrained = None
-        if num_classes is not None:
+        if num_classes is not None and num_classes != AUTO:
             overrides["model.num_classes"] = num_classes
         entry, weights = None, None
         if pretrained is not None and pretrained != "imagenet":
@@ -90,6 +91,8 @@ class MaskRCNN(GeneralizedRCNN):
         elif pretrained is None:
             cfg = trainable_without_weights(cfg, explicit_keys(config, overrides))
         cfg = apply_overrides(cfg, overrides)
+        counted = weights is not None and pretrained_weights.class_count(weights.state)
+        cfg = with_num_classes(cfg, counted or COCO_NUM_CLASSES)
         cfg.model.pretrained = pretrained
         super().__init__(*build_parts(cfg, "imagenet" if pretrained == "imagenet" else None),
                          cfg=cfg)

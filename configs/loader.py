@@ -38,6 +38,11 @@ CONSTRUCTOR_KEYS = ("model.pretrained",)
 
 
 _INT = re.compile(r"^[+-]?\d+$")
+# A default of "auto" types the key as an int that may also stay "auto" (decided at run
+# time, e.g. [model] num_classes from the training data).
+AUTO = "auto"
+_AUTO_INT = "int or auto"
+
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
 
@@ -55,6 +60,8 @@ def _infer_type(text: str) -> str:
     text = text.strip()
     if text.lower() == "none":
         return "any"
+    if text.lower() == AUTO:
+        return _AUTO_INT
     if text.lower() in ("true", "false"):
         return "bool"
     if "," in text:
@@ -70,6 +77,8 @@ def _parse_text(text: str, kind: str) -> Any:
     text = text.strip()
     if kind == "any":
         return None if text.lower() == "none" else _parse_text(text, _infer_type(text))
+    if kind == _AUTO_INT:
+        return AUTO if text.lower() == AUTO else _parse_text(text, "int")
     if kind == "int":
         if not _INT.match(text):
             raise ValueError
@@ -96,7 +105,7 @@ def _coerce(value: Any, kind: str) -> Any:
         return value
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+    if kind in ("int", _AUTO_INT) and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -186,6 +195,15 @@ def apply_overrides(cfg: EasyDict, overrides: dict[str, Any]) -> EasyDict:
             raise ValueError(f"override {name}={value!r}: [{section}] {key} expects "
                              f"{kind}") from None
     return EasyDict(cfg)
+
+
+def with_num_classes(cfg: EasyDict, count: int) -> EasyDict:
+    """cfg with [model] num_classes = auto made `count` (the classes of the training data
+    or of the pretrained weights; builder.COCO_NUM_CLASSES when nothing tells). An
+    integer num_classes is kept: cfg itself is returned."""
+    if cfg.model.num_classes != AUTO:
+        return cfg
+    return apply_overrides(cfg, {"model.num_classes": count})
 
 
 def configured_backbone(cfg: EasyDict, overrides: dict[str, Any]) -> str:

@@ -78,7 +78,8 @@ def read_model_weights(path: PathLike) -> ModelWeights:
     return ModelWeights(state, found.source, found.config, found.categories)
 
 
-def _class_count(state: dict[str, Tensor]) -> Optional[int]:
+def class_count(state: dict[str, Tensor]) -> Optional[int]:
+    """K (background excluded) of a state dict in our names, None without a box predictor."""
     weight = state.get("roi_heads.box_predictor.cls_score.weight")
     return None if weight is None else int(weight.shape[0]) - 1
 
@@ -98,12 +99,15 @@ def fit_state(ours: dict[str, Tensor], weights: ModelWeights, origin: str,
     # A step counter may come back from a pickle of arrays as shape (1,) instead of ().
     state = {k: v.reshape(()) if k.endswith("num_batches_tracked") and v.numel() == 1 else v
              for k, v in weights.state.items()}
-    theirs_k, ours_k = _class_count(state), _class_count(ours)
+    theirs_k, ours_k = class_count(state), class_count(ours)
     same_classes = theirs_k is None or theirs_k == ours_k
     if not same_classes:
+        skipped = sorted({k.rsplit(".", 1)[0] for k in state if k.startswith(CLASS_SPECIFIC)})
         state = {k: v for k, v in state.items() if not k.startswith(CLASS_SPECIFIC)}
         notice(f"{origin}: num_classes {ours_k} differs from the checkpoint's {theirs_k}: "
-               f"box and mask predictors re-initialised, everything else loaded")
+               f"skipped its class-specific layers {', '.join(skipped)} (their shapes "
+               f"count classes; re-initialised for {ours_k} classes), loaded the other "
+               f"{len(state)} tensors")
     hint = "use the config the checkpoint was made with (a zoo preset: configs/zoo/...)"
     for key, value in state.items():
         if key in ours and tuple(ours[key].shape) != tuple(value.shape):

@@ -10,6 +10,10 @@ with `torch.load(weights_only=True)` and can never execute code:
     rng                                   torch / numpy / python random / CUDA states
     cat_ids, class_names                  the class mapping (label l <-> cat_ids[l - 1])
     config                                the full config as a plain {section: {key: value}}
+    early_stop                            only in the last checkpoint of a run that [solver]
+                                          patience ended: dict(iteration, metric,
+                                          evaluations, best_ap, best_iteration, patience,
+                                          patience_delta); resuming trains no further
 
 Files are `model_0001000.pth` in the output directory; `last_checkpoint` names the newest.
 A save writes `.model_0001000.pth.<random>.tmp` and renames it, so a crash (even SIGKILL)
@@ -251,8 +255,8 @@ def resume_training(output_dir: PathLike, resume: bool, main: bool, rank: int, m
     model, optimizer, schedule, scaler and this rank's RNGs (rank 0 says so).
 
     Returns:
-        (its path or None, (iteration, elapsed_s, epoch, batch_in_epoch)): zeros for a
-        fresh start.
+        (its path or None, (iteration, elapsed_s, epoch, batch_in_epoch), its
+        "early_stop" record or None): zeros and None for a fresh start.
     """
     # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
     path, state = load_latest_checkpoint(output_dir, verbose=main) if resume else (None, None)
@@ -260,7 +264,7 @@ def resume_training(output_dir: PathLike, resume: bool, main: bool, rank: int, m
         if not resume and main and latest_checkpoint(output_dir) is not None:
             print(f"note: {output_dir} holds checkpoints of an earlier run; starting fresh "
                   f"(pass --resume to continue it)", file=sys.stderr)
-        return None, (0, 0.0, 0, 0)
+        return None, (0, 0.0, 0, 0), None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["scheduler"])
@@ -271,7 +275,7 @@ def resume_training(output_dir: PathLike, resume: bool, main: bool, rank: int, m
     if main:
         print(f"resuming from {path} (iteration {state['iteration']})")
     return path, (state["iteration"], state["elapsed_s"], state["data"]["epoch"],
-                  state["data"]["batch_in_epoch"])
+                  state["data"]["batch_in_epoch"]), state.get("early_stop")
 
 
 def set_rng_state(state: dict) -> None:

@@ -365,6 +365,7 @@ def _need_file(parser, option: str, path, folder: bool = False) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def cmd_train(args, parser) -> int:
+    from engine.initialise import RunConfigError
     from engine.train import MissingPackageError, NonFiniteLossError, train
     _need_file(parser, "--config", args.config)
     cfg = _config(parser, args.config, args.sets)
@@ -381,7 +382,7 @@ def cmd_train(args, parser) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, MissingPackageError) as err:
+    except (FileNotFoundError, MissingPackageError, RunConfigError) as err:
         parser.error(str(err))
     if is_main_process():
         _print_summary(summary)
@@ -473,7 +474,9 @@ OUTPUT_FORMATS = ("coco", "overlays", "jsonl")
 
 
 def cmd_predict(args, parser) -> int:
+    from engine.images import collect_inputs
     from engine.predict import Predictor
+    from engine.video import VIDEO_SUFFIXES
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in OUTPUT_FORMATS]
     if bad or not formats:
@@ -487,11 +490,12 @@ def cmd_predict(args, parser) -> int:
                               tile_overlap=args.tile_overlap,
                               mask_threshold=args.mask_threshold, workers=args.workers,
                               overrides=overrides)
+        files = collect_inputs(args.images, VIDEO_SUFFIXES)    # missing paths: before --out
         _check_single_image(args.images)
         out.mkdir(parents=True, exist_ok=True)
         writers = _prediction_writers(formats, out, predictor, args.score_threshold)
         with _warnings_as_lines():
-            for _ in predictor.run(args.images, writers, progress=args.progress):
+            for _ in predictor.run(files, writers, progress=args.progress):
                 pass
     except FileNotFoundError as err:
         raise CliError(str(err), 2) from None
@@ -799,7 +803,9 @@ def _demo_overlays(model, cfg, folder: Path, count: int = 8) -> None:
 def _print_summary(summary: dict) -> None:
     from engine.evaluate import format_table
     it, secs = summary["iterations"], summary["elapsed_s"]
-    print(f"trained {it} iterations in {secs:.1f} s; last checkpoint {summary['checkpoint']}")
+    stopped = " (stopped early)" if summary.get("early_stop") else ""
+    print(f"trained {it} iterations{stopped} in {secs:.1f} s; last checkpoint "
+          f"{summary['checkpoint']}")
     if summary.get("metrics"):
         print(format_table(summary["metrics"]))
 

@@ -13,8 +13,13 @@ from easydict import EasyDict
 from torch import nn
 
 from builder import build_model
-from configs import apply_overrides
+from configs.loader import AUTO, defaults, with_num_classes
 from engine.checkpoint import load_checkpoint
+
+
+class RunConfigError(ValueError):
+    """The config cannot train on its data as written (the message names the keys, the
+    values and what to set instead)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -27,11 +32,12 @@ def _is_disabled(path: Any) -> bool:
     return path is None or str(path).strip().lower() in ("", "none")
 
 
-def build_datasets(cfg: EasyDict):
+def build_datasets(cfg: EasyDict, verbose: bool = True):
     """(train CocoInstances, val CocoInstances or None) from cfg.data: COCO JSONs as they
     are, the other formats ([data] format) through engine.formats.to_coco; the validation
-    set gets the training set's classes. With [data] check_data, both are checked
-    (check_before_training) before the model is built."""
+    set gets the training set's classes. val is None also when val_json / val_images are
+    config.ini's COCO defaults and absent (a note says so). With [data] check_data, both
+    are checked (check_before_training) before the model is built."""
     from engine.data import CocoInstances
     d = cfg.data
     train_source, train_root = data_source(d, "train", d.classes)
@@ -39,7 +45,13 @@ def build_datasets(cfg: EasyDict):
                               skip_empty=d.skip_empty, flip_prob=d.flip_prob, lsj=d.lsj,
                               lsj_scale=d.lsj_scale, lsj_size=d.lsj_size)
     val_set = None
-    if not _is_disabled(d.val_json):
+    if _default_val_set_missing(d):
+        if verbose:
+            print(f"note: training without evaluation: [data] val_json = {d.val_json} is "
+                  f"config.ini's default and does not exist; set val_json and val_images "
+                  f"to evaluate (and for model_best.pth), or val_json = none",
+                  file=sys.stderr)
+    elif not _is_disabled(d.val_json):
         val_source, val_root = data_source(d, "val", train_set.class_names)
         val_set = CocoInstances(val_source, val_root, train=False)
     if d.check_data:     # before the emptiness test: the report says why it is empty
@@ -91,6 +103,14 @@ def check_before_training(train_set, val_set, d: EasyDict) -> None:
               "check)", file=sys.stderr)
 
 
+def _default_val_set_missing(d: EasyDict) -> bool:
+    """Whether [data] val_json / val_images are config.ini's COCO defaults, left as they
+    are (a config of one's own data names only train_json and train_images), and absent."""
+    default = defaults().data
+    return (d.val_json, d.val_images) == (default.val_json, default.val_images) and \
+        not (Path(d.val_json).exists() and Path(d.val_images).exists())
+
+
 def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:
     """The model to train: with [model] pretrained set (coco, a zoo name, a checkpoint of
     any supported format, imagenet), MaskRCNN(pretrained=...) with cfg's num_classes (a
@@ -134,18 +154,38 @@ def build_initial_model(cfg: EasyDict, verbose: bool = True) -> nn.Module:
 
 def prepare_run(cfg: EasyDict, main: bool, rank: int,
                 device: torch.device) -> tuple[EasyDict, nn.Module, Any, Any]:
-    """(cfg, model on `device`, train set, val set or None) of a run. num_classes follows
-    the training set's categories (rank 0 notes a change); the returned cfg is the
-    model's: a zoo model's preset architecture with this config's values."""
-    train_set, val_set = build_datasets(cfg)
-    if cfg.model.num_classes != train_set.num_classes:
-        if main:
-            print(f"note: model.num_classes = {cfg.model.num_classes} but {cfg.data.train_json}"
-                  f" has {train_set.num_classes} categories; using {train_set.num_classes}")
-        cfg = apply_overrides(cfg, {"model.num_classes": train_set.num_classes})
+    """(cfg, model on `device`, train set, val set or None) of a run. The classes are
+    the training set's (num_classes = auto; see classes_from_data); the returned cfg is
+    the model's: a zoo model's preset architecture with this config's values."""
+    train_set, val_set = build_datasets(cfg, verbose=main)
+    cfg = classes_from_data(cfg, train_set, main)
     seed_everything(cfg.solver.seed + rank)
     model = build_initial_model(cfg, verbose=main).to(device)
     return model.cfg, model, train_set, val_set
+
+
+def classes_from_data(cfg: EasyDict, train_set, verbose: bool = True) -> EasyDict:
+    """cfg with [model] num_classes = auto set to the training set's K (its 'categories',
+    annotated or not; rank 0 prints them). An integer num_classes must equal K: labels
+    beyond the data's categories would have no name and no COCO id to evaluate with, and
+    categories beyond num_classes no output.
+
+    Raises:
+        RunConfigError naming both numbers and the file when they differ.
+    """
+    k, found = cfg.model.num_classes, train_set.num_classes
+    if k == AUTO:
+        if verbose:
+            names = ", ".join(train_set.class_names[:10])
+            more = f", ... ({found} in all)" if found > 10 else ""
+            print(f"classes from {cfg.data.train_json}: {found} ({names}{more})")
+        return with_num_classes(cfg, found)
+    if k != found:
+        raise RunConfigError(
+            f"[model] num_classes = {k} but [data] train_json = {cfg.data.train_json} has "
+            f"{found} categories; set num_classes = auto (or {found}) to train on the "
+            f"data's classes")
+    return cfg
 
 
 def build_train_loader(train_set, solver: EasyDict, num_workers: int, world: int,

@@ -145,19 +145,17 @@ def summary_writer_class():
     return SummaryWriter
 
 
-def best_in_log(path: Path, kind: str) -> Optional[tuple]:
-    """(AP, iteration) of the best `kind` AP among log.jsonl's evaluations, or None."""
-    best = None
+def evaluations_in_log(path: Path, kind: str) -> list[tuple[int, float]]:
+    """(iteration, `kind` AP) of log.jsonl's evaluations, in the log's order."""
+    found = []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
-                ap = float(record["eval"][kind]["AP"])
+                found.append((int(record["iter"]), float(record["eval"][kind]["AP"])))
             except (ValueError, KeyError, TypeError):
                 continue
-            if best is None or ap > best[0]:
-                best = (ap, int(record["iter"]))
-    return best
+    return found
 
 
 class Monitor:
@@ -214,6 +212,13 @@ class Monitor:
                         self.writer.add_scalar(f"eval/{t}_{name}", metrics[t][name],
                                                iteration)
             self.writer.flush()
+
+    def early_stop(self, iteration: int, kind: str, evaluations: int, best: tuple) -> None:
+        """The line of a run ended by [solver] patience; best: (AP, iteration)."""
+        if self.main:
+            self._print(f"early stop at iteration {iteration}: {kind} AP did not improve "
+                        f"for {evaluations} evaluations (best {best[0]:.4f} at iteration "
+                        f"{best[1]})")
 
     def _print(self, line: str) -> None:
         if self.bar.bar is not None:          # above the bar, without breaking it

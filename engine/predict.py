@@ -108,10 +108,13 @@ def load_model(weights, device="cpu", overrides: Optional[dict] = None):
         raise ValueError(f"{weights}: the weights do not fit the model its config "
                          f"describes: {str(err)[:300]}") from None
     model.to(device).eval()
-    k = cfg.model.num_classes
+    k = model.num_classes
     meta = dict(class_names=list(state.get("class_names") or [str(i) for i in range(1, k + 1)]),
                 cat_ids=list(state.get("cat_ids") or range(1, k + 1)), config=cfg,
                 iteration=state.get("iteration"))
+    # the model carries its classes too, so Predictor(model) names them
+    model.categories = {label: (name, int(cat_id)) for label, (name, cat_id) in
+                        enumerate(zip(meta["class_names"], meta["cat_ids"]), start=1)}
     return model, meta
 
 
@@ -452,22 +455,19 @@ class Predictor:
             with VideoReader(path) as reader:
                 yield from reader
         except VideoError as err:
-            self._skip(path, str(err).split(": ", 1)[-1], "unreadable video")
+            self._skip(path, f"unreadable video: {str(err).split(': ', 1)[-1]}")
 
     def _decode(self, path: Path) -> Optional[Tensor]:
         try:
             return decode_image_file(path)
         except ImageError as err:
-            detail = str(err).split(": ", 1)[-1] if str(err).startswith(str(path)) \
-                else str(err)
-            self._skip(path, detail, err.reason)
+            self._skip(path, err.reason)
             return None
 
-    def _skip(self, path: Path, detail: str, reason: str) -> None:
-        """A bad input: one warning with the detail, and (path, short reason) for the
-        summary."""
+    def _skip(self, path: Path, reason: str) -> None:
+        """A bad input: one warning naming it, and (path, reason) for the summary."""
         self.failures.append((str(path), reason))
-        warnings.warn(f"skipped {path}: {detail}", SkippedImageWarning, stacklevel=3)
+        warnings.warn(f"skipped {path} ({reason})", SkippedImageWarning, stacklevel=3)
 
     def summary(self) -> str:
         """One line on the last run: images predicted, and the skipped ones with why."""

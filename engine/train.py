@@ -20,6 +20,12 @@ over those iterations; and eval results), loss.png (loss curves and AP over trai
 with evaluation during training, model_best.pth (the checkpoint, same format, of the
 evaluation with the best segm AP, bbox AP for box-only models); with [solver]
 tensorboard = true, TensorBoard scalars in tensorboard/.
+
+Early stopping: with [solver] patience = N > 0 the run ends after N evaluations in a row
+without improvement of that AP (by more than patience_delta over the best before each),
+with a line saying so; the final checkpoint is written and marked ("early_stop"), so
+`train(cfg, resume=True)` on it trains no further (it says so and returns) unless the
+config's patience now allows more evaluations; model_best.pth stays the best one.
 """
 from __future__ import annotations
 
@@ -35,10 +41,12 @@ from torch import nn
 from engine import distributed as dist_utils
 from engine.checkpoint import (atomic_save, resume_training, rng_state, save_checkpoint,
                                training_state)
-from engine.initialise import (build_datasets, build_initial_model,  # noqa: F401
-                               build_train_loader, prepare_run, seed_everything)
+from engine.initialise import (RunConfigError, build_datasets,  # noqa: F401
+                               build_initial_model, build_train_loader, prepare_run,
+                               seed_everything)
 from engine.monitor import (JsonLog, LossWindow, MissingPackageError,  # noqa: F401
-                            best_in_log, open_monitor, peak_memory_mib, summary_writer_class)
+                            evaluations_in_log, open_monitor, peak_memory_mib,
+                            summary_writer_class)
 from engine.optim import LRSchedule, build_optimizer, build_schedule  # noqa: F401
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
@@ -65,10 +73,13 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
         dict(iterations, last_losses {name: float}, checkpoint (path of the last one, or
         None), elapsed_s (training time, evaluation excluded), eval_s, metrics (the last
         evaluation's {"bbox": {...}, "segm": {...}}, or None), model (the trained
-        MaskRCNN, unwrapped from DDP)).
+        MaskRCNN, unwrapped from DDP), early_stop (the checkpoint's "early_stop" record
+        when [solver] patience ended the run, else None)).
     Raises:
         NonFiniteLossError when a loss becomes NaN/inf (the last good checkpoint stays).
         FileNotFoundError naming the files tried when resuming and none of them loads.
+        RunConfigError for a config that cannot train on its data (num_classes other than
+        the data's; patience without evaluations).
     """
     distributed = dist_utils.init_distributed()
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -82,13 +93,26 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
                          f"{world} processes")
     out_dir = Path(solver.output_dir)
     cfg, model, train_set, val_set = prepare_run(cfg, main, rank, device)
+    _check_patience(cfg, val_set)
     optimizer = build_optimizer(solver, model)
     schedule = build_schedule(solver, optimizer)
     use_amp = bool(solver.amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    last_ckpt, (start_iter, elapsed, epoch, batch_in_epoch) = resume_training(
+    last_ckpt, (start_iter, elapsed, epoch, batch_in_epoch), stopped_at = resume_training(
         out_dir, resume, main, rank, model, optimizer, schedule, scaler)
+    if stopped_at is not None and 0 < solver.patience <= stopped_at["evaluations"]:
+        if main:
+            print(f"{out_dir}: the run ended by early stopping at iteration "
+                  f"{stopped_at['iteration']} ({stopped_at['evaluations']} evaluations "
+                  f"without improvement; best {stopped_at['metric']} "
+                  f"{stopped_at['best_ap']:.4f} at iteration "
+                  f"{stopped_at['best_iteration']}, model_best.pth): nothing to train. To "
+                  f"train on, --resume with [solver] patience above "
+                  f"{stopped_at['evaluations']} (or 0: off)")
+        return dict(iterations=start_iter, last_losses={}, checkpoint=str(last_ckpt),
+                    elapsed_s=elapsed, eval_s=0.0, metrics=None, model=model,
+                    early_stop=stopped_at)
 
     if distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -103,11 +127,12 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
                                 budget_s, device, start_iter, elapsed)
     ctx = _Loop(cfg, model, optimizer, schedule, scaler, device, use_amp, main, log,
                 train_set, val_set, monitor, progress and main)
-    if last_ckpt is not None:
-        ctx.best = dist_utils.broadcast_object(
-            best_in_log(log.path, ctx.best_kind) if main else None)
+    if last_ckpt is not None:       # the evaluations so far: best AP, patience used
+        ctx.tracker.replay(dist_utils.broadcast_object(
+            evaluations_in_log(log.path, ctx.best_kind) if main else None))
 
     iteration, eval_s, saved_iter = start_iter, 0.0, start_iter if last_ckpt else -1
+    stopped = False
     window = LossWindow()
     last_losses: dict = {}
     ckpt_path: Optional[Path] = last_ckpt
@@ -115,7 +140,8 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
     t_start = time.perf_counter() - elapsed
     try:
         def done() -> bool:
-            return iteration >= solver.max_iter or (budget_s > 0 and elapsed >= budget_s)
+            return stopped or iteration >= solver.max_iter or \
+                (budget_s > 0 and elapsed >= budget_s)
 
         while not done():
             loader.sampler.set_epoch(epoch, start_batch=batch_in_epoch)
@@ -142,8 +168,9 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
                 if cfg.eval.eval_every > 0 and iteration % cfg.eval.eval_every == 0 \
                         and not done() and val_set is not None:
                     t0 = time.perf_counter()
-                    ctx.evaluate(iteration, epoch, batch_in_epoch, elapsed)
+                    metrics = ctx.evaluate(iteration, epoch, batch_in_epoch, elapsed)
                     eval_s += time.perf_counter() - t0
+                    stopped = ctx.tracker.exhausted
                 if done():
                     break
         elapsed = time.perf_counter() - t_start - eval_s
@@ -151,10 +178,13 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
             record = window.record(iteration, schedule.last_lr, elapsed)
             log.write(record)
             monitor.log(record, elapsed)
-        if saved_iter != iteration:
+        if stopped:                 # the final checkpoint says so: resume trains no further
+            ctx.early_stop = ctx.tracker.record(iteration, ctx.best_kind)
+            monitor.early_stop(iteration, ctx.best_kind, ctx.tracker.stale, ctx.tracker.best)
+        if saved_iter != iteration or stopped:
             ckpt_path = ctx.save(iteration, epoch, batch_in_epoch, elapsed, ckpt_path)
         bar.close()
-        if val_set is not None:
+        if val_set is not None and not stopped:    # stopped: just evaluated
             t0 = time.perf_counter()
             metrics = ctx.evaluate(iteration, epoch, batch_in_epoch, elapsed)
             eval_s += time.perf_counter() - t0
@@ -166,7 +196,60 @@ def train(cfg: EasyDict, resume: bool = False, progress: bool = True) -> dict:
         monitor.close()
     return dict(iterations=iteration, last_losses=last_losses,
                 checkpoint=str(ckpt_path) if ckpt_path else None, elapsed_s=elapsed,
-                eval_s=eval_s, metrics=metrics, model=_unwrap(model))
+                eval_s=eval_s, metrics=metrics, model=_unwrap(model),
+                early_stop=ctx.early_stop)
+
+
+def _check_patience(cfg: EasyDict, val_set) -> None:
+    """[solver] patience needs evaluations during training to count."""
+    s = cfg.solver
+    if s.patience < 0 or s.patience_delta < 0:
+        raise RunConfigError(f"[solver] patience = {s.patience}, patience_delta = "
+                             f"{s.patience_delta}: both must be >= 0 (patience 0: off)")
+    if s.patience > 0 and (val_set is None or cfg.eval.eval_every <= 0):
+        raise RunConfigError(
+            f"[solver] patience = {s.patience} needs evaluations during training: set "
+            f"[data] val_json / val_images and [eval] eval_every > 0 (now "
+            f"val_json = {cfg.data.val_json}, eval_every = {cfg.eval.eval_every}), or "
+            f"patience = 0")
+
+
+class ApTracker:
+    """The AP model_best.pth follows, over a run's evaluations: `best` (AP, iteration)
+    and, for early stopping, `stale`: evaluations since the last one whose AP beat the
+    best before it by more than `delta`."""
+
+    def __init__(self, patience: int, delta: float):
+        self.patience, self.delta = patience, delta
+        self.best: Optional[tuple] = None
+        self.stale = 0
+
+    def update(self, ap: float, iteration: int) -> bool:
+        """Count one evaluation; returns whether its AP is a new best (model_best.pth)."""
+        gained = self.best is None or ap > self.best[0] + self.delta
+        self.stale = 0 if gained else self.stale + 1
+        improved = self.best is None or ap > self.best[0]
+        if improved:
+            self.best = (ap, iteration)
+        return improved
+
+    def replay(self, evaluations: list) -> None:
+        """Count a resumed run's earlier evaluations: [(iteration, AP)] in order."""
+        for iteration, ap in evaluations:
+            self.update(ap, iteration)
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether [solver] patience ends the run now."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def record(self, iteration: int, kind: str) -> dict:
+        """The checkpoint's "early_stop" entry (plain values: weights_only-safe); kind:
+        the AP's IoU type, segm or bbox."""
+        return {"iteration": int(iteration), "metric": f"{kind} AP",
+                "evaluations": int(self.stale),
+                "best_ap": float(self.best[0]), "best_iteration": int(self.best[1]),
+                "patience": int(self.patience), "patience_delta": float(self.delta)}
 
 
 class _Loop:
@@ -178,9 +261,10 @@ class _Loop:
         self.scaler, self.device, self.use_amp, self.main = scaler, device, use_amp, main
         self.log, self.train_set, self.val_set = log, train_set, val_set
         self.monitor, self.progress = monitor, progress
-        # model_best.pth follows this AP; best: (AP, iteration) of the best evaluation
+        # model_best.pth (and early stopping) follows this AP
         self.best_kind = "segm" if cfg.model.mask_on else "bbox"
-        self.best: Optional[tuple] = None
+        self.tracker = ApTracker(cfg.solver.patience, cfg.solver.patience_delta)
+        self.early_stop: Optional[dict] = None     # set when patience ends the run
 
     def step(self, iteration: int, images, targets, ckpt_path) -> dict:
         """Forward, NaN/inf check, backward, (clip), optimizer step. Returns the losses
@@ -212,9 +296,12 @@ class _Loop:
 
     def state(self, iteration, epoch, batch_in_epoch, elapsed, rngs) -> dict:
         """The checkpoint content (see engine/checkpoint.py); rngs: every rank's RNG state."""
-        return training_state(_unwrap(self.model), self.optimizer, self.schedule,
-                              self.scaler if self.use_amp else None, self.train_set, self.cfg,
-                              iteration, (epoch, batch_in_epoch), elapsed, rngs)
+        state = training_state(_unwrap(self.model), self.optimizer, self.schedule,
+                               self.scaler if self.use_amp else None, self.train_set,
+                               self.cfg, iteration, (epoch, batch_in_epoch), elapsed, rngs)
+        if self.early_stop is not None:
+            state["early_stop"] = dict(self.early_stop)
+        return state
 
     def save(self, iteration, epoch, batch_in_epoch, elapsed, previous) -> Optional[Path]:
         rngs = dist_utils.all_gather_object(rng_state())
@@ -240,15 +327,13 @@ class _Loop:
                            progress=self.progress, table=False)
         self.log.write({"iter": iteration, "eval": metrics})
         kind = self.best_kind if self.best_kind in metrics else "bbox"
-        ap = float(metrics[kind]["AP"])
-        improved = self.best is None or ap > self.best[0]    # same on every rank
+        improved = self.tracker.update(float(metrics[kind]["AP"]), iteration)  # every rank
         if improved:
-            self.best = (ap, iteration)
             rngs = dist_utils.all_gather_object(rng)
             if self.main:
                 atomic_save(self.state(iteration, epoch, batch_in_epoch, elapsed, rngs),
                             Path(self.cfg.solver.output_dir) / "model_best.pth")
             dist_utils.barrier()
-        self.monitor.evaluation(iteration, metrics, kind, self.best, improved)
+        self.monitor.evaluation(iteration, metrics, kind, self.tracker.best, improved)
         self.model.train()
         return metrics

@@ -24,7 +24,7 @@ def _write(tmp_path, text, name="user.ini"):
 
 def test_defaults_are_typed():
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.model.num_classes == 80 and cfg.model.mask_on is True
+    assert cfg.model.num_classes == "auto" and cfg.model.mask_on is True
     assert cfg.backbone.backbone == "resnet101" and cfg.backbone.trainable_layers == 3
     assert cfg.transform.image_mean == (0.485, 0.456, 0.406)
     assert cfg.transform.train_min_size == (800,)
@@ -64,7 +64,9 @@ def test_user_config_sets_a_subset(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ("[nonsense]\nx = 1\n", ["user.ini", "nonsense"]),
     ("[rpn]\nrpn_nms_treshold = 0.6\n", ["user.ini", "[rpn]", "rpn_nms_treshold", "0.6"]),
-    ("[model]\nnum_classes = abc\n", ["user.ini", "[model]", "num_classes", "'abc'", "int"]),
+    ("[model]\nnum_classes = abc\n", ["user.ini", "[model]", "num_classes", "'abc'",
+                                       "int or auto"]),
+    ("[model]\nnum_classes = 2.5\n", ["num_classes", "'2.5'", "int or auto"]),
     ("[backbone]\ntrainable_layers = 2.5\n", ["trainable_layers", "'2.5'", "int"]),
     ("[model]\nmask_on = maybe\n", ["mask_on", "'maybe'", "bool"]),
     ("[transform]\nimage_mean = 0.4, x, 0.4\n", ["image_mean", "tuple[float]"]),
@@ -76,6 +78,19 @@ def test_bad_config_names_file_section_key_value_type(tmp_path, text, words):
         load_config(path)
     for word in words:
         assert word in str(err.value)
+
+
+def test_num_classes_is_auto_or_an_int(tmp_path):
+    """num_classes = auto (the default: the data's or the weights' classes) or K."""
+    assert load_config(_write(tmp_path, "[model]\nnum_classes = 7\n")).model.num_classes == 7
+    assert load_config(_write(tmp_path, "[model]\nnum_classes = auto\n")).model.num_classes \
+        == "auto"
+    cfg = load_config(DEFAULT_CONFIG)
+    assert apply_overrides(cfg, {"num_classes": "12"}).model.num_classes == 12
+    assert apply_overrides(cfg, {"num_classes": 12}).model.num_classes == 12
+    assert apply_overrides(cfg, {"num_classes": "auto"}).model.num_classes == "auto"
+    with pytest.raises(ValueError, match="expects int or auto"):
+        apply_overrides(cfg, {"num_classes": "many"})
 
 
 def test_overrides_bare_and_dotted():

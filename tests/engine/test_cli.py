@@ -221,6 +221,15 @@ def _usage_error(capsys, argv):
     return err
 
 
+def _one_line_error(capsys, argv, code):
+    """A failure found while running: exit status `code`, one stderr line naming the
+    command (engine.cli.CliError), no traceback."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"maskrcnn {argv[0]}: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
 def test_bad_arguments_are_usage_errors(trained, tmp_path, capsys):
     config, out = trained
     weights = str(latest_checkpoint(out))
@@ -240,8 +249,10 @@ def test_bad_arguments_are_usage_errors(trained, tmp_path, capsys):
                                                "--data", "x.json", "--images", "."])
     assert "--images" in _usage_error(capsys, ["eval", "--weights", weights, "--data",
                                                weights, "--images", str(tmp_path / "no")])
-    assert "nope.png" in _usage_error(capsys, ["predict", "--weights", weights,
-                                               str(tmp_path / "nope.png"), "--out", "x"])
+    assert "nope.png" in _one_line_error(capsys, ["predict", "--weights", weights,
+                                                  str(tmp_path / "nope.png"), "--out",
+                                                  str(tmp_path / "x")], 2)
+    assert not (tmp_path / "x").exists(), "nothing written for a missing input"
     assert "--out" in _usage_error(capsys, ["predict", "--weights", weights, "a.png"])
     assert "--minutes" in _usage_error(capsys, ["demo", "--minutes", "-1"])
     assert "--iters" in _usage_error(capsys, ["demo", "--iters", "0"])
@@ -250,8 +261,8 @@ def test_bad_arguments_are_usage_errors(trained, tmp_path, capsys):
     assert "nonsense" in _usage_error(capsys, ["nonsense"])
     import torch
     torch.save({"model": {}, "config": {}, "x": Pickled()}, tmp_path / "evil.pth")
-    err = _usage_error(capsys, ["predict", "--weights", str(tmp_path / "evil.pth"),
-                                str(config), "--out", str(tmp_path / "p")])
+    err = _one_line_error(capsys, ["predict", "--weights", str(tmp_path / "evil.pth"),
+                                   str(config), "--out", str(tmp_path / "p")], 1)
     assert "evil.pth" in err and "refused" in err
     err = _usage_error(capsys, ["predict", "--weights", weights, ".", "--out", "x",
                                 "--set", "box_score_tresh=0.2"])
