@@ -7,6 +7,7 @@
     maskrcnn zoo                                        # the zoo: AP, cached or not
     maskrcnn export-weights --weights outputs/model_0001000.pth --out model.safetensors
     maskrcnn export --weights coco --format onnx --out model.onnx   # or --format pt2
+    maskrcnn export --weights W --format onnx --int8 --calibration my_images/ --out m.onnx
     maskrcnn demo [--out outputs/demo] [--iters 2400 | --minutes 10]
     maskrcnn doctor [--json]                            # versions, kernels, GPUs, cache
     maskrcnn convert-data --from labelme data/labelme --out train.json   # or voc / yolo
@@ -47,6 +48,9 @@ DEMO_TARGET = {"AP": 0.40, "AP50": 0.60}
 # Seconds per demo iteration on the reference machine (2 CPU cores, idle; docs/demo.md):
 # only for the expected time printed before training.
 DEMO_SECONDS_PER_ITER = {"cpu": 0.25}
+# Images `maskrcnn export --int8` calibrates on by default: each runs once through the
+# float graph; 32 demo images gave the AP of 200 (docs/benchmarks.md, INT8).
+CALIBRATION_COUNT = 32
 
 
 # ----------------------------------------------------------------------------- parser
@@ -193,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example-size", type=int, nargs=2, default=(480, 640),
                    metavar=("H", "W"), help="image size traced with (the graph takes any "
                                             "size; default 480 640)")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx only: INT8 for the CPU (ONNX Runtime static quantization, "
+                        "QDQ, per-channel weights) calibrated on --calibration images; "
+                        "see README.md, Export: INT8")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="with --int8: a folder of your images (like those the model will "
+                        "see) to calibrate the activation ranges on")
+    p.add_argument("--calibration-count", type=int, default=CALIBRATION_COUNT, metavar="N",
+                   help=f"with --int8: calibrate on N images of the folder, spread over its "
+                        f"sorted listing (default {CALIBRATION_COUNT})")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar over the calibration images")
     _add_set(p, "test-time keys, e.g. box_score_thresh=0.3, applied before export")
     p.set_defaults(func=cmd_export, command_parser=p)
 
@@ -571,9 +587,52 @@ def cmd_export_weights(args, parser) -> int:
     return 0
 
 
+def _check_int8_options(args, parser) -> None:
+    """--int8 goes with --format onnx and --calibration; those two only with --int8."""
+    if args.int8 and args.format != "onnx":
+        parser.error(f"--int8: INT8 is an ONNX Runtime quantization; use it with --format "
+                     f"onnx (not --format {args.format})")
+    if args.int8 and args.calibration is None:
+        parser.error("--int8 needs --calibration DIR: a folder of your images to calibrate "
+                     "the activation ranges on")
+    if not args.int8 and args.calibration is not None:
+        parser.error(f"--calibration {args.calibration}: only with --int8")
+    if args.calibration_count < 1:
+        parser.error(f"--calibration-count {args.calibration_count}: must be >= 1")
+
+
+def _calibration_images(parser, folder: str, count: int) -> list:
+    """`count` images of `folder` (evenly spread over its sorted listing, so a folder
+    sorted by class or scene is sampled across) as RGB [0, 1] Tensor[3, H, W]."""
+    from engine.data import ImageError, load_rgb
+    from engine.images import IMAGE_SUFFIXES
+    _need_file(parser, "--calibration", folder, folder=True)
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        parser.error(f"--calibration {folder}: no images in the folder (looked for "
+                     f"{', '.join(IMAGE_SUFFIXES)})")
+    picked = [files[i * len(files) // min(count, len(files))]
+              for i in range(min(count, len(files)))]
+    try:
+        return [load_rgb(f) for f in picked]
+    except ImageError as err:
+        parser.error(f"--calibration {folder}: {err}")
+
+
+def _export_int8(model, out: Path, size, images: list, progress: bool) -> Path:
+    """The float ONNX export in a temporary folder, quantized into `out`."""
+    import tempfile
+
+    import deploy
+    with tempfile.TemporaryDirectory(prefix="maskrcnn_int8_") as tmp:
+        float_path = deploy.export_onnx(model, Path(tmp) / "float.onnx", example_size=size)
+        return deploy.quantize_onnx(float_path, out, images, progress=progress)
+
+
 def cmd_export(args, parser) -> int:
     from maskrcnn import MaskRCNN
     from engine.predict import is_zoo_name
+    _check_int8_options(args, parser)
     if not is_zoo_name(args.weights):
         _need_file(parser, "--weights", args.weights)
     if args.config is not None:
@@ -591,6 +650,8 @@ def cmd_export(args, parser) -> int:
         except ImportError:
             parser.error("--format onnx needs the onnx package: pip install "
                          "'mask-rcnn-pytorch[export]' (or onnx onnxruntime)")
+    images = (_calibration_images(parser, args.calibration, args.calibration_count)
+              if args.int8 else None)
     from tools.download import DownloadError
     try:
         model = MaskRCNN(pretrained=args.weights, config=args.config, **overrides).eval()
@@ -600,7 +661,9 @@ def cmd_export(args, parser) -> int:
     size = tuple(args.example_size)
     t0 = time.perf_counter()
     try:
-        if args.format == "onnx":
+        if args.int8:
+            path = _export_int8(model, out, size, images, args.progress)
+        elif args.format == "onnx":
             path = deploy.export_onnx(model, out, example_size=size)
         else:
             path = deploy.export_program(model, out, example_size=size)
@@ -608,7 +671,9 @@ def cmd_export(args, parser) -> int:
         parser.error(f"--format {args.format}: {err}")
     except OSError as err:
         parser.error(f"--out {err}")
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.format}) in "
+    kind = f"{args.format}, INT8 calibrated on {len(images)} images" if args.int8 \
+        else args.format
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind}) in "
           f"{time.perf_counter() - t0:.1f} s: input image float32 [3, H, W] RGB in [0, 1]; "
           f"outputs boxes, labels, scores" + (", masks" if model.cfg.model.mask_on else ""))
     return 0
