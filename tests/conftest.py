@@ -25,7 +25,10 @@ def trained(tmp_path_factory):
     temporary folder (training is seeded, so whichever worker trains, it is the same)."""
     import fcntl
     from engine.data import CocoInstances
-    root = tmp_path_factory.getbasetemp().parent / "trained_demo150"
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers' folders are <session>/popen-gwN: share the session's folder
+    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = session / "trained_demo150"
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
