@@ -2,6 +2,7 @@
 
     python bench/predict.py latency [--runs 7] [--threads 2] [--models r50 demo]
     python bench/predict.py int8-ap [--checkpoint /tmp/demo_full/model_best.pth]
+    python bench/predict.py throughput [--images 32] [--runs 3] [--threads 2]
 
 latency: one 800x1066 image, --threads threads: eager float (our MaskRCNN, its fast path),
 ONNX Runtime float and INT8 (deploy.quantize_onnx, its defaults), OpenVINO float (and
@@ -20,14 +21,18 @@ held-out set in ONNX Runtime, float and INT8, for each choice of what stays floa
 the demo model's 800x1066 mosaic. Calibration: --calibration-count shapes training-split
 images generated with seed 2000 (the demo trains on seed 0, holds out seed 1000).
 
-A `throughput` section (a folder through the Predictor) is another function in SECTIONS
-and another sub-command.
+throughput: images/s over --images JPEGs of mixed sizes (480x640 to 1200x1600 mosaics of
+held-out shapes scenes) with an overlay PNG written per image, the demo checkpoint,
+--threads torch threads: the one-by-one loop `maskrcnn predict` ran before the Predictor
+(decode, model, draw and save in turn) against engine.Predictor (batch 1 and 4, two
+decoding threads, the overlays drawn in its writer thread). Best of --runs.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -222,9 +227,85 @@ def int8_ap(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- throughput
+
+def jpeg_folder(folder: Path, count: int, seed: int = 0) -> Path:
+    """count JPEGs of mixed sizes (480x640 to 1200x1600), each a mosaic of held-out
+    shapes scenes, so the model finds objects and the overlays have something to draw."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    scenes = shapes_images(folder / "scenes", "val", 16, 1000)
+    out = folder / "jpegs"
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = [(480, 640), (600, 800), (768, 1024), (900, 1200), (1200, 1600), (640, 480)]
+    for i in range(count):
+        h, w = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+        need = -(-h // 128) * -(-w // 128)
+        picture = mosaic([scenes[(i + k) % len(scenes)] for k in range(need)], (h, w))
+        array = (picture.permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(array).save(out / f"{i:03d}.jpg", quality=90)
+    return out
+
+
+def one_by_one(model, files, out: Path, class_names) -> None:
+    """The loop `maskrcnn predict` ran before the Predictor: decode, model, draw, save,
+    one image after the other in one thread."""
+    from engine.data import load_rgb
+    from tools.visualize import draw_detections
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for path in files:
+            image = load_rgb(path)
+            detection = model([image])[0]
+            draw_detections(image, detection, class_names, 0.5).save(out / f"{path.stem}.png")
+
+
+def predictor_run(model, files, out: Path, class_names, batch_size: int, workers: int) -> None:
+    from engine.predict import OverlayWriter, Predictor
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model, batch_size=batch_size, workers=workers)
+    for _ in predictor.run(files, [OverlayWriter(out, class_names)]):
+        pass
+
+
+def throughput(args) -> int:
+    """Images/s over a folder of JPEGs: the one-by-one loop vs the Predictor (batched,
+    decoding and drawing in threads), the same model, threads and overlays."""
+    import tempfile
+    from engine.predict import load_model
+    torch.set_num_threads(args.threads)
+    model, meta = load_model(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = jpeg_folder(Path(tmp), args.images)
+        files = sorted(folder.glob("*.jpg"))
+        runs = [("old loop (dense masks; decode, model, draw in turn)",
+                 lambda o: one_by_one(model, files, o, meta["class_names"]))]
+        runs.append(("Predictor workers=0 (one by one, no threads)",
+                     lambda o: predictor_run(model, files, o, meta["class_names"], 1, 0)))
+        for batch_size, workers in ((1, 2), (4, 2)):
+            runs.append((f"Predictor batch {batch_size}, {workers} decode threads + writer",
+                         lambda o, b=batch_size, w=workers: predictor_run(
+                             model, files, o, meta["class_names"], b, w)))
+        rows = []
+        for name, fn in runs:
+            times = []
+            for r in range(args.runs):
+                t0 = time.perf_counter()
+                fn(Path(tmp) / f"out{len(rows)}_{r}")
+                times.append(time.perf_counter() - t0)
+            rows.append((name, len(files) / min(times)))
+    base = rows[1][1]
+    print(f"\nfolder throughput: {args.images} JPEGs of mixed sizes, overlays written, "
+          f"{args.threads} torch threads, best of {args.runs}")
+    print(f"{'':52s} {'images/s':>9s} {'vs workers=0':>13s}")
+    for name, rate in rows:
+        print(f"{name:52s} {rate:9.2f} {rate / base:12.2f}x")
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 
-SECTIONS = {"latency": latency, "int8-ap": int8_ap}
+SECTIONS = {"latency": latency, "int8-ap": int8_ap, "throughput": throughput}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_predict")
+    p = sub.add_parser("throughput", help="a folder of JPEGs: the one-by-one loop vs the "
+                                          "Predictor (batched, decode and draw threads)")
+    p.add_argument("--checkpoint", default=DEMO_CHECKPOINT)
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
     return parser
 
 

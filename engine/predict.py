@@ -287,7 +287,9 @@ class Predictor:
         tile_overlap: fraction of the tile shared by neighbouring tiles, in [0, 1).
         mask_format: "rle", "crop" or "dense".
         mask_threshold: mask probability >= this is foreground.
-        workers: decoding threads ahead of the model in run() (0: decode in the loop).
+        workers: decoding threads ahead of the model in run(), plus one writing thread
+            (0: decode, predict and write one image after the other in the caller's
+            thread).
         threads: intra-op threads of ONNX Runtime / OpenVINO (None: their default).
         overrides: config keys for a model built from weights (e.g. box_score_thresh).
     """
@@ -384,7 +386,7 @@ class Predictor:
         files = collect_inputs(source, VIDEO_SUFFIXES)
         self.failures, self.count = [], 0
         bar = _progress_bar(_frame_count(files)) if progress else None
-        sink = _WriterThread(list(writers))
+        sink = _WriterThread(list(writers), threaded=self.workers > 0)
         try:
             for batch in self._decoded_batches(files, bar):
                 images = [item[-1] for item in batch]
@@ -587,20 +589,23 @@ class _WriterThread:
     """Runs writers on (result, image) pairs in one background thread, so drawing and
     encoding overlap the model. A writer's exception is raised again at close()."""
 
-    def __init__(self, writers: list):
+    def __init__(self, writers: list, threaded: bool = True):
         self.writers = writers
         self.error: Optional[BaseException] = None
         self.queue: queue.Queue = queue.Queue(maxsize=8)
         self.thread = None
-        if writers:
+        if writers and threaded:
             self.thread = threading.Thread(target=self._loop, name="writers", daemon=True)
             self.thread.start()
 
     def put(self, result: dict, image: Tensor) -> None:
-        if self.thread is not None:
-            if self.error is not None:
-                raise self.error
-            self.queue.put((result, image))
+        if self.thread is None:             # workers=0: everything in the caller's thread
+            for writer in self.writers:
+                writer.write(result, image)
+            return
+        if self.error is not None:
+            raise self.error
+        self.queue.put((result, image))
 
     def _loop(self) -> None:
         while True:
