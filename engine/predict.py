@@ -759,8 +759,11 @@ class OverlayWriter:
         n = self.stems.get(stem, 0)
         self.stems[stem] = n + 1
         name = stem if n == 0 else f"{stem}_{n}"
+        # zlib level 1: a 1600 x 1200 overlay saves in ~30 ms instead of ~130 ms (level 6,
+        # Pillow's default) for files ~1.5x larger; these are pictures to look at
         overlay_image(to_float(image), result, self.class_names,
-                      self.score_threshold).save(self.folder / f"{name}.png")
+                      self.score_threshold).save(self.folder / f"{name}.png",
+                                                 compress_level=1)
 
     def close(self) -> None:
         pass
