@@ -34,6 +34,7 @@ last run and predictor.summary() says it in a line.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -553,7 +554,9 @@ def _export_to_temp(model: nn.Module, meta: dict) -> Path:
     from deploy import export_onnx
     folder = Path(tempfile.mkdtemp(prefix="maskrcnn-onnx-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    path = export_onnx(model.cpu(), folder / "model.onnx")
+    # exported from a CPU copy: the caller's model stays on its device
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    path = export_onnx(model if on_cpu else copy.deepcopy(model).cpu(), folder / "model.onnx")
     write_onnx_categories(path, meta["class_names"], meta["cat_ids"])
     return path
 
