@@ -607,12 +607,12 @@ def _calibration_images(parser, folder: str, count: int) -> list:
     """`count` images of `folder` (evenly spread over its sorted listing, so a folder
     sorted by class or scene is sampled across) as RGB [0, 1] Tensor[3, H, W]."""
     from engine.data import ImageError, load_rgb
-    from engine.images import IMAGE_SUFFIXES
+    from engine.images import collect_inputs
     _need_file(parser, "--calibration", folder, folder=True)
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        parser.error(f"--calibration {folder}: no images in the folder (looked for "
-                     f"{', '.join(IMAGE_SUFFIXES)})")
+    try:
+        files = collect_inputs(folder)
+    except FileNotFoundError as err:
+        parser.error(f"--calibration {folder}: {err}")
     picked = [files[i * len(files) // min(count, len(files))]
               for i in range(min(count, len(files)))]
     try:

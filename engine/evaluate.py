@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -43,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from engine import distributed as dist_utils
+from engine.formats import write_coco
 from engine.data import ImageError, collate
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -440,8 +440,7 @@ def evaluate(model, dataset, batch_size: int = 1, device="cpu", mask_threshold: 
     if dist_utils.is_main_process():
         results = [r for part, _, _ in gathered for r in part]
         if results_path:
-            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(results_path).write_text(json.dumps(results))
+            write_coco(results, results_path)
         has_masks = getattr(getattr(model, "roi_heads", None), "mask_on", True)
         # Box-only ground truth has nothing to score masks against (pycocotools would fail).
         gt_masks = all(a.get("segmentation") for a in dataset.coco.dataset["annotations"])

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import queue
 import tempfile
 import threading
@@ -60,6 +59,7 @@ from convert.weights import is_safetensors
 from engine.checkpoint import load_checkpoint
 from engine.data import ImageError
 from engine.evaluate import detections_to_coco
+from engine.formats import write_coco
 from engine.images import IMAGE_SUFFIXES, collect_inputs, decode_image_file, to_float
 from engine.video import VIDEO_SUFFIXES, JsonlWriter, VideoError, VideoReader, VideoWriter, \
     draw_frame, is_video
@@ -70,7 +70,8 @@ from tools.visualize import draw_detections
 
 __all__ = ["Predictor", "load_model", "predict", "collect_images", "is_zoo_name",
            "MASK_FORMATS", "RUNTIMES", "SkippedImageWarning", "CocoResultsWriter",
-           "OverlayWriter", "JsonlResultsWriter", "VideoResultsWriter", "result_to_json", "window_to_rle", "IMAGE_SUFFIXES"]
+           "OverlayWriter", "JsonlResultsWriter", "VideoResultsWriter", "result_to_json",
+           "window_to_rle", "IMAGE_SUFFIXES"]
 
 MASK_FORMATS = ("rle", "crop", "dense")
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -153,7 +154,6 @@ class TorchRuntime:
     def __init__(self, model: nn.Module, device):
         self.model = model.eval()
         self.device = torch.device(device)
-        self.mask_on = bool(getattr(model.roi_heads, "mask_on", True))
 
     @torch.no_grad()
     def detect(self, images: list[Tensor]) -> list[dict]:
@@ -199,7 +199,6 @@ class ExportedRuntime:
         import deploy
         cls = deploy.OnnxPredictor if runtime == "onnxruntime" else deploy.OpenVinoPredictor
         self.runner = cls(path, threads=threads)
-        self.mask_on = "masks" in self.runner.outputs
 
     def detect(self, images: list[Tensor]) -> list[dict]:
         out = []
@@ -308,7 +307,7 @@ class Predictor:
         if not 0.0 <= float(tile_overlap) < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
         self.batch_size, self.workers = int(batch_size), int(workers)
-        self.runtime_name, self.mask_format = runtime, mask_format
+        self.mask_format = mask_format
         self.mask_threshold = float(mask_threshold)
         self.tile, self.tile_overlap = tile, float(tile_overlap)
         self.failures: list[tuple[str, str]] = []
@@ -637,13 +636,6 @@ class _WriterThread:
             raise error
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves the old one or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class CocoResultsWriter:
     """Every detection in the COCO results format, written to `path` at close():
     image_id (the result's), category_id (cat_ids[label - 1]), bbox [x, y, w, h], score,
@@ -661,7 +653,7 @@ class CocoResultsWriter:
             self.records.append(record)
 
     def close(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.records))
+        write_coco(self.records, self.path)
 
 
 class JsonlResultsWriter:

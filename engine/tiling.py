@@ -2,10 +2,10 @@
 
     def detect(tiles):                      # float tiles -> detections in tile pixels
         return [dict(boxes=o["boxes"], labels=o["labels"], scores=o["scores"],
-                     crops=dense_to_crops(o["masks"], 0.5)) for o in model(tiles)]
+                     windows=dense_to_crops(o["masks"], 0.5)) for o in model(tiles)]
 
     result = predict_tiled(detect, image_uint8, tile=1024, overlap=0.2, batch_size=4)
-    rles = [crop_to_rle(c, *image_uint8.shape[-2:]) for c in result["crops"]]
+    rles = [crop_to_rle(c, *image_uint8.shape[-2:]) for c in result["windows"]]
 
 The image is cut into windows of `tile` pixels (`tile_windows`), overlapping by
 `overlap` of a tile, the last row and column aligned to the image border. Tiles are cut
@@ -55,9 +55,8 @@ EDGE_TOLERANCE = 0.02
 
 Window = tuple[int, int, int, int]          # (y0, x0, y1, x1), pixels, end exclusive
 
-# Where a detection holds its MaskCrops: "crops", or "windows" as engine.Predictor's
-# detections do; the merged result keeps the key it was given.
-MASK_KEYS = ("crops", "windows")
+# Where a detection holds its MaskCrops (as engine.Predictor's detections do).
+MASK_KEY = "windows"
 
 
 # The Predictor's mask window (tools.paste): pixel (y, x) of the full mask is
@@ -175,14 +174,10 @@ def _to_image(detection: dict, window: Window, index: int) -> dict:
     missing = [k for k in ("boxes", "labels", "scores") if k not in detection]
     if missing:
         raise ValueError(f"predict_tiled: detect's result for tile {index} {window} lacks "
-                         f"{missing} (expected dict(boxes, labels, scores, crops))")
-    mask_keys = [k for k in MASK_KEYS if k in detection]
-    if "masks" in detection and not mask_keys:
-        raise ValueError("predict_tiled: detect returned dense 'masks' without 'crops'; "
+                         f"{missing} (expected dict(boxes, labels, scores, windows))")
+    if "masks" in detection and MASK_KEY not in detection:
+        raise ValueError("predict_tiled: detect returned dense 'masks' without 'windows'; "
                          "convert them with engine.tiling.dense_to_crops(masks)")
-    if len(mask_keys) > 1:
-        raise ValueError(f"predict_tiled: detect's result for tile {index} has both "
-                         f"{mask_keys}; give the masks under one of them")
     y0, x0 = window[0], window[1]
     boxes = detection["boxes"]
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -190,11 +185,11 @@ def _to_image(detection: dict, window: Window, index: int) -> dict:
                          f"be Tensor[D, 4], got shape {tuple(boxes.shape)}")
     out = {"boxes": boxes + boxes.new_tensor([x0, y0, x0, y0]),
            "labels": detection["labels"], "scores": detection["scores"]}
-    for key in mask_keys:
-        if len(detection[key]) != boxes.shape[0]:
+    if MASK_KEY in detection:
+        if len(detection[MASK_KEY]) != boxes.shape[0]:
             raise ValueError(f"predict_tiled: tile {index} has {boxes.shape[0]} boxes but "
-                             f"{len(detection[key])} {key}")
-        out[key] = [shift_crop(c, x0, y0) for c in detection[key]]
+                             f"{len(detection[MASK_KEY])} {MASK_KEY}")
+        out[MASK_KEY] = [shift_crop(c, x0, y0) for c in detection[MASK_KEY]]
     return out
 
 
@@ -207,7 +202,7 @@ def predict_tiled(detect: Callable[[list[Tensor]], list[dict]], image: Tensor, t
     Args:
         detect: list of float32 Tensor[3, h, w] in [0, 1] -> one detection per tile,
             dict(boxes Tensor[D, 4] (x1, y1, x2, y2) tile pixels, labels Tensor[D] int64,
-            scores Tensor[D], optional crops (or windows): D MaskCrop in tile pixels).
+            scores Tensor[D], optional windows: D MaskCrop in tile pixels).
         image: Tensor[3, H, W], uint8 (0..255; a tile becomes `tile.float() / 255`) or
             float in [0, 1].
         tile, overlap: the windows (tile_windows).
@@ -215,8 +210,8 @@ def predict_tiled(detect: Callable[[list[Tensor]], list[dict]], image: Tensor, t
         iou_threshold: duplicates across tiles (merge_tiles).
         progress: a tqdm bar over the tiles.
     Returns:
-        dict(boxes Tensor[K, 4] image pixels, labels, scores, crops (or windows, if
-        detect gives them): K MaskCrop in image pixels), by descending score.
+        dict(boxes Tensor[K, 4] image pixels, labels, scores, windows (if detect gives
+        them): K MaskCrop in image pixels), by descending score.
     """
     _check_image(image)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -278,11 +273,11 @@ def merge_tiles(parts: Sequence[dict], windows: Sequence[Window], size: tuple[in
 
     Args:
         parts: per window, dict(boxes Tensor[D_i, 4] image pixels, labels, scores,
-            optional crops) as predict_tiled makes them.
+            optional windows) as predict_tiled makes them.
         windows: the (y0, x0, y1, x1) of each part. size: (H, W) of the image.
         iou_threshold: in [0, 1], the overlap above which two detections are one object.
     Returns:
-        dict(boxes, labels, scores, crops?) of the kept detections, by descending score
+        dict(boxes, labels, scores, windows?) of the kept detections, by descending score
         (the rule is in the module docstring).
     """
     if len(parts) != len(windows):
@@ -346,13 +341,11 @@ def _gather(parts: Sequence[dict], kept: list[int]) -> dict:
     index = torch.tensor(kept, dtype=torch.int64)
     out = {k: torch.cat([p[k] for p in parts])[index.to(parts[0][k].device)]
            for k in ("boxes", "labels", "scores")}
-    for key in MASK_KEYS:
-        if not any(key in p for p in parts):
-            continue
-        crops = [c for p in parts for c in p.get(key, [None] * p["boxes"].shape[0])]
+    if any(MASK_KEY in p for p in parts):
+        crops = [c for p in parts for c in p.get(MASK_KEY, [None] * p["boxes"].shape[0])]
         if any(crops[k] is None for k in kept):
-            raise ValueError(f"predict_tiled: some tiles' detections have {key} and "
-                             f"others have none; detect must give {key} for every tile "
+            raise ValueError(f"predict_tiled: some tiles' detections have {MASK_KEY} and "
+                             f"others have none; detect must give {MASK_KEY} for every tile "
                              f"or for none")
-        out[key] = [crops[k] for k in kept]
+        out[MASK_KEY] = [crops[k] for k in kept]
     return out

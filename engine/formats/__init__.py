@@ -69,8 +69,9 @@ def to_coco(fmt: str, source: PathLike, image_dir: Optional[PathLike] = None, *,
 
 
 def write_coco(coco_dict: dict, path: PathLike) -> Path:
-    """Writes the COCO dict as JSON at `path` atomically (a temporary file renamed over
-    it, so a reader never sees half a file); RLE counts in bytes are written as text."""
+    """Writes the COCO dict (or a COCO results list) as JSON at `path` atomically (a
+    temporary file renamed over it, so a reader never sees half a file); RLE counts in
+    bytes are written as text."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

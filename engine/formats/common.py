@@ -15,14 +15,14 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from engine.images import IMAGE_SUFFIXES  # noqa: F401  (yolo.py's image files)
+
 logger = logging.getLogger("engine.formats")
 
 PathLike = Union[str, os.PathLike]
 
 # labelme's labels.txt starts with these two pseudo-classes; they are not categories.
 PSEUDO_CLASSES = ("__ignore__", "_background_")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class FormatError(ValueError):

@@ -176,7 +176,7 @@ def _model_detect(path):
     @torch.no_grad()
     def detect(tiles):
         return [{"boxes": o["boxes"], "labels": o["labels"], "scores": o["scores"],
-                 "crops": dense_to_crops(o["masks"], 0.5)} for o in model(tiles)]
+                 "windows": dense_to_crops(o["masks"], 0.5)} for o in model(tiles)]
     return detect
 
 
@@ -228,13 +228,13 @@ def composed(trained):
         assert torch.equal(tile, image[:, y0:y1, x0:x1].float() / 255)
         alone.append(((y0, x0, y1, x1), {
             "boxes": d["boxes"] + torch.tensor([x0, y0, x0, y0]), "labels": d["labels"],
-            "scores": d["scores"], "crops": [shift_crop(c, x0, y0) for c in d["crops"]]}))
+            "scores": d["scores"], "windows": [shift_crop(c, x0, y0) for c in d["windows"]]}))
     return dict(alone=alone, tiled=tiled, image=image, checkpoint=path)
 
 
 def _rows(d):
     return list(zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist(),
-                    d["crops"]))
+                    d["windows"]))
 
 
 def _whole_objects(alone):
@@ -300,7 +300,7 @@ def test_predictor_tiles_through_predict_tiled(composed):
     ours = composed["tiled"]
     assert torch.equal(result["boxes"], ours["boxes"])
     assert torch.equal(result["scores"], ours["scores"])
-    assert result["masks"] == [crop_to_rle(c, 192, 192) for c in ours["crops"]]
+    assert result["masks"] == [crop_to_rle(c, 192, 192) for c in ours["windows"]]
 
 
 def test_perfect_detector_reports_each_object_once_whole():
@@ -323,7 +323,7 @@ def test_perfect_detector_reports_each_object_once_whole():
                                                            in squares]) if a < c and b < d]
             out.append(dict(_det([p[:4] for p in parts], [1] * len(parts),
                                  [1.5 - p[4] for p in parts]),
-                            crops=[MaskCrop(a, b, torch.ones(d - b, c - a, dtype=torch.bool))
+                            windows=[MaskCrop(a, b, torch.ones(d - b, c - a, dtype=torch.bool))
                                    for a, b, c, d, _ in parts]))
         return out
     windows = tile_windows(200, 300, 64, 0.5)
@@ -340,7 +340,7 @@ def test_perfect_detector_reports_each_object_once_whole():
     for out in results:
         assert sorted(map(tuple, out["boxes"].tolist())) == sorted(map(tuple, squares))
         assert out["scores"].tolist() == [0.5] * len(squares)          # the whole ones
-        for box, crop in zip(out["boxes"].int().tolist(), out["crops"]):
+        for box, crop in zip(out["boxes"].int().tolist(), out["windows"]):
             dense = np.zeros((200, 300), dtype=np.uint8)
             dense[box[1]:box[3], box[0]:box[2]] = 1
             assert crop_to_rle(crop, 200, 300) == _encode(dense)
